@@ -1,0 +1,1 @@
+"""Gated concept tokens: selection of active concepts and the token block they add."""
