@@ -1,0 +1,130 @@
+"""Prompts, the ``llava_v1`` conversation, and tokenisation into fixed-length training rows.
+
+A training row is ``<system> USER: <image>\\n{prompt} ASSISTANT: {keys}\\n{reason}</s>``:
+the image block (image tokens, then the concept-token slots) sits at ``<image>``; everything
+before the target is label -100; target tokens carry a segment id (keys or reason) that selects
+their loss weight. Tokenisation follows the original's ``tokenizer_image_token``: the text on
+each side of ``<image>`` is tokenised on its own, the second part without its BOS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from cgjax.losses import IGNORE_INDEX, SEGMENT_KEYS, SEGMENT_NONE, SEGMENT_REASON
+
+SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+STAGE_A_PROMPT = (
+    "You are an art expert. Output exactly three lines: 'artist: ...', 'style: ...', 'genre: ...'. "
+    "No additional text. If uncertain, use 'Unknown'."
+)
+STAGE_B_PROMPTS = (
+    "Identify the artist, style, and genre. First give three lines 'artist: ...', 'style: ...', "
+    "'genre: ...'. Then write 2-3 short sentences explaining the attribution.",
+    "Return three key-value lines for artist, style, genre, followed by 2-3 brief sentences of visual "
+    "reasoning about brushwork, color, and composition.",
+    "Give the keys (artist/style/genre) as three lines, then add 2-3 concise sentences describing "
+    "evidence for the attribution and style.",
+)
+STAGE_B_WEIGHTS = (0.5, 0.3, 0.2)
+
+
+def stage_b_prompt(labels: Sequence[str], seed: int, weights: Sequence[float] = STAGE_B_WEIGHTS) -> str:
+    """The original's deterministic choice: ``md5("a|s|g|seed")`` against the cumulative weights."""
+    key = "|".join(list(labels) + [str(seed)])
+    u = (int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 10**8) / 10**8
+    w = np.asarray(weights, np.float64)
+    cum = np.cumsum(w / w.sum())
+    return STAGE_B_PROMPTS[int(min(np.searchsorted(cum, u, side="left"), len(STAGE_B_PROMPTS) - 1))]
+
+
+def conversation(prompt: str) -> tuple[str, str]:
+    """Text before and after ``<image>`` of the ``llava_v1`` prompt (ends with ``ASSISTANT:``)."""
+    return f"{SYSTEM} USER: ", f"\n{prompt} ASSISTANT:"
+
+
+def truncate_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
+    """``text`` cut to at most ``max_tokens`` tokens (no special tokens counted)."""
+    if max_tokens <= 0 or not text:
+        return text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+
+
+@dataclasses.dataclass
+class Row:
+    """One tokenised example (1-D int32 arrays of equal length)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    segment_ids: np.ndarray
+    attention_mask: np.ndarray
+
+
+def _tokens(tokenizer: Any, text: str, *, bos: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    if ids and ids[0] == tokenizer.bos_token_id and not bos:
+        ids, offsets = ids[1:], offsets[1:]
+    if ids and ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id != tokenizer.bos_token_id:
+        ids, offsets = ids[:-1], offsets[:-1]  # tokenizers that append EOS themselves
+    return ids, offsets
+
+
+def encode(
+    tokenizer: Any,
+    prompt: str,
+    n_image_tokens: int,
+    image_token_id: int,
+    target_keys: str | None = None,
+    target_reason: str = "",
+    add_eos: bool = True,
+) -> Row:
+    """Tokenise one conversation. Without ``target_keys`` it is an inference prompt."""
+    before, after = conversation(prompt)
+    ids_before, _ = _tokens(tokenizer, before, bos=True)
+    target = None
+    if target_keys is not None:
+        target = target_keys + (f"\n{target_reason}" if target_reason else "")
+        after = after + " " + target
+    ids_after, offsets = _tokens(tokenizer, after, bos=False)
+    seg_after = np.full(len(ids_after), SEGMENT_NONE, np.int32)
+    if target is not None:
+        t0 = len(after) - len(target)
+        keys_end = t0 + len(target_keys)
+        ends = np.asarray([e for _, e in offsets], np.int64)
+        starts = np.asarray([s for s, _ in offsets], np.int64)
+        in_target = ends > t0
+        seg_after = np.where(in_target, np.where(starts < keys_end, SEGMENT_KEYS, SEGMENT_REASON), SEGMENT_NONE)
+        if add_eos:
+            ids_after.append(tokenizer.eos_token_id)
+            seg_after = np.append(seg_after, seg_after[-1] if len(seg_after) else SEGMENT_KEYS)
+    input_ids = np.asarray(ids_before + [image_token_id] * n_image_tokens + ids_after, np.int32)
+    segment_ids = np.concatenate(
+        [np.zeros(len(ids_before) + n_image_tokens, np.int32), seg_after.astype(np.int32)]
+    )
+    labels = np.where(segment_ids != SEGMENT_NONE, input_ids, IGNORE_INDEX).astype(np.int32)
+    return Row(input_ids, labels, segment_ids, np.ones_like(input_ids))
+
+
+def pad_rows(rows: Sequence[Row], length: int, pad_id: int, side: str = "right") -> dict[str, np.ndarray]:
+    """Stack rows into ``[B, length]`` arrays, padding on ``side``; too-long rows are an error."""
+    out = {k: np.zeros((len(rows), length), np.int32) for k in ("input_ids", "labels", "segment_ids", "attention_mask")}
+    out["input_ids"][:] = pad_id
+    out["labels"][:] = IGNORE_INDEX
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        if n > length:
+            raise ValueError(f"row {i} has {n} tokens, more than the configured length {length}")
+        sl = slice(0, n) if side == "right" else slice(length - n, length)
+        for k in out:
+            out[k][i, sl] = getattr(r, k)
+    return out
