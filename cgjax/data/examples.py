@@ -1,0 +1,157 @@
+"""One example per image, the same for the tfds packer and the in-memory source.
+
+``load_data`` reads a data set (images root + dataset JSON, optional targets CSV and signals),
+checks it (bad rows raise, or are skipped with ``skip_bad``) and ``make_example`` turns one record
+into the flat dict both sources yield::
+
+    image: bytes (the encoded file)   image_path: str   index: int (row in the dataset JSON)
+    labels: {dim: int (-1 = missing)}  label_names: {dim: str ("" = missing)}
+    target_keys: str  target_reason: str  has_target: int
+    signals: {dim: float32 [K_dim] (NaN = no score)}   (only when the data set has signals)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from cgjax.data.records import (check_image_file, raw_image_paths, read_dataset_json, read_targets_csv,
+                                resolve_image)
+from cgjax.data.schema import (DataError, Dataset, ProblemLog, Record, TargetRow, Vocabulary, load_vocab,
+                               log)
+from cgjax.data.signals import Signals, read_signals
+
+
+
+@dataclasses.dataclass
+class LoadedData:
+    """A checked data set: good records, their vocabularies, targets and signals (aligned to records)."""
+
+    dataset: Dataset
+    vocabs: dict[str, Vocabulary]
+    targets: dict[str, TargetRow]
+    signals: Signals | None
+    problems: list[DataError]  # everything skipped (skip_bad=True)
+
+    @property
+    def records(self) -> list[Record]:
+        return self.dataset.records
+
+    @property
+    def dimensions(self) -> tuple[str, ...]:
+        return self.dataset.dimensions
+
+    @property
+    def signal_vocabs(self) -> dict[str, Vocabulary]:
+        return {} if self.signals is None else dict(self.signals.vocabs)
+
+    def image_file(self, record: Record) -> str:
+        return resolve_image(self.dataset.images_root, record.image)
+
+
+def _as_vocabs(vocab) -> dict[str, Vocabulary] | None:
+    if vocab is None:
+        return None
+    if isinstance(vocab, (str, os.PathLike)):
+        return load_vocab(vocab)
+    return dict(vocab)
+
+
+def load_data(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None = None, *,
+              targets_csv: str | os.PathLike | None = None, signals: Any = None,
+              dimensions: Sequence[str] | None = None,
+              vocab: str | os.PathLike | Mapping[str, Vocabulary] | None = None,
+              check_images: bool = True, skip_bad: bool = False) -> LoadedData:
+    """Reads and cross-checks a data set.
+
+    ``vocab`` (a ``vocab.json`` path or ``{dim: Vocabulary}``) fixes the label indices; labels
+    outside it are errors. Without it the vocabularies are built from the records (first
+    appearance). ``signals``: file path(s) in any signals format, or a ``Signals``. A target row or
+    keyed signal for an image not in the dataset is an error; a record without a target gets empty
+    texts and ``has_target = 0``.
+    """
+    vocabs = _as_vocabs(vocab)
+    if dimensions is None and vocabs is not None:
+        dimensions = tuple(vocabs)
+    ds = read_dataset_json(dataset_json, images_root, dimensions=dimensions, vocabs=vocabs,
+                           check_images=check_images, skip_bad=skip_bad)
+    problems = ProblemLog(skip_bad)
+    problems.problems.extend(ds.skipped)
+    if vocabs is None:
+        vocabs = ds.vocabularies()
+    targets: dict[str, TargetRow] = {}
+    if targets_csv is not None:
+        tg = read_targets_csv(targets_csv, ds.images_root, dimensions=ds.dimensions, vocabs=vocabs,
+                              skip_bad=skip_bad)
+        problems.problems.extend(tg.skipped)
+        known = {r.image for r in ds.records}
+        for row in tg.rows:
+            if row.image_path not in known:
+                problems.report([DataError(tg.path, f"row {row.row}", f"image_path {row.image_path!r} is not "
+                                                                      "a (good) record of the dataset JSON")])
+                continue
+            targets[row.image_path] = row
+    sig = None
+    if signals is not None:
+        if isinstance(signals, Signals):
+            sources = [signals]
+        elif isinstance(signals, (str, os.PathLike)):
+            sources = [signals]
+        else:
+            sources = list(signals)
+        raw = None
+        known = {r.image for r in ds.records}
+        for src in sources:
+            name = "signals"
+            if not isinstance(src, Signals):
+                name = os.fspath(src)
+                raw = raw if raw is not None else raw_image_paths(ds.path, ds.images_root)
+                src = read_signals(src, raw, vocabs=vocabs, images_root=ds.images_root, skip_bad=skip_bad)
+                problems.problems.extend(src.meta.get("_problems", []))
+            for d, v in src.vocabs.items():
+                if d in vocabs and v != vocabs[d]:
+                    raise DataError(name, f"dimension {d!r}",
+                                    f"concept names {v.names} differ from the vocabulary {vocabs[d].names}")
+            raw_set = set(raw or ())
+            for row, p in enumerate(src.image_paths):
+                if p in known or p in raw_set or all(np.isnan(s[row]).all() for s in src.scores.values()):
+                    continue
+                problems.report([DataError(name, f"image {p!r}", "has signals but is not a record of the dataset")])
+            sig = src if sig is None else sig.merge(src)
+        sig = sig.align([r.image for r in ds.records])
+    if problems.problems:
+        log.warning("%d problem(s) skipped while loading %s", len(problems.problems), ds.path)
+    return LoadedData(ds, vocabs, targets, sig, problems.problems)
+
+
+def read_image_bytes(path: str, check: bool = True) -> bytes:
+    if check:
+        msg = check_image_file(path)
+        if msg:
+            raise DataError(path, None, msg)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def make_example(data: LoadedData, i: int, image_bytes: bytes | None = None) -> dict[str, Any]:
+    """The example of ``data.records[i]`` (reads the image file unless ``image_bytes`` is given)."""
+    r = data.records[i]
+    if image_bytes is None:
+        image_bytes = read_image_bytes(data.image_file(r), check=False)
+    t = data.targets.get(r.image)
+    ex: dict[str, Any] = {
+        "image": image_bytes,
+        "image_path": r.image,
+        "index": int(r.row if r.row is not None else i),
+        "labels": {d: int(data.vocabs[d].index(r.labels.get(d))) if d in data.vocabs else -1
+                   for d in data.dimensions},
+        "label_names": {d: r.labels.get(d) or "" for d in data.dimensions},
+        "target_keys": "" if t is None else t.target_keys,
+        "target_reason": "" if t is None else t.target_reason,
+        "has_target": int(t is not None),
+    }
+    if data.signals is not None:
+        ex["signals"] = {d: np.asarray(s[i], np.float32) for d, s in data.signals.scores.items()}
+    return ex

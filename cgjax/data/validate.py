@@ -1,0 +1,160 @@
+"""Checks a data set in the original formats and reports EVERY problem with its file and row.
+
+``python scripts/validate_data.py --dataset_json D --images_root R [--targets_csv C] [--signals S ...]``
+prints one line per problem and exits 1 if there is any (0 otherwise; 2 for bad arguments).
+Problems: unreadable files, bad records/rows (missing fields or columns, labels not strings or
+outside the vocabulary, duplicate image paths, malformed ``target_keys``), missing or unreadable
+images, targets or signals for images the dataset does not have, signals lists of the wrong
+length or with malformed entries, concept names that disagree with the vocabulary. Warnings
+(exit code 0 unless ``--strict``): records without a target row or without signals, and
+``target_keys`` values that differ from the row's label columns.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from cgjax.data.records import parse_target_keys, raw_image_paths, read_dataset_json, read_targets_csv
+from cgjax.data.schema import DataError, Vocabulary, load_vocab
+from cgjax.data.signals import read_signals
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    problems: list[DataError] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    n_records: int = 0
+    n_targets: int = 0
+    n_signals: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        return [f"ERROR {p}" for p in self.problems] + [f"WARNING {w}" for w in self.warnings]
+
+
+def validate_data(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None = None,
+                  targets_csv: str | os.PathLike | None = None, signals: Sequence[str | os.PathLike] = (), *,
+                  dimensions: Sequence[str] | None = None,
+                  vocab: str | os.PathLike | Mapping[str, Vocabulary] | None = None,
+                  check_images: bool = True) -> ValidationReport:
+    """Validates a data set; never raises for a data problem (they are all in the report)."""
+    rep = ValidationReport()
+    vocabs = None
+    if vocab is not None:
+        try:
+            vocabs = load_vocab(vocab) if isinstance(vocab, (str, os.PathLike)) else dict(vocab)
+        except DataError as e:
+            rep.problems.append(e)
+            return rep
+        dimensions = dimensions or tuple(vocabs)
+    try:
+        ds = read_dataset_json(dataset_json, images_root, dimensions=dimensions, vocabs=vocabs,
+                               check_images=check_images, skip_bad=True)
+    except DataError as e:
+        rep.problems.append(e)
+        return rep
+    rep.problems.extend(ds.skipped)
+    rep.n_records = len(ds.records)
+    given_vocabs = vocabs
+    if vocabs is None:
+        vocabs = ds.vocabularies()
+    labels_by_path = {r.image: r.labels for r in ds.records}
+    try:  # every row's image path, bad rows included: their targets / signals are not reported again
+        all_paths = set(raw_image_paths(ds.path, ds.images_root))
+    except DataError:
+        all_paths = set(labels_by_path)
+
+    if targets_csv is not None:
+        try:
+            tg = read_targets_csv(targets_csv, ds.images_root, dimensions=ds.dimensions, vocabs=given_vocabs,
+                                  check_images=False, skip_bad=True)
+        except DataError as e:
+            rep.problems.append(e)
+        else:
+            rep.problems.extend(tg.skipped)
+            rep.n_targets = len(tg.rows)
+            for row in tg.rows:
+                where = f"row {row.row} (image {row.image_path!r})"
+                if row.image_path not in labels_by_path:
+                    if row.image_path not in all_paths:
+                        rep.problems.append(DataError(tg.path, where, f"image_path is not a record of {ds.path}"))
+                    continue
+                for d in ds.dimensions:
+                    want = labels_by_path[row.image_path].get(d)
+                    if row.labels.get(d) != want:
+                        rep.problems.append(DataError(tg.path, where, f"{d} {row.labels.get(d)!r} differs from the "
+                                                                      f"dataset JSON's {want!r}"))
+                keys = parse_target_keys(row.target_keys, ds.dimensions)
+                for d, v in keys.items():
+                    if (row.labels.get(d) or "Unknown") != v:
+                        rep.warnings.append(f"{tg.path}: {where}: target_keys says {d}: {v!r} but the {d} "
+                                            f"column is {row.labels.get(d)!r}")
+            have = {r.image_path for r in tg.rows}
+            missing = [p for p in labels_by_path if p not in have]
+            if missing:
+                rep.warnings.append(f"{tg.path}: {len(missing)} dataset record(s) have no target row "
+                                    f"(first: {missing[0]!r})")
+
+    raw = None
+    for src in signals:
+        src = os.fspath(src)
+        try:
+            raw = raw if raw is not None else raw_image_paths(ds.path, ds.images_root)
+            sig = read_signals(src, raw, vocabs=vocabs, images_root=ds.images_root, skip_bad=True)
+        except DataError as e:
+            rep.problems.append(e)
+            continue
+        except (OSError, ValueError) as e:
+            rep.problems.append(DataError(src, None, f"cannot read: {e}"))
+            continue
+        rep.problems.extend(sig.meta.get("_problems", []))
+        rep.n_signals += 1
+        raw_set = set(raw)
+        for i, p in enumerate(sig.image_paths):
+            has = any(not np.isnan(s[i]).all() for s in sig.scores.values())
+            if p not in labels_by_path and p not in raw_set and has:
+                rep.problems.append(DataError(src, f"image {p!r}", "has signals but is not a record of the dataset"))
+        index = {p: i for i, p in enumerate(sig.image_paths)}
+        without = [p for p in labels_by_path
+                   if p not in index or all(np.isnan(s[index[p]]).all() for s in sig.scores.values())]
+        if without:
+            rep.warnings.append(f"{src}: {len(without)} dataset record(s) have no signals (first: {without[0]!r})")
+        for d, v in sig.vocabs.items():
+            if d in vocabs and v != vocabs[d]:
+                rep.problems.append(DataError(src, f"dimension {d!r}", f"concept names {v.names} differ from the "
+                                                                       f"vocabulary {vocabs[d].names}"))
+    return rep
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Validate a data set in the original formats; report every problem.")
+    ap.add_argument("--dataset_json", required=True)
+    ap.add_argument("--images_root", default=None, help="default: the dataset JSON's folder")
+    ap.add_argument("--targets_csv", default=None)
+    ap.add_argument("--signals", nargs="+", default=[], help="signals files (original JSON/CSV or cgjax keyed)")
+    ap.add_argument("--dimensions", default=None, help="comma list (default: from --vocab, else artist,style,genre)")
+    ap.add_argument("--vocab", default=None, help="a vocab.json fixing the label vocabularies")
+    ap.add_argument("--no_image_check", action="store_true", help="do not open the images")
+    ap.add_argument("--strict", action="store_true", help="warnings count as problems")
+    args = ap.parse_args(argv)
+    dims = None if args.dimensions is None else [d.strip() for d in args.dimensions.split(",") if d.strip()]
+    rep = validate_data(args.dataset_json, args.images_root, args.targets_csv, args.signals, dimensions=dims,
+                        vocab=args.vocab, check_images=not args.no_image_check)
+    for line in rep.lines():
+        print(line)
+    bad = len(rep.problems) + (len(rep.warnings) if args.strict else 0)
+    print(f"{rep.n_records} good record(s), {rep.n_targets} target row(s), {rep.n_signals} signals file(s) read; "
+          f"{len(rep.problems)} problem(s), {len(rep.warnings)} warning(s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
