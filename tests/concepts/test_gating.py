@@ -1,56 +1,9 @@
 """Gating against a plain-Python statement of the original MultiTokenConceptLayer selection."""
-import math
-
 import numpy as np
 import pytest
+from original_concept_layer import original_selection
 
 from cgjax.concepts import gating
-
-
-def original_selection(sig, dim_ranges, threshold, backoff, topk, budget, priority, k_max):
-    """The original layer's per-sample selection (dict branch), restated in plain Python.
-
-    ``sig``: {global concept idx: s} in ascending index order. Returns [(idx, s, k)] in order.
-    """
-    dims = list(range(len(dim_ranges)))
-    per_dim = {}
-    for d in dims:
-        a, b = dim_ranges[d]
-        act = [(i, s) for i, s in sig.items() if a <= i < b and s >= threshold]
-        act.sort(key=lambda t: t[1], reverse=True)
-        if not act and backoff > 0:
-            cand = [(i, s) for i, s in sig.items() if a <= i < b and s >= max(0.0, threshold - backoff)]
-            cand.sort(key=lambda t: t[1], reverse=True)
-            act = cand[:1]
-        if topk > 0:
-            act = act[:topk]
-        per_dim[d] = act
-    selected = []
-    if budget <= 0:
-        for d in dims:
-            selected += per_dim[d]
-    else:
-        used = 0
-        out = {d: [] for d in dims}
-        for d in priority or dims:
-            if per_dim[d] and used < budget:
-                out[d].append(per_dim[d][0])
-                used += 1
-        rem = [(d, i, s) for d in dims for (i, s) in per_dim[d][len(out[d]):]]
-        rem.sort(key=lambda t: t[2], reverse=True)
-        for d, i, s in rem:
-            if used >= budget:
-                break
-            out[d].append((i, s))
-            used += 1
-        for d in dims:
-            selected += out[d]
-    res = []
-    for i, s in selected:
-        g = max(0.0, min(1.0, s))
-        k = max(1, int(math.ceil(float(np.float32(g) * np.float32(k_max)))))
-        res.append((i, s, k))
-    return res
 
 
 def _check(scores, cfg):
