@@ -270,6 +270,9 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, newline: str | N
         else:
             with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
                 f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,119 @@
+"""The HTML report and the concept graph."""
+import base64
+import io
+import json
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cgjax.eval.metrics import evaluate
+from cgjax.eval.report import concept_cooccurrence, draw_concept_graph, write_report
+
+VOID = {"img", "meta", "br", "hr", "input", "link", "source", "wbr"}
+
+
+class _Checker(HTMLParser):
+    """Well-formedness: every non-void tag closed in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.ids, self.images = [], [], set(), []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}> with open {self.stack[-3:]}")
+        else:
+            self.stack.pop()
+
+
+def _check_html(path):
+    text = open(path, encoding="utf-8").read()
+    assert text.startswith("<!DOCTYPE html>")
+    c = _Checker()
+    c.feed(text)
+    c.close()
+    assert not c.errors and not c.stack, (c.errors[:3], c.stack)
+    for src in c.images:  # every image is inlined and decodes
+        assert src.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    return text, c
+
+
+@pytest.fixture(scope="module")
+def metrics_pair(demo_reasoning):
+    ds = demo_reasoning["dataset"]
+    return evaluate(demo_reasoning["reasoning_obj"], ds), evaluate(demo_reasoning["baseline_obj"], ds)
+
+
+def test_report_sections(demo_reasoning, metrics_pair, tmp_path):
+    m, mb = metrics_pair
+    ds = demo_reasoning["dataset"]
+    first = next(k for k in demo_reasoning["reasoning_obj"] if k.endswith(ds.records[0].image))  # gallery order
+    saliency = {first: {"prototype artist": np.random.default_rng(0).random((8, 8)),
+                        "llava answer": np.outer(np.arange(6), np.arange(6))},
+                ds.records[1].image: np.ones((4, 4))}  # keyed by record path; constant map
+    path = write_report(tmp_path / "eval", m, demo_reasoning["reasoning"], ds, baseline_metrics=mb,
+                        saliency=saliency, gallery_n=4)
+    text, c = _check_html(path)
+    assert {"summary", "baseline", "signals", "reliability", "confusion", "f1", "graph", "gallery"} <= c.ids
+    for needle in ("Reliability diagram", "Confusion matrices", "Per-class F1", "Baseline vs concept model",
+                   "prototype artist", "llava answer", "activated concepts", "raw answer"):
+        assert needle in text
+    assert text.count('<div class="card">') == 4
+    # figures: reliability, confusion, F1, graph; 4 thumbnails + 3 saliency overlays
+    assert len(c.images) == 4 + 4 + 3
+    assert re.search(r"macro_f1</td><td>artist</td><td>[0-9.]+</td><td>[0-9.]+</td><td><span class=\"pos\">\+", text)
+    graph = tmp_path / "eval" / "concept_graph.png"
+    with Image.open(graph) as im:
+        assert im.format == "PNG" and min(im.size) > 200
+
+
+def test_report_from_paths_without_baseline_or_signals(demo_reasoning, eval_demo, metrics_pair, tmp_path):
+    _, mb = metrics_pair
+    mpath = tmp_path / "metrics_baseline.json"
+    mpath.write_text(json.dumps(mb))
+    path = write_report(tmp_path / "r", str(mpath), demo_reasoning["baseline"], eval_demo["test_json"],
+                        images_root=eval_demo["images_root"], gallery_n=2)
+    text, c = _check_html(path)
+    assert "baseline" not in c.ids and "no signal scores to calibrate" in text
+    assert "no concept signals" in text
+    assert (tmp_path / "r" / "concept_graph.png").exists()
+
+
+def test_cooccurrence_counts():
+    reasoning = {
+        "a.png": {"__meta__": {"activation": {"artist": {"selected_names": ["X"]},
+                                              "style": {"selected_names": ["P", "Q"]}}}},
+        "b.png": {"__meta__": {"activation": {"artist": {"selected_names": ["X"]},
+                                              "style": {"selected_names": ["P"]}}}},
+        "c.png": {"__meta__": {"activation": {"artist": {"selected_names": ["Y"]}, "style": {"selected_names": []}}}},
+    }
+    nodes, counts, weights = concept_cooccurrence(reasoning, ["artist", "style"])
+    assert nodes == [("artist", "X"), ("artist", "Y"), ("style", "P"), ("style", "Q")]
+    assert counts.tolist() == [2, 1, 2, 1]
+    assert weights.tolist() == [[0, 0, 2, 1], [0, 0, 0, 0], [2, 0, 0, 1], [1, 0, 1, 0]]
+
+
+@pytest.mark.parametrize("layout", ["circular", "spring"])
+def test_concept_graph_png(demo_reasoning, tmp_path, layout):
+    out = draw_concept_graph(demo_reasoning["reasoning"], tmp_path / f"g_{layout}.png", layout=layout)
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        arr = np.asarray(im.convert("RGB"))
+    assert arr.std() > 10  # something was drawn
+    empty = draw_concept_graph({"x": {"__meta__": {"activation": {}}}}, tmp_path / "empty.png", ["artist"])
+    assert Image.open(empty).format == "PNG"
+    with pytest.raises(ValueError):
+        draw_concept_graph(demo_reasoning["reasoning"], tmp_path / "bad.png", layout="hexagonal")
