@@ -39,7 +39,7 @@ def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
     """An ``nnx.Param`` annotated with logical axis names (sharded later, not eagerly)."""
     if len(axes) != np.ndim(value):
         raise ValueError(f"logical axes {tuple(axes)} do not match parameter rank {np.ndim(value)}")
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -1,0 +1,261 @@
+"""``train_prototypes(config, workdir)``: the prototype stage behind ``scripts/train.py``.
+
+1. read the dataset (``cgjax.data.records``), split it (the records' ``split`` field, else a
+   seeded ``val_fraction``; test records are never trained on);
+2. convert the open_clip tower and embed every train/validation image ONCE (cached on disk
+   under ``workdir/cache``, keyed by model, weights and files);
+3. mean prototypes from the training images, then the jitted all-dimension trainer with an
+   orbax checkpoint per epoch (resumed from the latest);
+4. per-dimension temperature calibration on validation (NLL, ECE before/after);
+5. exports: a cgjax checkpoint (``workdir/prototypes``), the original's
+   ``prototypes_<dim>_trained.pt``, signals for every record (``concept_signals_<dim>.json`` + the
+   keyed format + the validate_signals report) and ``metrics.json``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from cgjax.prototypes import io as pio
+from cgjax.prototypes.calibrate import calibrate
+from cgjax.prototypes.head import PrototypeHead, build_prototypes, read_records, record_paths
+from cgjax.prototypes.trainer import PrototypeTrainer, TrainerConfig, l2_normalize
+
+log = logging.getLogger(__name__)
+
+
+def _get(cfg: Any, path: str, default: Any = None) -> Any:
+    cur = cfg
+    for part in path.split("."):
+        try:
+            cur = cur[part]
+        except (KeyError, TypeError, AttributeError):
+            return default
+    return cur
+
+
+def prepare_demo(config: Any, workdir: str) -> None:
+    """Fill in the demo data set and tiny CLIP tower (generated under ``workdir``) where unset."""
+    if not config.data.dataset_json:
+        from cgjax.data.demo_data import demo_paths, make_demo
+
+        out = os.path.join(workdir, "demo_data")
+        paths = demo_paths(out)
+        if not os.path.exists(paths["dataset_json"]):
+            d = config.data.demo
+            paths = make_demo(out, n_images=int(d.n_images), size=int(d.size), seed=int(d.seed))
+        config.data.dataset_json = paths["dataset_json"]
+        config.data.images_root = paths["images_root"]
+    if not config.clip.checkpoint:
+        config.clip.model_name, config.clip.checkpoint = make_clip(config, os.path.join(workdir, "clip"))
+
+
+def make_clip(config: Any, out_dir: str) -> tuple[str, str]:
+    """A random open_clip checkpoint for the demo: the tiny tower, or ``clip.model_name`` (e.g. ViT-B-32)."""
+    from converters import tiny_clip
+
+    marker = os.path.join(out_dir, "clip.json")
+    if os.path.exists(marker):
+        with open(marker) as fh:
+            m = json.load(fh)
+        if os.path.exists(m["checkpoint"]):
+            return m["model_name"], m["checkpoint"]
+    if config.clip.model_name in ("", "cgjax-tiny-clip"):
+        t = config.clip.tiny
+        name, ckpt = tiny_clip.make_openclip_checkpoint(out_dir, width=int(t.width), layers=int(t.layers),
+                                                        heads=int(t.heads), patch=int(t.patch_size),
+                                                        image_size=int(t.image_size), embed_dim=int(t.embed_dim))
+        name = f"local-dir:{os.path.join(os.path.abspath(out_dir), name)}-hub"  # self-contained: no registration
+    else:
+        import open_clip
+        import torch
+
+        torch.manual_seed(0)
+        model = open_clip.create_model(config.clip.model_name)
+        os.makedirs(out_dir, exist_ok=True)
+        ckpt = os.path.join(out_dir, "open_clip_random.pt")
+        torch.save(model.state_dict(), ckpt)
+        name = config.clip.model_name
+    with open(marker, "w") as fh:
+        json.dump({"model_name": name, "checkpoint": ckpt}, fh)
+    return name, ckpt
+
+
+def split_indices(ds: Any, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) record indices: from the records' ``split`` when any has one (records
+    without a split train; test is excluded), else a seeded random ``val_fraction``."""
+    splits = [r.split for r in ds.records]
+    n = len(splits)
+    if any(s is not None for s in splits):
+        train = np.array([i for i, s in enumerate(splits) if s in (None, "train")], np.int64)
+        val = np.array([i for i, s in enumerate(splits) if s == "validation"], np.int64)
+        return train, val
+    perm = np.random.default_rng([int(seed), 17]).permutation(n)
+    n_val = int(round(val_fraction * n))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _fingerprint(*parts: Any) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+def _file_id(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+        return (path, st.st_size, int(st.st_mtime_ns))
+    except OSError:
+        return (path, None)
+
+
+def cached_embeddings(head: PrototypeHead, paths: list[str], cache_dir: str | None, checkpoint: str) -> np.ndarray:
+    """Embeddings of ``paths`` (all must exist), read from / written to ``cache_dir``."""
+    key = _fingerprint(head.clip_model_name, _file_id(str(checkpoint)), head.preprocess_cfg,
+                       [_file_id(p) for p in paths])
+    file = os.path.join(cache_dir, f"embeddings_{key}.npy") if cache_dir else None
+    if file and os.path.exists(file):
+        emb = np.load(file)
+        if emb.shape[0] == len(paths):
+            log.info("embeddings from cache %s", file)
+            return emb
+    emb, kept = head.embed_paths(paths, missing="error")
+    if file:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{file}.tmp{os.getpid()}.npy"
+        np.save(tmp, emb)
+        os.replace(tmp, file)
+    return emb
+
+
+def trainer_config(config: Any) -> TrainerConfig:
+    t = config.trainer
+    return TrainerConfig(batch_size=int(t.batch_size), lr=float(t.lr), epochs=int(t.epochs),
+                         temperature=float(t.temperature), negatives_k=str(t.negatives_k),
+                         hard_negatives=bool(t.hard_negatives), margin=float(t.margin),
+                         lambda_margin=float(t.lambda_margin), drop_last=bool(t.drop_last),
+                         ema_decay=float(t.ema_decay), seed=int(t.seed), log_interval=int(t.log_interval),
+                         debug_log=bool(_get(config, "trainer.debug_log", False)),
+                         max_to_keep=_get(config, "trainer.max_to_keep", 3))
+
+
+def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
+    """Run the prototype stage; returns the final metrics (also written to ``artifacts/metrics.json``)."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+    if hasattr(config, "unlock"):
+        config.unlock()
+    if str(_get(config, "preset", "")).startswith("demo"):
+        prepare_demo(config, workdir)
+    if not config.data.dataset_json:
+        raise ValueError("config.data.dataset_json is not set")
+    if not config.clip.checkpoint and not config.clip.model_name.startswith(("local-dir:", "hf-hub:")):
+        raise ValueError("config.clip.checkpoint is not set (local open_clip weights; there is no hub access)")
+    layout = config.layout
+    art_dir = os.path.join(workdir, layout.artifacts)
+    dims = [d.strip() for d in (config.data.dimensions.split(",") if isinstance(config.data.dimensions, str)
+                                else config.data.dimensions) if d.strip()]
+
+    # -- data
+    ds = read_records(config.data.dataset_json, config.data.images_root or None, dimensions=dims)
+    paths = record_paths(ds)
+    train_idx, val_idx = split_indices(ds, float(config.data.val_fraction), int(config.data.split_seed))
+    used = np.concatenate([train_idx, val_idx])
+    missing = [(int(i), paths[i]) for i in used if not os.path.isfile(paths[i])]
+    if missing:
+        msg = (f"{config.data.dataset_json}: {len(missing)} image(s) not found, e.g. row "
+               f"{ds.records[missing[0][0]].row} -> {missing[0][1]}")
+        if config.data.missing_images != "skip":
+            raise FileNotFoundError(msg + " (set data.missing_images='skip' to drop them)")
+        log.warning("%s; skipped", msg)
+        bad = {i for i, _ in missing}
+        train_idx = np.array([i for i in train_idx if i not in bad], np.int64)
+        val_idx = np.array([i for i in val_idx if i not in bad], np.int64)
+    if len(train_idx) == 0:
+        raise ValueError(f"{config.data.dataset_json}: no training records")
+
+    # -- CLIP and embeddings (once)
+    dtype = None
+    if config.clip.dtype not in ("", "float32"):
+        import jax.numpy as jnp
+        dtype = getattr(jnp, config.clip.dtype)
+    head = PrototypeHead.from_openclip(config.clip.model_name, config.clip.checkpoint or None,
+                                       batch_size=int(config.clip.batch_size), dtype=dtype)
+    order = np.concatenate([train_idx, val_idx])
+    cache_dir = os.path.join(workdir, layout.cache) if config.cache_embeddings else None
+    emb = cached_embeddings(head, [paths[i] for i in order], cache_dir, config.clip.checkpoint)
+    tr_emb, va_emb = emb[: len(train_idx)], emb[len(train_idx):]
+
+    labels = {d: [ds.records[i].labels.get(d) for i in train_idx] for d in dims}
+    ps = build_prototypes(tr_emb, labels, head.clip_model_name)
+    tdims = [d for d in dims if d in ps.prototypes]
+    if len(tdims) < len(dims):
+        log.warning("dimensions without any training concept skipped: %s", sorted(set(dims) - set(tdims)))
+    y_tr = ps.label_indices(labels, tdims)
+    y_va = ps.label_indices({d: [ds.records[i].labels.get(d) for i in val_idx] for d in tdims}, tdims)
+    p0, mask = ps.padded(tdims)
+
+    tcfg = trainer_config(config)
+    meta = {"clip_model_name": ps.clip_model_name, "concept_to_idx": ps.concept_to_idx,
+            "idx_to_concept": ps.idx_to_concept}
+    trainer = PrototypeTrainer(tcfg, tdims, p0, mask, metadata=meta)
+    if config.augment:
+        import jax
+        from cgjax.prototypes.head import AugmentedEncoder
+
+        aug = AugmentedEncoder(head.model, head.encoder.batch_size)
+        pixels = head.load_pixels([paths[i] for i in train_idx])
+        base = jax.random.PRNGKey(tcfg.seed + 1)
+        embeddings: Any = lambda epoch: aug.augmented(pixels, jax.random.fold_in(base, epoch))  # noqa: E731
+    else:
+        embeddings = tr_emb
+    state, history = trainer.train(embeddings, y_tr, va_emb, y_va,
+                                   ckpt_dir=os.path.join(workdir, layout.checkpoints),
+                                   resume=bool(config.trainer.resume), log_fn=log.info)
+
+    # -- final prototypes, calibration
+    protos = l2_normalize(state["ema"]) if config.export.use_ema else state["protos"]
+    final = ps.subset(tdims).with_padded(np.asarray(protos), tdims)
+    metrics: dict[str, Any] = {"epochs": int(state["epoch"]), "steps": int(state["step"]),
+                               "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+                               "dimensions": tdims, "history": history}
+    if config.calibration.enabled and len(val_idx):
+        scores = {d: final.signals(va_emb, d) for d in tdims}
+        cal = calibrate(scores, {d: y_va[:, j] for j, d in enumerate(tdims)}, tcfg.temperature,
+                        int(config.calibration.n_bins))
+        final.temperatures = {d: c["temperature"] for d, c in cal.items()}
+        metrics["calibration"] = cal
+    if history:
+        metrics["val"] = {d: {k: v for k, v in history[-1][d].items() if k.startswith("val_")} for d in tdims}
+
+    # -- exports
+    metrics["artifacts"] = {"checkpoint": pio.save_checkpoint(final, os.path.join(workdir, layout.prototypes),
+                                                              epoch=int(state["epoch"]))}
+    if config.export.pt:
+        metrics["artifacts"]["pt"] = [pio.save_pt(final, os.path.join(art_dir, f"prototypes_{d}_trained.pt"), [d])
+                                      for d in tdims]
+    if config.export.signals:
+        metrics["artifacts"]["signals"] = export_all(head, final, config, art_dir, tdims)
+    from cgjax.prototypes.validate_signals import write_json
+
+    write_json(os.path.join(art_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def export_all(head: PrototypeHead, ps: Any, config: Any, out_dir: str, dims: list[str]) -> dict[str, Any]:
+    """``concept_signals_<dim>.json`` for every record and dimension (+ keyed + report)."""
+    from cgjax.prototypes import export
+
+    ds, row_images = export.read_aligned(config.data.dataset_json, config.data.images_root or None, dims)
+    emb, present = export.embed_records(head, ds)
+    sig = export.make_signals(ps, ds, emb, present, dims, config.export.normalize, float(config.export.temperature))
+    out = export.write_bulk(sig, ds, row_images, dims, out_dir, bool(config.export.csv), int(config.export.topk))
+    out.pop("validation", None)
+    return out
