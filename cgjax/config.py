@@ -1,0 +1,24 @@
+"""Loading ``ml_collections`` config files (``configs/*.py``) outside of absl flags."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(spec: str):
+    """``"configs/stageA.py:preset=demo"`` -> the ConfigDict its ``get_config(arg)`` returns.
+
+    A bare file name (``"stageA.py:preset=demo"``) is looked up in the repository's ``configs/``.
+    """
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path)):
+        path = os.path.join(CONFIG_DIR, path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} not found (also looked in {CONFIG_DIR})")
+    name = "cgjax_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

@@ -1,0 +1,132 @@
+"""The demo pipeline on the embedded, procedurally generated data set (no download).
+
+Each step is a function (usable from Colab); ``run`` chains them. Real checkpoints are never
+needed: the demo builds tiny random CLIP and LLaVA checkpoints with ``open_clip`` /
+``transformers``, saves them to disk, and converts them, the same path a real checkpoint takes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from typing import Any
+
+from cgjax import text
+
+# Tiny model sizes for the demo: small enough for 2 CPU cores, big enough to learn the task.
+CLIP_DEMO = dict(width=128, layers=3, heads=4, patch=8, image_size=64, embed_dim=64, act="gelu")
+LLAVA_DEMO = dict(
+    vision_overrides=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=64, patch_size=16),
+    text_overrides=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2),
+)
+
+
+def _log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_data(workdir: str, n_images: int = 240, size: int = 64, seed: int = 0) -> dict[str, str]:
+    """Generate the demo data set into ``workdir/data`` (original formats)."""
+    from cgjax.data.demo_data import make_demo
+
+    return make_demo(os.path.join(workdir, "data"), n_images=n_images, size=size, seed=seed)
+
+
+def make_clip(workdir: str, seed: int = 0) -> str:
+    """A tiny random open_clip model saved in the hub layout; returns its ``local-dir:`` name."""
+    from converters.tiny_clip import make_openclip_checkpoint
+
+    out = os.path.join(workdir, "checkpoints", "clip")
+    name, _ = make_openclip_checkpoint(out, name="cgjax-demo-clip", seed=seed, **CLIP_DEMO)
+    return f"local-dir:{os.path.join(out, name + '-hub')}"
+
+
+def tokenizer_corpus(targets_csv: str) -> list[str]:
+    """Texts the demo tokenizer is trained on: prompts, answers and reasons of the data set."""
+    corpus = [text.SYSTEM, text.STAGE_A_PROMPT, *text.STAGE_B_PROMPTS]
+    with open(targets_csv, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            corpus += [row["target_keys"], row["target_reason"]]
+    return corpus
+
+
+def make_llava(workdir: str, targets_csv: str, vocab_size: int = 1024, seed: int = 0) -> str:
+    """A tiny random HF LLaVA with a locally trained tokenizer, saved with ``save_pretrained``."""
+    from converters.tiny_llava import make_llava_checkpoint
+    from converters.tiny_tokenizer import train_tokenizer
+
+    tok = train_tokenizer(tokenizer_corpus(targets_csv), vocab_size=vocab_size)
+    out = os.path.join(workdir, "checkpoints", "llava-base")
+    make_llava_checkpoint(out, size="tiny", seed=seed, vocab_size=len(tok),
+                          image_token_id=tok.convert_tokens_to_ids("<image>"), **LLAVA_DEMO)
+    tok.save_pretrained(out)
+    return out
+
+
+def check_conversion(clip_name: str, llava_dir: str) -> dict[str, float]:
+    """Convert both checkpoints to cgjax and report the largest difference from PyTorch."""
+    import numpy as np
+    import open_clip
+    import torch
+    import transformers
+
+    from converters import hf_llava, openclip
+
+    clip = openclip.load(clip_name)
+    torch_clip = open_clip.create_model(clip_name).eval()  # loads the weights of the local-dir folder
+    x = np.random.default_rng(0).normal(size=(2, 3, *clip.model.cfg.image_size)).astype(np.float32)
+    with torch.no_grad():
+        want = torch_clip.encode_image(torch.tensor(x)).numpy()
+    got = np.asarray(clip.model.encode_image(x))
+    llava = hf_llava.load(llava_dir)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    cfg = llava.config
+    ids = np.asarray([[1] + [cfg.image_token_id] * cfg.num_image_tokens + [5, 6, 7]], np.int64)
+    px = np.random.default_rng(1).normal(size=(1, 3, *cfg.vision_config.image_size)).astype(np.float32)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px)).logits.numpy()
+    ours = np.asarray(llava(ids, px))
+    return {"clip_max_abs_diff": float(np.abs(got - want).max()), "llava_max_abs_diff": float(np.abs(ours - ref).max())}
+
+
+def train_prototypes(workdir: str, clip_name: str, paths: dict[str, str]) -> dict[str, Any]:
+    """Prototype head on the demo set (configs/prototypes.py, preset demo) + signal export."""
+    from cgjax.config import load_config
+    from cgjax.prototypes.run import train_prototypes as run_stage
+
+    config = load_config("prototypes.py:preset=demo")
+    config.preset = "custom"  # the data and the tower are given: nothing to generate
+    config.clip.model_name = clip_name
+    config.data.dataset_json = paths["dataset_json"]
+    config.data.images_root = paths["images_root"]
+    return run_stage(config, os.path.join(workdir, "prototypes"))
+
+
+def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0) -> dict[str, Any]:
+    """The whole demo: data -> checkpoints -> (the stages available in this build)."""
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.time()
+    summary: dict[str, Any] = {"workdir": os.path.abspath(workdir)}
+    _log("generating the demo data set")
+    paths = make_data(workdir, n_images=n_images, size=image_size, seed=seed)
+    summary["data"] = paths
+    _log(f"data: {paths['dataset_json']}")
+    _log("building tiny CLIP and LLaVA checkpoints with open_clip / transformers")
+    clip_name = make_clip(workdir, seed=seed)
+    llava_dir = make_llava(workdir, paths["targets_csv"], seed=seed)
+    summary["clip_model"], summary["llava_checkpoint"] = clip_name, llava_dir
+    _log("converting them to cgjax and checking against PyTorch")
+    summary["conversion"] = check_conversion(clip_name, llava_dir)
+    _log(f"conversion: {summary['conversion']}")
+    _log("training concept prototypes and exporting signals")
+    protos = train_prototypes(workdir, clip_name, paths)
+    summary["prototypes"] = {"val": protos.get("val"), "artifacts": protos.get("artifacts")}
+    _log(f"prototype validation accuracy: {json.dumps(protos.get('val'))}")
+    summary["seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    _log(f"done in {summary['seconds']} s; summary in {os.path.join(workdir, 'demo_summary.json')}")
+    return summary

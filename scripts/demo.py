@@ -1,0 +1,20 @@
+"""Run the whole cgjax pipeline on the embedded demo data: ``python scripts/demo.py --workdir DIR``."""
+from __future__ import annotations
+
+import argparse
+
+from cgjax import demo
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workdir", default="workdir/demo", help="where data, checkpoints and reports go")
+    p.add_argument("--n_images", type=int, default=240)
+    p.add_argument("--image_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    demo.run(a.workdir, n_images=a.n_images, image_size=a.image_size, seed=a.seed)
+
+
+if __name__ == "__main__":
+    main()
