@@ -2,3 +2,11 @@
 
 __version__ = "0.1.0"
 SCHEMA_VERSION = 1
+
+
+def __getattr__(name):  # lazy exports: `import cgjax` stays light
+    if name == "generate":  # cgjax.generate(...) (the submodule is callable too, see cgjax/generate.py)
+        from cgjax.generate import generate
+
+        return generate
+    raise AttributeError(f"module 'cgjax' has no attribute {name!r}")

@@ -1,0 +1,131 @@
+"""Jit-compiled generation: prefill + KV-cache decode in one ``jax.lax.while_loop``.
+
+Works for :class:`cgjax.models.llava.Llava` (with ``pixel_values``) and a text-only
+:class:`cgjax.models.llama.LlamaForCausalLM` (``pixel_values=None``). Batches are left padded
+(``attention_mask`` 0 on the padding); positions are ``cumsum(mask) - 1`` like HF ``generate``.
+
+Shapes are static: the output buffer (and the cache's new-token part) is rounded up to a power
+of two, so ``max_new_tokens`` values in the same bucket share one compiled function, and the
+loop bound, ``temperature``, ``top_p`` and the EOS / pad ids are traced values.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = ["generate"]
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def _language_model(model):
+    return model.language_model if hasattr(model, "language_model") else model
+
+
+def _select(logits, key, do_sample: bool, temperature, top_p):
+    """Greedy argmax, or temperature + nucleus (top-p) sampling. ``logits [B, V]`` fp32."""
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    keep = before < top_p
+    keep = keep.at[:, 0].set(True)
+    n_keep = keep.sum(-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+    masked = jnp.where(logits >= threshold, logits, -jnp.inf)
+    return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "n_buf"))
+def _run(graphdef, state, input_ids, pixel_values, attention_mask, n_new, temperature, top_p,
+         eos_ids, pad_id, rng, *, do_sample: bool, n_buf: int):
+    model = nnx.merge(graphdef, state)
+    lm = _language_model(model)
+    B, T = input_ids.shape
+    if pixel_values is not None:
+        embeds = model.merge_image_features(input_ids, model.get_image_features(pixel_values))
+    else:
+        embeds = lm.embed(input_ids)
+    cache = lm.init_cache(B, T + n_buf)
+    h, cache, _ = lm.hidden_states(embeds, attention_mask, None, cache)
+    tok = _select(lm.logits(h[:, -1]), jax.random.fold_in(rng, 0), do_sample, temperature, top_p)
+    out = jnp.full((B, n_buf), pad_id, jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, eos_ids)
+
+    def cond(c):
+        i, _, done, _, _ = c
+        return (i < n_new) & ~jnp.all(done)
+
+    def body(c):
+        i, tok, done, cache, out = c
+        h, cache, _ = lm.hidden_states(lm.embed(tok[:, None]), None, None, cache)
+        nxt = _select(lm.logits(h[:, 0]), jax.random.fold_in(rng, i), do_sample, temperature, top_p)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        return i + 1, nxt, done | jnp.isin(nxt, eos_ids), cache, out
+
+    _, _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, done, cache, out))
+    return out
+
+
+def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+             rng: jax.Array | None = None, pad_token_id: int | None = None) -> jax.Array:
+    """New token ids ``[B, max_new_tokens]`` (int32).
+
+    ``input_ids [B, T]`` left padded with ``attention_mask [B, T]`` (default: all ones);
+    ``pixel_values [B, 3, H, W]`` for LLaVA, ``None`` for text only. ``temperature == 0``:
+    greedy; otherwise temperature + nucleus ``top_p`` sampling from ``rng`` (default
+    ``PRNGKey(0)``). After a row emits an ``eos_token_id`` (an int or several), every later
+    position of that row holds ``pad_token_id`` (default: the first EOS id, as HF does);
+    decoding stops early once every row is done. The first call per shape bucket compiles.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    attention_mask = (jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None
+                      else jnp.asarray(attention_mask, jnp.int32))
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    if pixel_values is not None:
+        if not hasattr(model, "get_image_features"):
+            raise ValueError(f"{type(model).__name__} takes no pixel_values (text-only model)")
+        pixel_values = jnp.asarray(pixel_values)
+    eos = [] if eos_token_id is None else list(np.atleast_1d(eos_token_id).tolist())
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    eos_ids = jnp.asarray(eos or [-1], jnp.int32)
+    do_sample = float(temperature) > 0.0
+    if do_sample and not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    graphdef, state = nnx.split(model)
+    n_buf = _bucket(max_new_tokens)
+    out = _run(graphdef, state, input_ids, pixel_values, attention_mask, jnp.int32(max_new_tokens),
+               jnp.float32(max(float(temperature), 1e-6)), jnp.float32(top_p), eos_ids,
+               jnp.int32(pad_token_id), rng, do_sample=do_sample, n_buf=n_buf)
+    return out[:, :max_new_tokens]
+
+
+class _CallableModule(types.ModuleType):
+    """Importing the submodule ``cgjax.generate`` rebinds the package attribute of the same
+    name to this module; making it callable keeps ``cgjax.generate(...)`` working either way."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,397 @@
+"""LLaMA decoder (HF ``LlamaForCausalLM`` layout) in Flax NNX.
+
+RMSNorm, rotate-half RoPE (HF layout, no query pre-scaling), grouped-query attention, SwiGLU
+MLP, tied or untied ``lm_head``. The decoder layers are ONE module created with ``nnx.vmap``
+(leading ``layers`` axis) and run with ``jax.lax.scan``; the KV cache is carried through that
+scan. Softmax and norms run in fp32; matmuls in the compute ``dtype`` (fp32 default).
+
+Parameter layout (per layer, before the leading ``layers`` axis)::
+
+    embed_tokens.embedding          [V, D]        (vocab, embed)
+    layers.input_layernorm.weight   [D]           (embed,)
+    layers.self_attn.q_proj.kernel  [D, H, hd]    (embed, heads, head_dim)
+    layers.self_attn.k_proj.kernel  [D, KV, hd]   (embed, kv_heads, head_dim)
+    layers.self_attn.v_proj.kernel  [D, KV, hd]   (embed, kv_heads, head_dim)
+    layers.self_attn.o_proj.kernel  [H, hd, D]    (heads, head_dim, embed)
+    layers.post_attention_layernorm.weight [D]
+    layers.mlp.gate_proj.kernel     [D, F]        (embed, mlp)
+    layers.mlp.up_proj.kernel       [D, F]        (embed, mlp)
+    layers.mlp.down_proj.kernel     [F, D]        (mlp, embed)
+    norm.weight                     [D]
+    lm_head.kernel                  [D, V]        (embed, vocab)   -- absent when tied
+
+Masks: ``attention_mask`` is either ``[B, T]`` per-position validity (1 = real token, 0 = a
+padding / masked-out slot anywhere in the sequence; combined with the causal mask) or a full
+``[B, T, S]`` boolean mask used exactly as given (the caller owns causality), where ``S`` is
+``T`` without a cache and the cache length with one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from cgjax import sharding
+
+F32 = jnp.float32
+
+# HF config keys that describe the run, not the model: dropped by from_hf, never passed back.
+_EPHEMERAL_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
+                   "output_attentions", "output_hidden_states", "return_dict", "use_cache",
+                   "_attn_implementation_autoset", "_commit_hash", "chunk_size_feed_forward",
+                   "is_encoder_decoder", "id2label", "label2id", "problem_type"}
+
+
+def _as_dict(cfg: Any) -> dict:
+    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+def _rope_theta(d: Mapping[str, Any]) -> float:
+    """rope_theta from a transformers 5 ``rope_parameters`` or a legacy ``rope_theta``/``rope_scaling``."""
+    params = d.get("rope_parameters")
+    legacy = d.get("rope_scaling")
+    theta = d.get("rope_theta")
+    for p in (params, legacy):
+        if p:
+            kind = p.get("rope_type", p.get("type", "default"))
+            if kind != "default":
+                raise NotImplementedError(
+                    f"rope type {kind!r} is not supported (only 'default' RoPE); config has {p}")
+            theta = p.get("rope_theta", theta)
+    return float(10000.0 if theta is None else theta)
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    """LLaMA architecture. ``from_hf``/``to_hf`` convert to/from an HF ``LlamaConfig`` dict;
+    HF keys this class does not model are kept in ``extra`` and passed back by ``to_hf``."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __hash__(self):  # static (graphdef) metadata must hash; configs are not mutated after use
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.hidden_act != "silu":
+            raise NotImplementedError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any] | Any) -> "LlamaConfig":
+        d = _as_dict(hf)
+        for flag in ("attention_bias", "mlp_bias"):
+            if d.get(flag):
+                raise NotImplementedError(f"LLaMA config with {flag}=True is not supported")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta"}
+        kw = {k: d[k] for k in names if k in d}
+        kw["rope_theta"] = _rope_theta(d)
+        skip = names | _EPHEMERAL_KEYS | {"rope_theta", "rope_parameters", "rope_scaling", "model_type"}
+        kw["extra"] = {k: v for k, v in d.items() if k not in skip}
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        d = dict(self.extra)
+        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("extra", "rope_theta")})
+        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        d["model_type"] = "llama"
+        return d
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys/values ``[L, B, S_max, KV, hd]``, slot validity ``[B, S_max]`` and the
+    number of slots already written (``index``, shared by all rows)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=F32) -> KVCache:
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return std * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class Kernel(nnx.Module):
+    """A bare weight ``kernel`` (the matmul lives with the caller, which knows the einsum)."""
+
+    def __init__(self, shape, axes, *, param_dtype, rngs: nnx.Rngs):
+        self.kernel = sharding.param(_normal(rngs, shape, param_dtype), axes)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        self.embedding = sharding.param(_normal(rngs, (vocab, dim), param_dtype), ("vocab", "embed"))
+
+    def __call__(self, ids, dtype):
+        return jnp.take(self.embedding.get_value(), ids, axis=0).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.weight = sharding.param(jnp.ones((dim,), param_dtype), ("embed",))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight.get_value().astype(F32) * y.astype(x.dtype).astype(F32)).astype(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float):
+    """HF default RoPE tables for ``position_ids [B, T]`` -> cos, sin ``[B, T, hd]`` (fp32)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=F32) / head_dim))
+    freqs = position_ids.astype(F32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on ``x [B, T, heads, hd]``."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rot * sin
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        D, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Kernel((D, H, hd), ("embed", "heads", "head_dim"), **kw)
+        self.k_proj = Kernel((D, KV, hd), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v_proj = Kernel((D, KV, hd), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o_proj = Kernel((H, hd, D), ("heads", "head_dim", "embed"), **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
+
+    def __call__(self, x, cos, sin, mask, kv_store, attn_rows):
+        """``x [B,T,D]``, ``mask [B,1,1,T,S]`` bool; ``kv_store(k, v) -> (keys, values, store)``
+        stores the new keys/values (cache) and returns the ones to attend over."""
+        dt = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj.kernel.get_value().astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj.kernel.get_value().astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj.kernel.get_value().astype(dt))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values, store = kv_store(k, v)
+        B, T = q.shape[:2]
+        G = self.num_heads // self.num_kv_heads
+        q = q.reshape(B, T, self.num_kv_heads, G, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(dt), preferred_element_type=F32)
+        scores = scores.astype(F32) * (1.0 / np.sqrt(self.head_dim))
+        scores = jnp.where(mask, scores, jnp.finfo(F32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), values.astype(dt))
+        out = out.reshape(B, T, self.num_heads, self.head_dim)
+        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.kernel.get_value().astype(dt))
+        rows = None
+        if attn_rows is not None:  # [B, H, R, S]
+            rows = jnp.take(probs.reshape(B, self.num_heads, T, -1), attn_rows, axis=2)
+        return y, store, rows
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        D, Fd = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Kernel((D, Fd), ("embed", "mlp"), **kw)
+        self.up_proj = Kernel((D, Fd), ("embed", "mlp"), **kw)
+        self.down_proj = Kernel((Fd, D), ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        dt = x.dtype
+        g = x @ self.gate_proj.kernel.get_value().astype(dt)
+        u = x @ self.up_proj.kernel.get_value().astype(dt)
+        return (jax.nn.silu(g) * u) @ self.down_proj.kernel.get_value().astype(dt)
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = LlamaAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = LlamaMLP(cfg, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, h, cos, sin, mask, kv_store, attn_rows=None):
+        a, store, rows = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_store, attn_rows)
+        h = h + a
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, store, rows
+
+
+def _stacked_layers(cfg: LlamaConfig, param_dtype, rngs: nnx.Rngs) -> LlamaDecoderLayer:
+    @nnx.split_rngs(splits=cfg.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return LlamaDecoderLayer(cfg, param_dtype=param_dtype, rngs=r)
+
+    return make(rngs)
+
+
+def _to_mask_and_positions(attention_mask, position_ids, B, T, cache: KVCache | None):
+    """-> (mask [B,1,1,T,S] bool, position_ids [B,T], validity of the new tokens [B,T],
+    validity of every key slot [B,S]). With a 3-D mask, a slot counts as valid (for positions and
+    for later cached steps) iff it attends to itself."""
+    if attention_mask is None:
+        new_valid = jnp.ones((B, T), bool)
+        full = None
+    else:
+        attention_mask = jnp.asarray(attention_mask)
+        if attention_mask.ndim == 2:
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask shape {attention_mask.shape} != (batch, seq) {(B, T)}")
+            new_valid, full = attention_mask.astype(bool), None
+        elif attention_mask.ndim == 3:
+            full = attention_mask.astype(bool)
+            S = T if cache is None else cache.max_len
+            if full.shape != (B, T, S):
+                raise ValueError(f"3-D attention_mask shape {full.shape} != (batch, seq, keys) {(B, T, S)}")
+            offset = 0 if cache is None else cache.index
+            diag_idx = offset + jnp.arange(T)
+            new_valid = jnp.take_along_axis(full, jnp.broadcast_to(diag_idx[None, :, None], (B, T, 1)), axis=2)[..., 0]
+        else:
+            raise ValueError(f"attention_mask must be [B, T] or [B, T, S], got shape {attention_mask.shape}")
+
+    if cache is None:
+        past = jnp.zeros((B,), jnp.int32)
+        key_valid = new_valid
+        q_slot, k_slot = jnp.arange(T), jnp.arange(T)
+    else:
+        past = cache.valid.sum(-1).astype(jnp.int32)
+        key_valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
+        q_slot, k_slot = cache.index + jnp.arange(T), jnp.arange(cache.max_len)
+
+    if position_ids is None:
+        position_ids = past[:, None] + jnp.cumsum(new_valid.astype(jnp.int32), axis=-1) - 1
+        position_ids = jnp.maximum(position_ids, 0)
+    position_ids = jnp.broadcast_to(jnp.asarray(position_ids, jnp.int32), (B, T))
+
+    if full is None:
+        full = (k_slot[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
+    return full[:, None, None], position_ids, new_valid, key_valid
+
+
+class LlamaForCausalLM(nnx.Module):
+    """HF ``LlamaForCausalLM`` in NNX. ``__call__ -> (logits fp32 [B,T,V], cache)``."""
+
+    def __init__(self, config: LlamaConfig, *, dtype=F32, param_dtype=F32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, param_dtype=param_dtype, rngs=rngs)
+        self.layers = _stacked_layers(config, param_dtype, rngs)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = Kernel((config.hidden_size, config.vocab_size), ("embed", "vocab"),
+                                  param_dtype=param_dtype, rngs=rngs)
+
+    # -- pieces --------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        return init_cache(self.config, batch, max_len, self.dtype if dtype is None else dtype)
+
+    def embed(self, input_ids) -> jax.Array:
+        return self.embed_tokens(jnp.asarray(input_ids), self.dtype)
+
+    def logits(self, hidden) -> jax.Array:
+        """Final-normed hidden ``[..., D]`` -> fp32 logits ``[..., V]``."""
+        if self.config.tie_word_embeddings:
+            w = self.embed_tokens.embedding.get_value().T
+        else:
+            w = self.lm_head.kernel.get_value()
+        return (hidden @ w.astype(hidden.dtype)).astype(F32)
+
+    def hidden_states(self, inputs_embeds, attention_mask=None, position_ids=None,
+                      cache: KVCache | None = None, return_attn_rows=None):
+        """Decoder stack + final norm. -> (hidden [B,T,D], cache, attn) where ``attn`` is
+        ``[L, B, H, R, S]`` fp32 attention probabilities of the query rows ``return_attn_rows``
+        (``[R]`` indices into T) or None."""
+        h = jnp.asarray(inputs_embeds).astype(self.dtype)
+        B, T = h.shape[:2]
+        cfg = self.config
+        mask, pos, new_valid, key_valid = _to_mask_and_positions(attention_mask, position_ids, B, T, cache)
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+        rows = None if return_attn_rows is None else jnp.asarray(return_attn_rows, jnp.int32)
+
+        graphdef, state = nnx.split(self.layers)
+        index = None if cache is None else cache.index
+
+        # The scan carries h; each layer gets its cache slice as an input and emits only its
+        # new keys/values, written into the [L, ...] cache with one update after the scan
+        # (cheaper than carrying the whole cache through every layer).
+        def body(h, xs):
+            layer_state, k_old, v_old = xs
+            layer = nnx.merge(graphdef, layer_state)
+
+            def kv_store(k, v):
+                if cache is None:
+                    return k, v, None
+                k, v = k.astype(k_old.dtype), v.astype(v_old.dtype)
+                keys = jax.lax.dynamic_update_slice(k_old, k, (0, index, 0, 0))
+                values = jax.lax.dynamic_update_slice(v_old, v, (0, index, 0, 0))
+                return keys, values, (k, v)
+
+            h, new_kv, attn = layer(h, cos, sin, mask, kv_store, rows)
+            return h, (new_kv, attn)
+
+        xs = (state, None, None) if cache is None else (state, cache.k, cache.v)
+        h, (new_kv, attn) = jax.lax.scan(body, h, xs)
+        h = self.norm(h)
+        if cache is not None:
+            k_new, v_new = new_kv  # [L, B, T, KV, hd]
+            cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_new, (0, 0, index, 0, 0)),
+                            v=jax.lax.dynamic_update_slice(cache.v, v_new, (0, 0, index, 0, 0)),
+                            valid=key_valid, index=cache.index + T)
+        return h, cache, attn
+
+    def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                 cache: KVCache | None = None, return_attn_rows=None):
+        """-> ``(logits, cache)``, or ``(logits, cache, attn)`` when ``return_attn_rows`` is given."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        h, cache, attn = self.hidden_states(inputs_embeds, attention_mask, position_ids, cache, return_attn_rows)
+        logits = self.logits(h)
+        if return_attn_rows is not None:
+            return logits, cache, attn
+        return logits, cache

@@ -1,0 +1,311 @@
+"""HF LLaVA (``LlavaForConditionalGeneration``) <-> cgjax :class:`~cgjax.models.llava.Llava`.
+
+Key layouts read (detected from the keys; each is one rule table):
+
+* ``hub``     -- llava-hf on the hub: ``language_model.model.*``, ``language_model.lm_head.*``,
+  ``vision_tower.vision_model.*``, ``multi_modal_projector.*``;
+* ``saved``   -- what transformers 5 ``save_pretrained`` writes: as ``hub`` but ``vision_tower.*``;
+* ``live``    -- a live transformers 5 model's ``state_dict()``: ``model.language_model.*``,
+  ``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``lm_head.*``;
+* ``live_v4`` -- transformers 4.5x checkpoints: as ``live`` but ``model.vision_tower.vision_model.*``.
+
+``load(src)`` takes a checkpoint directory (single or sharded safetensors, ``.bin``), a
+``.safetensors`` file next to its ``config.json``, or a live ``LlavaForConditionalGeneration``.
+``save(model, out_dir)`` writes a directory ``LlavaForConditionalGeneration.from_pretrained``
+loads (config.json, safetensors, and the tokenizer / processor files of the source directory).
+
+CLI::
+
+    python -m converters.hf_llava to-orbax SRC DST   # HF checkpoint -> orbax state + config.json
+    python -m converters.hf_llava to-hf SRC DST      # orbax (from to-orbax) -> HF checkpoint
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from converters import common as C
+
+from converters.openclip import hf_clip_vision_rules
+
+LAYOUTS: dict[str, tuple[str, str, str, str]] = {
+    # name: (language model body, lm_head, vision tower, projector) torch prefixes
+    "hub": ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.", "multi_modal_projector."),
+    "saved": ("language_model.model.", "language_model.lm_head.", "vision_tower.", "multi_modal_projector."),
+    "live": ("model.language_model.", "lm_head.", "model.vision_tower.", "model.multi_modal_projector."),
+    "live_v4": ("model.language_model.", "lm_head.", "model.vision_tower.vision_model.", "model.multi_modal_projector."),
+}
+
+# Files of a HF model directory that are not weights / config: copied by ``save``.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "preprocessor_config.json",
+                   "processor_config.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
+
+
+def _esc(prefix: str) -> str:
+    return prefix.replace(".", r"\.")
+
+
+def llama_rules(body_prefix: str = "model.", head_prefix: str = "lm_head.", nnx_prefix: str = "",
+                tied: bool = False) -> list[C.Rule]:
+    """HF ``LlamaForCausalLM`` keys (``{body_prefix}layers.N...``, ``{head_prefix}weight``) <->
+    :class:`~cgjax.models.llama.LlamaForCausalLM` paths under ``nnx_prefix``. With ``tied``, a
+    stored ``lm_head.weight`` (a copy of the embedding) is ignored and none is exported."""
+    lin, lin2 = C.Linear(1), C.Linear(2)
+    layer = r"layers\.(\d+)\."
+    body = [
+        (r"embed_tokens\.weight", "embed_tokens.embedding", C.IDENTITY),
+        (layer + r"self_attn\.q_proj\.weight", "layers.self_attn.q_proj.kernel[{0}]", lin),
+        (layer + r"self_attn\.k_proj\.weight", "layers.self_attn.k_proj.kernel[{0}]", lin),
+        (layer + r"self_attn\.v_proj\.weight", "layers.self_attn.v_proj.kernel[{0}]", lin),
+        (layer + r"self_attn\.o_proj\.weight", "layers.self_attn.o_proj.kernel[{0}]", lin2),
+        (layer + r"mlp\.gate_proj\.weight", "layers.mlp.gate_proj.kernel[{0}]", lin),
+        (layer + r"mlp\.up_proj\.weight", "layers.mlp.up_proj.kernel[{0}]", lin),
+        (layer + r"mlp\.down_proj\.weight", "layers.mlp.down_proj.kernel[{0}]", lin),
+        (layer + r"input_layernorm\.weight", "layers.input_layernorm.weight[{0}]", C.IDENTITY),
+        (layer + r"post_attention_layernorm\.weight", "layers.post_attention_layernorm.weight[{0}]", C.IDENTITY),
+        (r"norm\.weight", "norm.weight", C.IDENTITY),
+    ]
+    rules = [C.Rule(_esc(body_prefix) + t, nnx_prefix + n, tr) for t, n, tr in body]
+    rules.append(C.Rule(_esc(body_prefix) + layer + r"self_attn\.rotary_emb\.inv_freq", None))  # old checkpoints
+    head = _esc(head_prefix) + r"weight"
+    rules.append(C.Rule(head, None) if tied else C.Rule(head, nnx_prefix + "lm_head.kernel", lin))
+    return rules
+
+
+def clip_vision_rules(torch_prefix: str, nnx_prefix: str = "vision_tower.") -> list[C.Rule]:
+    """HF CLIP vision tower keys under ``torch_prefix`` -> the tower under ``nnx_prefix``."""
+    return C.prefixed(hf_clip_vision_rules(torch_prefix), "", nnx_prefix)
+
+
+def projector_rules(torch_prefix: str, nnx_prefix: str = "multi_modal_projector.") -> list[C.Rule]:
+    p = _esc(torch_prefix)
+    out = []
+    for lin in ("linear_1", "linear_2"):
+        out += [C.Rule(p + lin + r"\.weight", f"{nnx_prefix}{lin}.kernel", C.Linear(1)),
+                C.Rule(p + lin + r"\.bias", f"{nnx_prefix}{lin}.bias")]
+    return out
+
+
+def llava_rules(layout: str = "saved", tied: bool = False) -> list[C.Rule]:
+    """The full rule table of one key layout (see the module docstring)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown LLaVA key layout {layout!r}; expected one of {sorted(LAYOUTS)}")
+    body, head, vision, proj = LAYOUTS[layout]
+    return (llama_rules(body, head, "language_model.", tied) + clip_vision_rules(vision)
+            + projector_rules(proj))
+
+
+def detect_layout(keys: Sequence[str], tied: bool = False) -> str:
+    """The layout whose rules match the most keys (ties: the first in ``LAYOUTS``)."""
+    best, best_n = None, -1
+    for name in LAYOUTS:
+        rules = llava_rules(name, tied)
+        n = sum(any(r.match(k) is not None for r in rules) for k in keys)
+        if n > best_n:
+            best, best_n = name, n
+    if best_n == 0:
+        raise KeyError(f"no LLaVA key layout matches the checkpoint's keys (e.g. {list(keys)[:5]})")
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# load / save
+
+def _config_dict(src: Any) -> tuple[dict, str | None]:
+    """(HF config dict, source directory or None)."""
+    if hasattr(src, "config") and hasattr(src, "state_dict"):
+        return src.config.to_dict(), None
+    path = os.fspath(src)
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: no config.json next to the checkpoint {path!r}")
+    with open(cfg_path) as f:
+        return json.load(f), folder
+
+
+def load(path_or_torch_model: Any, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+         rules: Sequence[Any] | None = None, *, compute_dtype=None, layout: str | None = None,
+         rules_table=None):
+    """HF LLaVA checkpoint (directory / file / live model) -> :class:`Llava` with ``dtype``
+    parameters (``compute_dtype`` defaults to ``dtype``). With ``mesh``, every parameter is
+    created directly in its sharding (``rules_table``: logical-axis rules, default
+    ``cgjax.sharding.DEFAULT_RULES``). ``rules`` overrides the conversion rule table."""
+    from cgjax.models.llava import Llava, LlavaConfig
+
+    hf_cfg, folder = _config_dict(path_or_torch_model)
+    cfg = LlavaConfig.from_hf(hf_cfg)
+    tied = cfg.text_config.tie_word_embeddings
+    tensors = C.read_tensors(path_or_torch_model)
+    if layout is None:
+        layout = detect_layout(list(tensors), tied)
+    if rules is None:
+        rules = llava_rules(layout, tied)
+    cdt = dtype if compute_dtype is None else compute_dtype
+    abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=cdt, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    model = C.load_state(abstract, tensors, rules, dtype=dtype, mesh=mesh, rules_table=rules_table)
+    model.source_dir = folder
+    model.source_layout = layout
+    return model
+
+
+def load_llama(path_or_torch_model: Any, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
+               compute_dtype=None, rules_table=None):
+    """HF ``LlamaForCausalLM`` checkpoint (``model.*``, ``lm_head.*``) or live model ->
+    :class:`~cgjax.models.llama.LlamaForCausalLM` (text only)."""
+    from cgjax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg, _ = _config_dict(path_or_torch_model)
+    cfg = LlamaConfig.from_hf(hf_cfg)
+    cdt = dtype if compute_dtype is None else compute_dtype
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=cdt, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    rules = llama_rules("model.", "lm_head.", "", cfg.tie_word_embeddings)
+    return C.load_state(abstract, path_or_torch_model, rules, dtype=dtype, mesh=mesh, rules_table=rules_table)
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    """Move the finished ``tmp`` folder to ``out_dir`` (an old ``out_dir`` is replaced)."""
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=".old-")
+        os.rmdir(old)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_tensors(model, layout: str = "saved", dtype=None) -> dict[str, np.ndarray]:
+    """``{torch_key: np.ndarray}`` of ``model`` in ``layout`` (cast to ``dtype`` if given)."""
+    tensors = C.export_state(model, llava_rules(layout, model.config.text_config.tie_word_embeddings))
+    if dtype is not None:
+        dt = np.dtype(jnp.dtype(dtype))
+        tensors = {k: v.astype(dt) for k, v in tensors.items()}
+    return tensors
+
+
+def save(model, out_dir: str, *, dtype=None, layout: str | None = None, tokenizer_from: str | None = None,
+         max_shard_bytes: int | None = None) -> str:
+    """Write ``model`` as a HF LLaVA checkpoint directory (atomic: temp dir, then rename).
+
+    ``layout``: key layout (default: the source's file layout, else ``saved``, what
+    transformers 5 writes). ``dtype``: tensor dtype (default: the parameters'). Tokenizer /
+    processor / generation-config files are copied from ``tokenizer_from`` (default: the
+    directory the model was loaded from, if any)."""
+    if layout is None:
+        src = getattr(model, "source_layout", None)
+        layout = src if src in ("hub", "saved") else "saved"
+    tensors = export_tensors(model, layout, dtype)
+    hf = model.config.to_hf()
+    first = next(iter(tensors.values()))
+    hf["dtype"] = str(first.dtype) if first.dtype.name != "bfloat16" else "bfloat16"
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-llava-")
+    try:
+        C.save_safetensors(tensors, tmp, max_shard_bytes=max_shard_bytes)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2, sort_keys=True, default=str)
+        src_dir = tokenizer_from if tokenizer_from is not None else getattr(model, "source_dir", None)
+        if src_dir:
+            for name in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(src_dir, name)):
+                    shutil.copy2(os.path.join(src_dir, name), os.path.join(tmp, name))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# orbax
+
+def save_orbax(model, out_dir: str) -> str:
+    """NNX parameter state (orbax, ``state/``) + ``config.json`` (HF form) in ``out_dir`` (atomic)."""
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-orbax-")
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model.config.to_hf(), f, indent=2, sort_keys=True, default=str)
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, "state"), nnx.state(model, nnx.Param).to_pure_dict())
+        ckptr.wait_until_finished()
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rules_table=None):
+    """Inverse of :func:`save_orbax` -> :class:`Llava` (parameters in ``dtype`` if given, else as saved)."""
+    import orbax.checkpoint as ocp
+
+    from cgjax import sharding as shd
+    from cgjax.models.llava import Llava, LlavaConfig
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: not an orbax checkpoint written by converters.hf_llava")
+    with open(cfg_path) as f:
+        cfg = LlavaConfig.from_hf(json.load(f))
+    pdt = jnp.float32 if dtype is None else dtype
+    abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=pdt, param_dtype=pdt, rngs=nnx.Rngs(0)))
+    state = nnx.state(abstract, nnx.Param)
+    if mesh is not None:
+        shardings = shd.state_shardings(state, mesh, rules_table or shd.DEFAULT_RULES)
+        target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                              state.to_pure_dict(), shardings.to_pure_dict())
+    else:
+        target = state.to_pure_dict()
+    ckptr = ocp.StandardCheckpointer()
+    if dtype is None:
+        restored = ckptr.restore(os.path.join(os.path.abspath(path), "state"))
+    else:
+        restored = ckptr.restore(os.path.join(os.path.abspath(path), "state"), target)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(abstract, state)
+    return abstract
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m converters.hf_llava", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("to-orbax", help="HF checkpoint -> orbax state + config.json")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--dtype", default="float32")
+    b = sub.add_parser("to-hf", help="orbax checkpoint (from to-orbax) -> HF checkpoint")
+    b.add_argument("src")
+    b.add_argument("dst")
+    b.add_argument("--dtype", default=None, help="tensor dtype of the written files (default: as stored)")
+    b.add_argument("--tokenizer-from", default=None, help="copy tokenizer/processor files from this directory")
+    args = ap.parse_args(argv)
+    if args.cmd == "to-orbax":
+        model = load(args.src, dtype=jnp.dtype(args.dtype))
+        print(save_orbax(model, args.dst))
+    else:
+        model = load_orbax(args.src)
+        print(save(model, args.dst, dtype=args.dtype, tokenizer_from=args.tokenizer_from))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
