@@ -11,6 +11,11 @@ from converters import hf_llava
 from converters.tiny_llava import make_llava_model
 
 
+@nnx.jit(static_argnames=("use_concepts",))
+def forward(model, ids, pixels, mask, scores, use_concepts=True):
+    return model(ids, pixels, mask, scores, use_concepts=use_concepts)
+
+
 @pytest.fixture(scope="module")
 def models():
     hf = make_llava_model("tiny", seed=3)
@@ -40,7 +45,7 @@ def test_matches_original_variable_length_sequence(models, budget, topk):
     scores = rng.uniform(0.3, 1.0, size=(4, 9)).astype(np.float32)
     scores[3] = 0.2  # nothing active for this sample
     prefix, suffix, ids, pixels = _batch(hf, model, scores)
-    logits = np.asarray(model(ids, pixels, np.ones_like(ids), scores))
+    logits = np.asarray(forward(model, ids, pixels, np.ones_like(ids), scores))
     values = np.asarray(model.concepts.values.get_value())
     n_img = llava.config.num_image_tokens
     for b in range(scores.shape[0]):
@@ -62,9 +67,9 @@ def test_baseline_without_concepts_equals_plain_llava(models):
     model = ConceptLlava(llava, gcfg, rngs=nnx.Rngs(0))
     scores = np.full((2, 4), 0.9, np.float32)
     prefix, suffix, ids, pixels = _batch(hf, model, scores)
-    got = np.asarray(model(ids, pixels, np.ones_like(ids), scores, use_concepts=False))
+    got = np.asarray(forward(model, ids, pixels, np.ones_like(ids), scores, use_concepts=False))
     plain_ids = np.asarray([prefix + [hf.config.image_token_id] * llava.config.num_image_tokens + suffix] * 2)
-    want = np.asarray(llava(plain_ids, pixels))
+    want = np.asarray(nnx.jit(lambda m, i, p: m(i, p))(llava, plain_ids, pixels))
     np.testing.assert_allclose(got[:, -len(suffix):], want[:, -len(suffix):], atol=1e-4)
 
 
@@ -76,8 +81,8 @@ def test_attention_regulariser_uses_true_concept_rows(models):
     scores = np.array([[0.9, 0.1, 0.2, 0.8], [0.1, 0.2, 0.3, 0.1]], np.float32)
     prefix, suffix, ids, pixels = _batch(hf, model, scores)
     rows = model.concept_rows(ids)
-    embeds, mask, sel = model.prepare(ids, pixels, np.ones_like(ids), scores)
-    _, attn = model(ids, pixels, np.ones_like(ids), scores, return_attn_rows=rows)
+    embeds, mask, sel = nnx.jit(lambda m, *a: m.prepare(*a))(model, ids, pixels, np.ones_like(ids), scores)
+    _, attn = nnx.jit(lambda m, *a: m(*a, return_attn_rows=rows))(model, ids, pixels, np.ones_like(ids), scores)
     row_valid = np.asarray(sel.token_mask(gcfg.k_max))
     reg = float(attention_regulariser(attn, row_valid, np.asarray(mask)))
     # explicit statement: per layer and sample, mean over heads x used rows x valid keys
