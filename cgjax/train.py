@@ -1,0 +1,1105 @@
+"""Staged training of the gated concept tokens (Stage A: key lines; Stage B: keys + reasoning).
+
+``train_stage(config, workdir) -> dict`` (``scripts/train.py --config configs/stageA.py``) runs one
+stage: a frozen LLaVA (HF checkpoint converted on load) wrapped in
+:class:`~cgjax.concepts.model.ConceptLlava`, data through the grain pipeline with the text rows
+built here, segment-weighted CE plus the attention regulariser every ``attn_reg_interval`` steps,
+AdamW + global-norm clipping + gradient accumulation (``optax.MultiSteps``) on the parameters the
+``config.trainable`` regexes select (frozen ones get no optimizer state).
+
+The hot loop is a plain ``jax.jit`` function over ``nnx.split`` state (graphdef static), donating
+the train state ``{"params", "opt_state", "step", "rng"}``; two compiled variants (with and
+without the regulariser), picked on the host by step number. Two exact shortcuts: when only the
+concept values train, the prefix before the concept slots (prompt head and image tokens, which
+cannot depend on the values) is encoded into a KV cache under ``stop_gradient`` and only the rest
+(concept slots and text) is differentiated; and only the supervised positions (at most
+``config.text.max_target_tokens`` per row, checked) are projected to logits. The loss and the
+gradient equal a full forward's (tested); the work skipped is work whose result is zero or unused.
+
+Work directory::
+
+    checkpoints/           orbax CheckpointManager (latest N + best N by validation key accuracy):
+                           state = trained params, optimizer state, step, RNG;
+                           meta  = grain iterator state, concept index, validation metrics
+    concepts_stage{A,B}.pt the original's format {step: {"values": Tensor}} (torch.load(weights_only=True))
+    concepts_stage{A,B}.json  its metadata: dimensions, concept names, ranges, K_max (the original had none)
+    metrics.jsonl          one JSON line per train step and per validation
+    tensorboard/           tensorboardX event files
+
+Resuming from the latest checkpoint gives bit-identical losses; SIGTERM saves and exits cleanly;
+a NaN/inf loss stops the run (``FloatingPointError``) leaving the last good checkpoint intact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import signal
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cgjax import sharding, text
+from cgjax.concepts import gating
+from cgjax.concepts.model import ConceptLlava, attention_regulariser
+from cgjax.losses import IGNORE_INDEX, SEGMENT_KEYS, SEGMENT_REASON, segment_weighted_loss, token_cross_entropy
+
+__all__ = ["train_stage", "Trainer", "ConceptIndex", "StepConfig", "TextRows", "Collate", "make_optimizer",
+           "parse_key_lines", "greedy_generate", "step_flops", "ensure_demo_assets", "write_label_signals"]
+
+_TOKENIZER_LOCK = threading.Lock()  # HF fast tokenizers are not safe to share across grain threads
+
+
+# ----------------------------------------------------------------------------------------------
+# concept index
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptIndex:
+    """The global concept indexing: dimension after dimension, each a contiguous range."""
+
+    dims: tuple[str, ...]
+    names: tuple[tuple[str, ...], ...]
+    k_max: int
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return gating.dim_ranges_from_sizes([len(n) for n in self.names])
+
+    @property
+    def n_concepts(self) -> int:
+        return sum(len(n) for n in self.names)
+
+    def to_json(self) -> dict:
+        return {"dims": list(self.dims), "names": {d: list(n) for d, n in zip(self.dims, self.names)},
+                "dim_ranges": {d: list(r) for d, r in zip(self.dims, self.ranges)}, "k_max": self.k_max,
+                "n_concepts": self.n_concepts}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "ConceptIndex":
+        dims = tuple(obj["dims"])
+        return cls(dims, tuple(tuple(obj["names"][d]) for d in dims), int(obj["k_max"]))
+
+
+def concept_index_from_vocabs(signal_vocabs: Mapping[str, Any], dimensions: Sequence[str], k_max: int) -> ConceptIndex:
+    """Dimensions in ``dimensions`` order (then any other signal dimension), names from the vocabularies."""
+    if not signal_vocabs:
+        raise ValueError("the data set has no concept signals (config.data.signals): nothing to gate on")
+    dims = [d for d in dimensions if d in signal_vocabs] + [d for d in signal_vocabs if d not in dimensions]
+    empty = [d for d in dims if len(signal_vocabs[d]) == 0]
+    if empty:
+        raise ValueError(f"signals of dimension(s) {empty} have no concepts")
+    return ConceptIndex(tuple(dims), tuple(tuple(signal_vocabs[d].names) for d in dims), int(k_max))
+
+
+def gating_config(config, index: ConceptIndex) -> gating.GatingConfig:
+    g = config.gating
+    pri = [p.strip() for p in str(g.priority or "").split(",") if p.strip()]
+    unknown = [p for p in pri if p not in index.dims]
+    if unknown:
+        logging.warning("gating.priority names %s, not dimensions of the signals %s; ignored", unknown, index.dims)
+    order = tuple(index.dims.index(p) for p in pri if p in index.dims)
+    return gating.GatingConfig(dim_ranges=index.ranges, k_max=int(g.k_max), threshold=float(g.threshold),
+                               backoff_delta=float(g.backoff_delta), topk_per_dim=int(g.topk_per_dim),
+                               max_concepts=int(g.max_concepts), priority=order or None)
+
+
+# ----------------------------------------------------------------------------------------------
+# text rows (grain element_fn / collate_fn)
+
+
+def parse_key_lines(s: str, dims: Sequence[str]) -> dict[str, str]:
+    """``name: value`` lines -> ``{dim: value}`` (first line per dimension, case-insensitive name)."""
+    out: dict[str, str] = {}
+    lower = {d.lower(): d for d in dims}
+    for line in str(s).replace("\r\n", "\n").split("\n"):
+        key, sep, value = line.partition(":")
+        d = lower.get(key.strip().lower())
+        if sep and d is not None and d not in out:
+            out[d] = value.strip()
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TextRows:
+    """grain ``element_fn``: a decoded element -> fixed-length token row + concept scores."""
+
+    tokenizer: Any
+    stage: str
+    n_image_block: int
+    image_token_id: int
+    length: int
+    concept_dims: tuple[str, ...]
+    label_dims: tuple[str, ...]
+    label_names: tuple[tuple[str, ...], ...]
+    prompt_seed: int
+    max_reason_tokens: int
+    add_eos: bool
+    with_prompt: bool = False  # also the left-padded inference prompt (validation)
+    n_head: int = -1  # expected position of the first image token (checked when >= 0)
+    max_targets: int = 0  # > 0: at most this many supervised tokens per row (checked)
+
+    def _labels(self, ex) -> list[str]:
+        out = []
+        for d, names in zip(self.label_dims, self.label_names):
+            i = int(ex["labels"].get(d, -1))
+            out.append(names[i] if 0 <= i < len(names) else "")
+        return out
+
+    def __call__(self, ex: Mapping[str, Any]) -> dict[str, Any]:
+        labels = self._labels(ex)
+        keys = ex["target_keys"] if int(ex["has_target"]) else ""
+        if not keys.strip():  # no CSV row: the original's target builder
+            keys = "\n".join(f"{d}: {n or 'Unknown'}" for d, n in zip(self.label_dims, labels))
+        prompt = text.STAGE_A_PROMPT if self.stage == "A" else text.stage_b_prompt(labels, self.prompt_seed)
+        with _TOKENIZER_LOCK:
+            reason = ""
+            if self.stage == "B":
+                reason = text.truncate_tokens(self.tokenizer, ex["target_reason"].strip(), self.max_reason_tokens)
+            row = text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id, keys, reason,
+                              add_eos=self.add_eos)
+            prompt_row = (text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id)
+                          if self.with_prompt else None)
+        if len(row.input_ids) > self.length:
+            raise ValueError(f"image {ex['image_path']!r}: its row has {len(row.input_ids) - self.n_image_block} text "
+                             f"tokens, more than config.text.max_text_tokens="
+                             f"{self.length - self.n_image_block}; raise it")
+        n_targets = int(np.sum(row.labels != IGNORE_INDEX))
+        if 0 < self.max_targets < n_targets:
+            raise ValueError(f"image {ex['image_path']!r}: its target has {n_targets} tokens, more than "
+                             f"config.text.max_target_tokens={self.max_targets}; raise it")
+        if self.n_head >= 0 and (len(row.input_ids) <= self.n_head or row.input_ids[self.n_head] != self.image_token_id
+                                 or (self.n_head and row.input_ids[self.n_head - 1] == self.image_token_id)):
+            raise ValueError(f"image {ex['image_path']!r}: the prompt head before <image> is not {self.n_head} tokens")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = {k: v[0] for k, v in text.pad_rows([row], self.length, pad, side="right").items()}
+        out["pixel_values"] = ex["pixel_values"]
+        out["scores"] = np.concatenate([np.asarray(ex["signals"][d], np.float32) for d in self.concept_dims])
+        out["gold_keys"] = keys
+        if prompt_row is not None:
+            p = text.pad_rows([prompt_row], self.length, pad, side="left")
+            out["prompt_ids"], out["prompt_mask"] = p["input_ids"][0], p["attention_mask"][0]
+        return out
+
+
+HOST_KEYS = ("gold_keys",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Collate:
+    """grain ``collate_fn``: stacks rows; a short last batch is padded (``valid`` = 0) to ``batch_size``."""
+
+    batch_size: int
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        n = len(rows)
+        rows = list(rows) + [rows[0]] * (self.batch_size - n)
+        out = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k not in HOST_KEYS}
+        out["valid"] = (np.arange(self.batch_size) < n).astype(np.int32)
+        for k in HOST_KEYS:
+            out[k] = [r[k] for r in rows]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer and the compiled steps
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static (hashable) hyper-parameters of the compiled steps."""
+
+    lr: float = 1.0
+    weight_decay: float = 1e-4
+    clip_norm: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: str = "constant"
+    warmup_updates: int = 0
+    decay_updates: int = 0
+    end_lr_fraction: float = 0.0
+    grad_accum: int = 4
+    segment_weights: tuple[float, float, float] = (0.0, 1.0, 0.0)
+    reg_lambda: float = 0.0075
+    prefix_len: int = 0  # > 0: positions [0, prefix_len) are encoded without gradient (values-only training)
+    max_targets: int = 0  # > 0: logits only at the (at most this many) supervised positions of each row
+    use_concepts: bool = True
+
+
+def lr_schedule(sc: StepConfig) -> optax.Schedule:
+    if sc.schedule == "constant":
+        return optax.constant_schedule(sc.lr)
+    if sc.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, sc.lr, max(sc.warmup_updates, 0),
+                                                  max(sc.decay_updates, sc.warmup_updates + 1),
+                                                  end_value=sc.lr * sc.end_lr_fraction)
+    raise ValueError(f"unknown schedule {sc.schedule!r}; expected constant or warmup_cosine")
+
+
+def make_optimizer(sc: StepConfig) -> optax.GradientTransformation:
+    """``MultiSteps(clip_by_global_norm -> AdamW)``: gradients averaged over ``grad_accum`` steps,
+    clipped, then one AdamW update (torch AdamW semantics: decoupled decay scaled by the lr)."""
+    inner = optax.adamw(lr_schedule(sc), b1=sc.b1, b2=sc.b2, eps=sc.eps, weight_decay=sc.weight_decay)
+    if sc.clip_norm > 0:
+        inner = optax.chain(optax.clip_by_global_norm(sc.clip_norm), inner)
+    return optax.MultiSteps(inner, every_k_schedule=max(1, sc.grad_accum))
+
+
+def _forward(model: ConceptLlava, batch, sc: StepConfig, with_reg: bool):
+    """-> ``(logits [B, N, V], labels [B, N], segment_ids [B, N])`` already shifted (logits[:, i]
+    predicts labels[:, i]), the attention rows (or None), the attention mask ``[B, T]`` and the
+    selection. With ``sc.prefix_len`` the prefix is encoded into a KV cache without gradient; with
+    ``sc.max_targets`` only the supervised positions are projected to logits."""
+    ids, labels, seg = batch["input_ids"], batch["labels"], batch["segment_ids"]
+    embeds, mask, sel = model.prepare(ids, batch["pixel_values"], batch["attention_mask"], batch["scores"],
+                                      use_concepts=sc.use_concepts)
+    lm = model.language_model
+    rows = model.concept_rows(ids) if with_reg else None
+    P = sc.prefix_len
+    if P > 0:
+        B, T = ids.shape
+        cache = lm.init_cache(B, T)
+        _, cache, _ = lm.hidden_states(jax.lax.stop_gradient(embeds[:, :P]), mask[:, :P], None, cache)
+        cache = jax.lax.stop_gradient(cache)
+        h, _, attn = lm.hidden_states(embeds[:, P:], mask[:, P:], None, cache,
+                                      None if rows is None else rows - P)
+        labels, seg = labels[:, P:], seg[:, P:]
+    else:
+        h, _, attn = lm.hidden_states(embeds, mask, None, None, rows)
+    h, labels, seg = h[:, :-1], labels[:, 1:], seg[:, 1:]
+    if sc.max_targets > 0:  # the text rows check that no row has more targets
+        k = min(sc.max_targets, labels.shape[1])
+        idx = jnp.argsort(labels == IGNORE_INDEX, axis=1, stable=True)[:, :k]  # supervised positions first
+        h = jnp.take_along_axis(h, idx[..., None], axis=1)
+        labels, seg = jnp.take_along_axis(labels, idx, axis=1), jnp.take_along_axis(seg, idx, axis=1)
+    return lm.logits(h), labels, seg, attn, mask, sel
+
+
+def _shifted_loss(logits, labels, seg, weights):
+    """:func:`cgjax.losses.segment_weighted_loss` on already shifted arrays (one ignored column prepended)."""
+    B = labels.shape[0]
+    logits = jnp.concatenate([logits, jnp.zeros_like(logits[:, :1])], axis=1)
+    labels = jnp.concatenate([jnp.full((B, 1), IGNORE_INDEX, labels.dtype), labels], axis=1)
+    seg = jnp.concatenate([jnp.zeros((B, 1), seg.dtype), seg], axis=1)
+    return segment_weighted_loss(logits, labels, seg, weights)
+
+
+def _loss_fn(params, graphdef, frozen, batch, sc: StepConfig, with_reg: bool, step, nan_at):
+    model = nnx.merge(graphdef, params, frozen)
+    logits, labels, seg, attn, mask, sel = _forward(model, batch, sc, with_reg)
+    lm_loss, per_seg = _shifted_loss(logits, labels, seg, sc.segment_weights)
+    reg = jnp.zeros((), jnp.float32)
+    if with_reg:
+        reg = sc.reg_lambda * attention_regulariser(attn, sel.token_mask(model.gating.k_max), mask)
+    loss = lm_loss + reg
+    loss = loss + jnp.where(step == nan_at, jnp.nan, 0.0)  # fault injection (config.debug.nan_at_step)
+    n_sel = jnp.sum(sel.valid, axis=1).astype(jnp.float32)
+    return loss, {"lm_loss": lm_loss, "reg": reg, **per_seg, "concepts_per_sample": jnp.mean(n_sel)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+def _train_step(graphdef, sc: StepConfig, with_reg: bool, shardings: tuple, state, frozen, batch, nan_at):
+    tx = make_optimizer(sc)
+    grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+    (loss, aux), grads = grad_fn(state["params"], graphdef, frozen, batch, sc, with_reg, state["step"], nan_at)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+           "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], state["step"])}
+    ok = jnp.isfinite(loss)  # a bad step leaves the state as it was (the host stops the run)
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    leaves, treedef = jax.tree.flatten(new)
+    new = jax.tree.unflatten(treedef, [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings)])
+    return new, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_step(graphdef, sc: StepConfig, params, frozen, batch):
+    """Teacher-forced sums per segment over the valid rows."""
+    model = nnx.merge(graphdef, params, frozen)
+    logits, labels, seg, _, _, _ = _forward(model, batch, sc, False)
+    ce = token_cross_entropy(logits, labels)
+    valid = (labels != IGNORE_INDEX) & (batch["valid"][:, None] > 0)
+    w = jnp.asarray(sc.segment_weights, jnp.float32)[seg] * valid
+    out = {"wce": jnp.sum(w * ce), "w": jnp.sum(w)}
+    for k, name in ((SEGMENT_KEYS, "keys"), (SEGMENT_REASON, "reason")):
+        m = (valid & (seg == k)).astype(jnp.float32)
+        out[f"ce_{name}"], out[f"n_{name}"] = jnp.sum(m * ce), jnp.sum(m)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _greedy(graphdef, n_new: int, use_concepts: bool, params, frozen, ids, pixel_values, mask, scores, eos_id, pad_id):
+    model = nnx.merge(graphdef, params, frozen)
+    lm = model.language_model
+    embeds, m, _ = model.prepare(ids, pixel_values, mask, scores, use_concepts=use_concepts)
+    B, T = ids.shape
+    cache = lm.init_cache(B, T + n_new)
+    h, cache, _ = lm.hidden_states(embeds, m, None, cache)
+    tok = jnp.argmax(lm.logits(h[:, -1]), axis=-1).astype(jnp.int32)
+    out = jnp.full((B, n_new), pad_id, jnp.int32).at[:, 0].set(tok)
+
+    def cond(c):
+        i, _, done, _, _ = c
+        return (i < n_new) & ~jnp.all(done)
+
+    def body(c):
+        i, tok, done, cache, out = c
+        h, cache, _ = lm.hidden_states(lm.embed(tok[:, None]), None, None, cache)
+        nxt = jnp.argmax(lm.logits(h[:, 0]), axis=-1).astype(jnp.int32)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        return i + 1, nxt, done | (nxt == eos_id), cache, out
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(1), tok, tok == eos_id, cache, out))[-1]
+
+
+def greedy_generate(model: ConceptLlava, input_ids, pixel_values, attention_mask, scores, max_new_tokens: int,
+                    eos_token_id: int, pad_token_id: int = 0, use_concepts: bool = True) -> jax.Array:
+    """Greedy decoding for a :class:`ConceptLlava` (left-padded prompts): prefill of the
+    concept-augmented ``inputs_embeds`` into a KV cache, then one token at a time until EOS."""
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    return _greedy(graphdef, int(max_new_tokens), bool(use_concepts), params, frozen, jnp.asarray(input_ids),
+                   jnp.asarray(pixel_values), jnp.asarray(attention_mask), jnp.asarray(scores),
+                   jnp.int32(eos_token_id), jnp.int32(pad_token_id))
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs accounting
+
+
+def step_flops(param_counts: Mapping[str, int], batch: int, seq_len: int, n_image_tokens: int,
+               n_patches: int, n_trainable_dense: int = 0) -> float:
+    """Model FLOPs of one train step with a frozen LLaVA (the standard 2·N·tokens per matmul pass).
+
+    forward: ``2·N_vision·B·(patches+1) + 2·N_projector·B·n_img + 2·N_LM·B·T`` (N_LM: decoder
+    layers + final norm + lm_head; embedding lookups are not matmuls); backward: ``2·N_LM·B·T``
+    for the activation gradients that reach the concept tokens (frozen weights get no weight
+    gradients, the vision tower no backward at all) plus ``2·N_trainable·B·T`` for trainable
+    dense weights (0 when only the values train). So ``4·N_LM·T`` per sequence instead of the
+    ``6·N·T`` of full training. Attention's ``T²`` terms and the prefix shortcut are not counted.
+    """
+    n_vis, n_proj, n_lm = param_counts["vision"], param_counts["projector"], param_counts["lm"]
+    fwd = 2 * n_vis * batch * (n_patches + 1) + 2 * n_proj * batch * n_image_tokens + 2 * n_lm * batch * seq_len
+    bwd = 2 * n_lm * batch * seq_len + 2 * n_trainable_dense * batch * seq_len
+    return float(fwd + bwd)
+
+
+def _param_counts(state) -> dict[str, int]:
+    counts = {"vision": 0, "projector": 0, "lm": 0, "embed": 0, "concepts": 0}
+    for path, v in nnx.to_flat_state(state):
+        p = "/".join(map(str, path))
+        n = int(np.prod(np.shape(v.get_value() if isinstance(v, nnx.Variable) else v)))
+        if "vision_tower" in p:
+            counts["vision"] += n
+        elif "multi_modal_projector" in p:
+            counts["projector"] += n
+        elif "embed_tokens" in p:
+            counts["embed"] += n
+        elif "language_model" in p:
+            counts["lm"] += n
+        else:
+            counts["concepts"] += n
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# demo assets
+
+
+def ensure_demo_assets(config) -> None:
+    """For the ``demo`` preset: builds what is missing under ``config.demo.root`` -- the procedural
+    data set, a tiny random LLaVA with a tokenizer trained on the demo texts, and stand-in
+    signals derived from the labels (``scripts/demo.py`` uses prototype signals instead)."""
+    import csv
+
+    from cgjax.data.demo_data import make_demo
+
+    d = config.demo
+    data_dir = os.path.dirname(os.path.abspath(config.data.dataset_json))
+    if not os.path.exists(config.data.dataset_json):
+        logging.info("demo: generating the data set in %s", data_dir)
+        make_demo(data_dir, n_images=int(d.n_images), size=int(d.image_size))
+    if not os.path.exists(os.path.join(config.llava_checkpoint, "config.json")):
+        from converters.tiny_llava import make_llava_checkpoint
+        from converters.tiny_tokenizer import train_tokenizer
+
+        with open(config.data.targets_csv, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        corpus = [text.SYSTEM, text.STAGE_A_PROMPT, *text.STAGE_B_PROMPTS]
+        corpus += [r.get("target_keys", "") for r in rows] + [r.get("target_reason", "") for r in rows]
+        tok = train_tokenizer(corpus, vocab_size=int(d.vocab_size))
+        logging.info("demo: tiny LLaVA (vocab %d) in %s", len(tok), config.llava_checkpoint)
+        make_llava_checkpoint(config.llava_checkpoint, "tiny", seed=int(config.seed), vocab_size=len(tok),
+                              image_token_id=tok.convert_tokens_to_ids("<image>"))
+        tok.save_pretrained(config.llava_checkpoint)
+    for path in _paths(config.data.signals):
+        if not os.path.exists(path):
+            write_label_signals(config.data.dataset_json, config.data.images_root or None, path,
+                                dims=config.data.dimensions, seed=int(config.seed))
+
+
+def write_label_signals(dataset_json: str, images_root: str | None, out_path: str, dims: Sequence[str],
+                        seed: int = 0, p_correct: float = 0.85) -> None:
+    """Stand-in signals (keyed format) from the labels: the true concept scores about 0.9 with
+    probability ``p_correct`` (else a random wrong one does), the others uniform in [0, 0.6]."""
+    from cgjax.data.examples import load_data
+    from cgjax.data.signals import Signals, write_signals
+
+    data = load_data(dataset_json, images_root, dimensions=dims)
+    rng = np.random.default_rng(seed)
+    scores = {}
+    for d in data.dimensions:
+        k = len(data.vocabs[d])
+        s = rng.uniform(0.0, 0.6, size=(len(data.records), k)).astype(np.float32)
+        for i, r in enumerate(data.records):
+            j = data.vocabs[d].index(r.labels.get(d))
+            if j < 0:
+                continue
+            if k > 1 and rng.uniform() > p_correct:
+                j = int(rng.choice([x for x in range(k) if x != j]))
+            s[i, j] = rng.uniform(0.8, 1.0)
+        scores[d] = s
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    sig = Signals([r.image for r in data.records], {d: data.vocabs[d] for d in data.dimensions}, scores)
+    write_signals(out_path, sig, fmt="keyed")
+    logging.info("demo: label-derived stand-in signals written to %s", out_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+
+
+def _canonical(s, mesh) -> NamedSharding:
+    """``s`` as a NamedSharding on ``mesh`` without mesh axes of size 1 (jit outputs drop them)."""
+    if not isinstance(s, NamedSharding):
+        return NamedSharding(mesh, PartitionSpec())
+    spec = []
+    for e in s.spec:
+        axes = tuple(a for a in ((e,) if isinstance(e, str) else (e or ())) if s.mesh.shape[a] > 1)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return NamedSharding(s.mesh, PartitionSpec(*spec))
+
+
+def _paths(x) -> list[str]:
+    """A path, a comma-separated string or a sequence of paths (ml_collections references resolved)."""
+    if x is None:
+        return []
+    if isinstance(x, str):
+        return [p.strip() for p in x.split(",") if p.strip()]
+    return [str(p.get() if hasattr(p, "get") and not isinstance(p, str) else p) for p in x]
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[str(name)]
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def trainable_filter(patterns: Sequence[str]) -> Callable:
+    """nnx filter: a ``Param`` whose "/"-joined path fully matches one of ``patterns``."""
+    regexes = [re.compile(p) for p in patterns]
+
+    def f(path, value) -> bool:
+        return isinstance(value, nnx.Param) and any(r.fullmatch(_path_str(path)) for r in regexes)
+
+    return f
+
+
+def _write_atomic_bytes(path: str, write: Callable[[str], None]) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint and stopping at the end of this step")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+
+
+class Trainer:
+    """Everything one stage needs: model split into trained / frozen state, mesh, data, steps."""
+
+    def __init__(self, config, workdir: str):
+        from transformers import AutoTokenizer
+
+        from converters import hf_llava
+        from cgjax.data.pipeline import memory_source
+
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.stage = str(config.stage)
+        if self.stage not in ("A", "B"):
+            raise ValueError(f"config.stage must be 'A' or 'B', got {self.stage!r}")
+        if config.get("demo") is not None and config.demo.generate_missing and jax.process_index() == 0:
+            ensure_demo_assets(config)
+
+        # mesh and rules
+        shape = sharding.parse_mesh(config.mesh)
+        devices = jax.devices()
+        if shape and all(v != -1 for v in shape.values()):
+            devices = devices[: int(np.prod(list(shape.values())))]
+        self.mesh = sharding.make_mesh(shape, devices)
+        self.rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+        self.n_devices = self.mesh.devices.size
+
+        # data (vocabularies / concept index first: they size the model)
+        kw = dict(targets_csv=config.data.targets_csv or None, signals=_paths(config.data.signals) or None,
+                  dimensions=tuple(config.data.dimensions), vocab=config.data.vocab_json or None,
+                  preload=bool(config.data.preload))
+        root = config.data.images_root or None
+        self.train_source = memory_source(config.data.dataset_json, root, split=config.data.train_split, **kw)
+        self.val_source = None
+        if config.data.val_split:
+            try:
+                self.val_source = memory_source(config.data.dataset_json, root, split=config.data.val_split, **kw)
+            except Exception as e:  # noqa: BLE001 - no held-out split: validation off, say so
+                logging.warning("no validation split %r (%s): validation disabled", config.data.val_split, e)
+        if self.val_source is not None and int(config.val.max_examples) > 0:
+            self.val_source.indices = self.val_source.indices[: int(config.val.max_examples)]
+        self.label_dims = tuple(self.train_source.data.dimensions)
+        self.index = concept_index_from_vocabs(self.train_source.data.signal_vocabs, self.label_dims,
+                                               int(config.gating.k_max))
+        self.gating = gating_config(config, self.index)
+
+        # model
+        self.tokenizer = AutoTokenizer.from_pretrained(config.llava_checkpoint)
+        llava = hf_llava.load(config.llava_checkpoint, dtype=_dtype(config.param_dtype), mesh=self.mesh,
+                              rules_table=self.rules, compute_dtype=_dtype(config.dtype))
+        model = ConceptLlava(llava, self.gating, rngs=nnx.Rngs(int(config.seed)))
+        sharding.shard_model(model, self.mesh, self.rules)
+        self.model_config = llava.config
+        self.n_image_block = model.n_image_block
+        self.n_image_tokens = llava.config.num_image_tokens
+        self.image_token_id = llava.config.image_token_id
+        self.length = int(config.text.max_text_tokens) + self.n_image_block
+
+        filt = trainable_filter(tuple(config.trainable))
+        self.graphdef, trainable, frozen = nnx.split(model, filt, ...)
+        self.trainable_paths = [_path_str(p) for p, _ in nnx.to_flat_state(trainable)]
+        if not self.trainable_paths:
+            raise ValueError(f"config.trainable {tuple(config.trainable)} matches no parameter")
+        self.params0 = nnx.to_pure_dict(trainable)
+        self.frozen = nnx.to_pure_dict(frozen)
+        values_only = all(p.startswith("concepts/") for p in self.trainable_paths)
+        self.param_counts = _param_counts(nnx.state(model))
+        self.n_trainable = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(self.params0))
+        self.n_trainable_dense = 0 if values_only else self.n_trainable
+
+        # the prompt head before <image> has a fixed length: the concept slots sit at a static position
+        probe = text.encode(self.tokenizer, text.STAGE_A_PROMPT, self.n_image_block, self.image_token_id, "x")
+        self.n_head = int(np.argmax(probe.input_ids == self.image_token_id))
+        prefix_len = self.n_head + self.n_image_tokens if values_only else 0
+
+        self.sc = StepConfig(
+            lr=float(config.optim.lr), weight_decay=float(config.optim.weight_decay),
+            clip_norm=float(config.optim.clip_norm), b1=float(config.optim.b1), b2=float(config.optim.b2),
+            eps=float(config.optim.eps), schedule=str(config.optim.schedule),
+            warmup_updates=int(config.optim.warmup_updates),
+            decay_updates=(int(config.optim.decay_updates)
+                           or max(1, int(config.num_steps) // max(1, int(config.grad_accum)))),
+            end_lr_fraction=float(config.optim.end_lr_fraction), grad_accum=int(config.grad_accum),
+            segment_weights=(0.0, float(config.loss.w_keys), float(config.loss.w_reason)),
+            reg_lambda=float(config.loss.reg_lambda), prefix_len=prefix_len,
+            max_targets=int(config.text.get("max_target_tokens", 0)),
+            use_concepts=bool(config.gating.use_concepts))
+        self.nan_at = int(config.debug.nan_at_step)
+        self.state_shardings: tuple | None = None
+
+        # preprocessing
+        self.preprocess = self._preprocess_config()
+        self.batch_size = int(config.batch_size)
+        if self.batch_size % jax.process_count():
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of the {jax.process_count()} hosts")
+        self._val_cache: list | None = None
+        self.last_val_examples: list[str] = []
+
+    # -- setup helpers ---------------------------------------------------------------------------
+    def _preprocess_config(self):
+        from cgjax.preprocess import PreprocessConfig
+
+        mode = str(self.config.data.preprocess)
+        path = os.path.join(self.config.llava_checkpoint, "preprocessor_config.json")
+        if mode == "auto" and os.path.exists(path):
+            with open(path) as f:
+                return PreprocessConfig.from_hf_image_processor(json.load(f))
+        if mode not in ("auto", "hf"):
+            raise ValueError(f"config.data.preprocess must be auto or hf, got {mode!r}")
+        size = self.model_config.vision_config.image_size
+        return PreprocessConfig(size=tuple(size) if not isinstance(size, int) else size, convention="hf")
+
+    def text_rows(self, with_prompt: bool = False) -> TextRows:
+        vocabs = self.train_source.vocabs
+        return TextRows(
+            tokenizer=self.tokenizer, stage=self.stage, n_image_block=self.n_image_block,
+            image_token_id=self.image_token_id, length=self.length, concept_dims=self.index.dims,
+            label_dims=self.label_dims, label_names=tuple(tuple(vocabs[d].names) for d in self.label_dims),
+            prompt_seed=int(self.config.text.prompt_seed), max_reason_tokens=int(self.config.text.max_reason_tokens),
+            add_eos=bool(self.config.text.add_eos), with_prompt=with_prompt, n_head=self.n_head,
+            max_targets=self.sc.max_targets)
+
+    def train_dataset(self):
+        from cgjax.data.pipeline import image_dataset
+
+        per_host = self.batch_size // jax.process_count()
+        c = self.config.data
+        return image_dataset(self.train_source, self.preprocess, per_host, seed=int(self.config.seed), shuffle=True,
+                             element_fn=self.text_rows(), collate_fn=Collate(per_host),
+                             worker_count=int(c.worker_count), read_threads=int(c.read_threads),
+                             prefetch_batches=int(c.prefetch_batches))
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        """Host-local batch rows -> a global array sharded over ``batch`` (replicated if it does not divide)."""
+        shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        spec = sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), self.rules, self.mesh, shape)
+        return jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), x, shape)
+
+    def device_batch(self, batch: Mapping[str, Any], keys: Sequence[str]) -> dict[str, jax.Array]:
+        return {k: self._put(np.asarray(batch[k])) for k in keys}
+
+    TRAIN_KEYS = ("input_ids", "labels", "segment_ids", "attention_mask", "pixel_values", "scores")
+
+    # -- state -----------------------------------------------------------------------------------
+    def init_state(self) -> dict[str, Any]:
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        params = self.params0
+        opt_state = make_optimizer(self.sc).init(params)
+        # optimizer leaves shaped like a param take its sharding; the rest is replicated
+        like = {(x.shape, x.dtype): x.sharding for x in jax.tree.leaves(params)}
+        opt_state = jax.tree.map(lambda x: jax.device_put(x, like.get((x.shape, x.dtype), replicated)), opt_state)
+        state = {"params": jax.tree.map(jnp.copy, params),  # the step donates its state: keep params0
+                 "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+                 "rng": jax.random.PRNGKey(int(self.config.seed))}
+        # canonical shardings (mesh axes of size 1 dropped), as the compiled step returns them
+        state = jax.tree.map(lambda x: jax.device_put(x, _canonical(x.sharding, self.mesh)), state)
+        self.state_shardings = tuple(x.sharding for x in jax.tree.leaves(state))
+        return state
+
+    def with_reg(self, step: int) -> bool:
+        """The regulariser runs on ``step % attn_reg_interval == 0`` (as the original's batch index)."""
+        interval = int(self.config.loss.attn_reg_interval)
+        return self.sc.reg_lambda > 0 and interval > 0 and step % interval == 0
+
+    def train_step(self, state, batch: Mapping[str, jax.Array], step: int):
+        """One step (donates ``state``), the compiled variant chosen by :meth:`with_reg`."""
+        return _train_step(self.graphdef, self.sc, self.with_reg(step), self.state_shardings, state, self.frozen,
+                           batch, jnp.int32(self.nan_at))
+
+    def model(self, params=None) -> ConceptLlava:
+        return nnx.merge(self.graphdef, self.params0 if params is None else params, self.frozen)
+
+    # -- validation ------------------------------------------------------------------------------
+    def _val_batches(self):
+        if self._val_cache is None:
+            from cgjax.data.pipeline import image_dataset
+
+            vb = int(self.config.val.batch_size)
+            ds = image_dataset(self.val_source, self.preprocess, vb, shuffle=False, num_epochs=1,
+                               drop_remainder=False, shard_index=0, shard_count=1,
+                               element_fn=self.text_rows(with_prompt=True), collate_fn=Collate(vb),
+                               read_threads=int(self.config.data.read_threads))
+            self._val_cache = list(ds)
+        return self._val_cache
+
+    def _put_replicated(self, x) -> jax.Array:
+        return jax.device_put(np.asarray(x), NamedSharding(self.mesh, PartitionSpec()))
+
+    def evaluate(self, params) -> dict[str, float]:
+        """Teacher-forced loss per segment and per-dimension key accuracy of greedy generations."""
+        n_new = int(self.config.val.max_new_tokens)
+        tok = self.tokenizer
+        eos = tok.eos_token_id if tok.eos_token_id is not None else -1
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        sums: dict[str, float] = {}
+        dims = self.label_dims
+        runs = [("", bool(self.sc.use_concepts))]
+        if self.config.val.no_concept_baseline:
+            runs.append(("noconcepts_", False))
+        correct = {(r, d): 0 for r, _ in runs for d in dims}
+        total = {d: 0 for d in dims}
+        examples = []
+        for hb in self._val_batches():
+            # validation runs replicated: its batch need not divide over the mesh
+            b = {k: self._put_replicated(hb[k]) for k in self.TRAIN_KEYS + ("valid",)}
+            for k, v in _eval_step(self.graphdef, self.sc, params, self.frozen, b).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            valid = np.asarray(hb["valid"]) > 0
+            golds = [parse_key_lines(g, dims) for g in hb["gold_keys"]]
+            for i in np.flatnonzero(valid):
+                for d in dims:
+                    total[d] += int(d in golds[i])
+            for prefix, use in runs:
+                out = _greedy(self.graphdef, n_new, use, params, self.frozen, self._put_replicated(hb["prompt_ids"]),
+                              b["pixel_values"], self._put_replicated(hb["prompt_mask"]), b["scores"],
+                              jnp.int32(eos), jnp.int32(pad))
+                texts = tok.batch_decode(np.asarray(out).tolist(), skip_special_tokens=True)
+                for i in np.flatnonzero(valid):
+                    pred = parse_key_lines(texts[i], dims)
+                    for d in dims:
+                        correct[(prefix, d)] += int(d in golds[i] and pred.get(d) == golds[i][d])
+                    if prefix == "" and len(examples) < 3:
+                        examples.append(texts[i])
+        out: dict[str, float] = {
+            "val_loss": sums.get("wce", 0.0) / max(sums.get("w", 0.0), 1e-8),
+            "val_loss_keys": sums.get("ce_keys", 0.0) / max(sums.get("n_keys", 0.0), 1.0),
+            "val_loss_reason": sums.get("ce_reason", 0.0) / max(sums.get("n_reason", 0.0), 1.0),
+        }
+        for prefix, _ in runs:
+            accs = []
+            for d in dims:
+                a = correct[(prefix, d)] / max(total[d], 1)
+                out[f"val_{prefix}acc_{d}"] = a
+                accs.append(a)
+            out[f"val_{prefix}key_acc"] = float(np.mean(accs)) if accs else 0.0
+        out["val_examples"] = float(sum(int(np.sum(np.asarray(hb["valid"]))) for hb in self._val_batches()))
+        self.last_val_examples = examples
+        return out
+
+    # -- exports ---------------------------------------------------------------------------------
+    def values(self, params) -> np.ndarray:
+        return np.asarray(jax.device_get(params["concepts"]["values"]))
+
+    def export_pt(self, params, step: int) -> tuple[str, str]:
+        """``concepts_stage{A,B}.pt`` (the original's ``{step: {"values": Tensor}}``) + its metadata JSON."""
+        import torch
+
+        values = self.values(params).astype(np.dtype(str(self.config.export.pt_dtype)))
+        base = os.path.join(self.workdir, f"concepts_stage{self.stage}")
+        _write_atomic_bytes(base + ".pt", lambda p: torch.save({int(step): {"values": torch.from_numpy(values)}}, p))
+        g = self.gating
+        meta = {"format": "cgjax.concept_values", "stage": self.stage, "step": int(step),
+                **self.index.to_json(), "embed_dim": int(values.shape[-1]), "dtype": str(values.dtype),
+                "gating": {"threshold": g.threshold, "backoff_delta": g.backoff_delta,
+                           "topk_per_dim": g.topk_per_dim, "max_concepts": g.max_concepts,
+                           "priority": [self.index.dims[i] for i in (g.priority or ())]},
+                "llava_checkpoint": os.path.abspath(self.config.llava_checkpoint)}
+        def write_json(p):
+            with open(p, "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2)
+
+        _write_atomic_bytes(base + ".json", write_json)
+        return base + ".pt", base + ".json"
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _manager(directory: str, config, read_only: bool = False):
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as cm
+
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    if read_only:
+        return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                     item_handlers=handlers)
+    policies = [cm.LatestN(max(1, int(config.checkpoint.keep)))]
+    if int(config.checkpoint.keep_best) > 0:
+        policies.append(cm.BestN(get_metric_fn=lambda m: m["val_key_acc"], reverse=False,
+                                 n=int(config.checkpoint.keep_best), keep_checkpoints_without_metrics=False))
+    opts = ocp.CheckpointManagerOptions(preservation_policy=cm.AnyPreservationPolicy(policies), create=True,
+                                        enable_async_checkpointing=bool(config.checkpoint.async_save))
+    return ocp.CheckpointManager(directory, options=opts, item_handlers=handlers)
+
+
+def _abstract(tree, sharding_of: Callable[[Any], Any]):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_of(x)), tree)
+
+
+def _save(mngr, step: int, state, meta: dict, metrics: dict | None = None) -> None:
+    import orbax.checkpoint as ocp
+
+    state = jax.tree.map(jnp.copy, state)  # the next step donates the live buffers
+    mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              metrics=metrics, force=True)
+
+
+def _restore(mngr, step: int, like_state):
+    import orbax.checkpoint as ocp
+
+    abstract = _abstract(like_state, lambda x: x.sharding)
+    got = mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                         meta=ocp.args.JsonRestore()))
+    return got["state"], got["meta"]
+
+
+def _resolve_init_dir(path: str) -> str:
+    path = os.path.abspath(path)
+    sub = os.path.join(path, "checkpoints")
+    return sub if os.path.isdir(sub) else path
+
+
+def _init_from(trainer: Trainer, state, config):
+    """Stage hand-off: params (and, with ``init_optimizer``, the optimizer state) from the latest
+    step of ``config.init_from``; the concept index must match."""
+    import orbax.checkpoint as ocp
+
+    directory = _resolve_init_dir(config.init_from)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"config.init_from: {directory} is not a checkpoint directory")
+    mngr = _manager(directory, config, read_only=True)
+    step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"config.init_from: no checkpoint in {directory}")
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    theirs = ConceptIndex.from_json(meta["concept_index"])
+    if theirs != trainer.index:
+        raise ValueError(f"config.init_from {directory} step {step}: its concept index {theirs.to_json()} differs "
+                         f"from this run's {trainer.index.to_json()}")
+    tree = mngr.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    replicated = NamedSharding(trainer.mesh, PartitionSpec())
+    abstract = _abstract(tree, lambda x: replicated)
+    if jax.tree.structure(_abstract(tree["params"], lambda x: None)) != jax.tree.structure(state["params"]):
+        raise ValueError(f"config.init_from {directory}: its trained parameters differ from this run's "
+                         f"({', '.join(trainer.trainable_paths)})")
+    abstract["params"] = jax.tree.map(lambda a, x: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=x.sharding),
+                                      _abstract(tree["params"], lambda x: None), state["params"])
+    if config.init_optimizer:
+        abstract["opt_state"] = _abstract(state["opt_state"], lambda x: x.sharding)
+    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    mngr.close()
+    state = dict(state, params=got["params"])
+    if config.init_optimizer:
+        state["opt_state"] = got["opt_state"]
+    logging.info("initialised from %s step %d", directory, step)
+    return state, int(step)
+
+
+# ----------------------------------------------------------------------------------------------
+# logging
+
+
+class _Logs:
+    def __init__(self, workdir: str, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "split": split, **{k: _py(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _py(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, jax.Array):
+        return np.asarray(v).item()
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+
+
+def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], None] | None = None) -> dict:
+    """Train one stage (``config.stage`` A or B) in ``workdir``; returns the final metrics.
+
+    ``step_callback(step, metrics)`` is called on the host after every step (``step`` = steps done).
+    Raises ``FloatingPointError`` on a NaN/inf loss (the last good checkpoint stays the latest).
+    """
+    from tqdm import tqdm
+
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    tr = Trainer(config, workdir)
+    is_main = jax.process_index() == 0
+    logs = _Logs(workdir, is_main, bool(config.log.tensorboard))
+    mngr = _manager(os.path.join(workdir, "checkpoints"), config)
+    num_steps = int(config.num_steps)
+    state = tr.init_state()
+    ds = tr.train_dataset()
+    it = iter(ds)
+    start, init_step = 0, None
+    latest = mngr.latest_step() if config.checkpoint.resume else None
+    if latest is not None:
+        state, meta = _restore(mngr, latest, state)
+        if ConceptIndex.from_json(meta["concept_index"]) != tr.index:
+            raise ValueError(f"{mngr.directory} step {latest}: concept index differs from this run's data")
+        it.set_state(meta["data_iter"])
+        start = int(latest)
+        logging.info("resumed from %s step %d", mngr.directory, latest)
+    elif config.init_from:
+        state, init_step = _init_from(tr, state, config)
+
+    def meta(step, it_state, val=None):
+        return {"step": int(step), "stage": tr.stage, "data_iter": it_state, "concept_index": tr.index.to_json(),
+                "val": val or {}, "trainable": tr.trainable_paths}
+
+    seq_tokens = tr.batch_size * tr.length
+    flops = step_flops(tr.param_counts, tr.batch_size, tr.length, tr.n_image_tokens,
+                       tr.model_config.vision_config.grid[0] * tr.model_config.vision_config.grid[1],
+                       tr.n_trainable_dense)
+    if is_main:
+        logging.info("stage %s: %d trainable parameters (%s), %d frozen; sequence %d (%d image + %d concept + "
+                     "%d text); mesh %s; %.3g model FLOPs/step", tr.stage, tr.n_trainable,
+                     ", ".join(tr.trainable_paths),
+                     sum(tr.param_counts.values()) - tr.n_trainable, tr.length, tr.n_image_tokens, tr.gating.n_tokens,
+                     int(config.text.max_text_tokens), dict(tr.mesh.shape), flops)
+
+    val_every = int(config.val.every_steps)
+    ckpt_every = int(config.checkpoint.every_steps)
+    log_every = max(1, int(config.log.every_steps))
+    history: list[float] = []
+    last: dict[str, float] = {}
+    val: dict[str, float] = {}
+    best = (-1.0, None)
+    saved_step = start if latest is not None else None
+    preempted = False
+    it_state = it.get_state()
+    times: list[float] = []
+    variants: set[bool] = set()
+    bar = tqdm(total=num_steps, initial=start, desc=f"stage {tr.stage}", dynamic_ncols=True,
+               disable=not (is_main and config.log.progress_bar))
+    has_val = tr.val_source is not None
+
+    def validate(step: int) -> dict:
+        nonlocal best
+        v = tr.evaluate(state["params"])
+        logs.write(step, "val", v)
+        if v["val_key_acc"] > best[0]:
+            best = (v["val_key_acc"], step)
+        if is_main:
+            accs = " ".join(f"{d} {v[f'val_acc_{d}']:.3f}" for d in tr.label_dims)
+            bar.write(f"val step {step}: key acc {v['val_key_acc']:.3f} ({accs}) | loss {v['val_loss']:.4f} "
+                      f"(keys {v['val_loss_keys']:.4f} reason {v['val_loss_reason']:.4f})")
+            for ex in tr.last_val_examples[:1]:
+                bar.write("  e.g. " + ex.replace("\n", " | ")[:200])
+        return v
+
+    with _Preemption() as pre:
+        try:
+            batch = tr.device_batch(next(it), tr.TRAIN_KEYS) if start < num_steps else None
+            t_prev = time.perf_counter()
+            for s in range(start, num_steps):
+                state, m = tr.train_step(state, batch, s)
+                it_state = it.get_state()  # after the batches of steps 0..s
+                if s + 1 < num_steps:
+                    batch = tr.device_batch(next(it), tr.TRAIN_KEYS)  # overlaps the device step
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                done = s + 1
+                if not math.isfinite(m["loss"]):
+                    mngr.wait_until_finished()
+                    raise FloatingPointError(
+                        f"stage {tr.stage}: non-finite loss {m['loss']} at step {s}; stopped. The last good checkpoint "
+                        f"is step {mngr.latest_step()} in {mngr.directory}")
+                dt = time.perf_counter() - t_prev
+                if tr.with_reg(s) in variants:  # the first step of each variant compiles
+                    times.append(dt)
+                variants.add(tr.with_reg(s))
+                history.append(m["loss"])
+                m["lr"] = float(lr_schedule(tr.sc)(s // max(1, tr.sc.grad_accum)))
+                m["s_per_step"] = dt
+                last = m
+                logs.write(done, "train", m)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+                if is_main and (done % log_every == 0 or done == num_steps):
+                    window = times[-log_every:] or [dt]
+                    sps = float(np.mean(window))
+                    tfl = flops / sps / tr.n_devices / 1e12
+                    tps = seq_tokens / sps / tr.n_devices
+                    bar.write(f"step {done} | {sps:.4f} s/step | {tfl:.4f} TFLOP/s/device | {tps:.0f} tokens/s/device "
+                              f"| loss {m['loss']:.4f} | keys {m['loss_keys']:.4f} reason {m['loss_reason']:.4f} "
+                              f"| reg {m['reg']:.3g}")
+                    logs.write(done, "perf", {"s_per_step": sps, "tflops_per_device": tfl,
+                                              "tokens_per_s_per_device": tps})
+                if step_callback is not None:
+                    step_callback(done, m)
+                val_now = has_val and val_every > 0 and done % val_every == 0 and done < num_steps
+                if val_now:
+                    val = validate(done)
+                periodic = ckpt_every > 0 and done % ckpt_every == 0 and done < num_steps  # the end saves below
+                if val_now or periodic or pre.requested:
+                    _save(mngr, done, state, meta(done, it_state, val if val_now else None),
+                          {"val_key_acc": val["val_key_acc"]} if val_now else None)
+                    saved_step = done
+                if pre.requested:
+                    preempted = True
+                    break
+                t_prev = time.perf_counter()  # s/step excludes logging, validation and saving
+            done = int(jax.device_get(state["step"]))
+            end_val = None
+            if not preempted and has_val and config.val.at_end:
+                val = end_val = validate(done)
+            if saved_step != done:
+                _save(mngr, done, state, meta(done, it_state, end_val),
+                      {"val_key_acc": end_val["val_key_acc"]} if end_val else None)
+            mngr.wait_until_finished()
+            pt = None
+            if is_main and config.export.pt:
+                pt = tr.export_pt(state["params"], done)
+        finally:
+            bar.close()
+            mngr.close()
+            logs.close()
+
+    out: dict[str, Any] = {"stage": tr.stage, "step": done, "preempted": preempted, "history": history,
+                           "start_step": start, "checkpoint_dir": os.path.join(workdir, "checkpoints")}
+    if init_step is not None:
+        out["init_from_step"] = init_step
+    out.update({k: last[k] for k in ("loss", "loss_keys", "loss_reason", "reg") if k in last})
+    out.update(val)
+    if best[1] is not None:
+        out["best_val_key_acc"], out["best_step"] = best
+    if times:
+        out["s_per_step"] = float(np.mean(times))
+    if pt:
+        out["pt"], out["pt_meta"] = pt
+    return out

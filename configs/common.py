@@ -1,0 +1,181 @@
+"""Shared fields of the Stage A / Stage B configs (``configs/stageA.py``, ``configs/stageB.py``).
+
+Presets (``configs/stageA.py:preset=NAME``):
+
+* ``demo`` (default): the embedded procedural demo set and a tiny LLaVA (+ locally trained
+  tokenizer) under ``demo.root``; with ``demo.generate_missing`` the trainer builds whatever is
+  missing there (data set, tiny LLaVA checkpoint, label-derived stand-in signals), so the command
+  runs on a fresh machine. ``scripts/demo.py`` points the paths at its own artefacts instead.
+* ``llava-1.5-7b``: a local ``llava-hf/llava-1.5-7b-hf`` directory (``llava_checkpoint``) in
+  bf16, FSDP over all devices; set the ``data.*`` paths.
+
+Defaults follow the original training script (``train_concept_embedding.py``): K_max 6,
+threshold 0.75, backoff 0.05, top-k per dimension 2, budget 3, priority artist,style,genre,
+reg lambda 0.0075 every 4 steps, gradient accumulation 4, batch 4, AdamW lr 1.0 / wd 1e-4,
+clip 0.05, max_reason_tokens 64, seed 42.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from cgjax.sharding import DEFAULT_RULES
+
+PRESETS = ("demo", "llava-1.5-7b")
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """``"preset=demo,foo=bar"`` (or a bare ``"demo"``) -> ``{"preset": "demo", "foo": "bar"}``."""
+    out = {"preset": "demo"}
+    for part in (arg or "").split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if key and sep:
+            out[key] = value.strip()
+        elif key:
+            out["preset"] = key
+    if out["preset"] not in PRESETS:
+        raise ValueError(f"unknown preset {out['preset']!r}; expected one of {PRESETS}")
+    return out
+
+
+def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config of ``stage`` ("A" or "B") for the preset named in ``arg``."""
+    if stage not in ("A", "B"):
+        raise ValueError(f"stage must be 'A' or 'B', got {stage!r}")
+    preset = parse_arg(arg)["preset"]
+    c = ml_collections.ConfigDict()
+    c.task = f"stage{stage}"
+    c.stage = stage
+    c.preset = preset
+    c.workdir = f"runs/stage{stage}"
+    c.seed = 42
+
+    # Model: an HF LLaVA directory (config.json, safetensors, tokenizer files).
+    c.llava_checkpoint = ""
+    c.dtype = "float32"  # compute dtype of the frozen LLaVA: float32 | bfloat16
+    c.param_dtype = "float32"  # storage dtype of the frozen LLaVA weights (the concept values stay fp32)
+    # Stage hand-off: Stage B starts from Stage A's final checkpoint (a work dir or its checkpoints/ dir).
+    c.init_from = ""
+    c.init_optimizer = False  # also take the optimizer state from init_from (the original kept it)
+    # What trains: regexes over "/"-joined parameter paths (big_vision style); the rest is frozen
+    # and has no optimizer state.
+    c.trainable = ("concepts/.*",)
+
+    c.num_steps = 200  # train steps; one step = one batch (an optimizer update every grad_accum steps)
+    c.batch_size = 4  # global batch per step
+    c.grad_accum = 4
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1.0
+    c.optim.weight_decay = 1e-4
+    c.optim.clip_norm = 0.05  # global norm over the trained parameters (0 = off)
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.schedule = "constant"  # constant | warmup_cosine
+    c.optim.warmup_updates = 0  # in optimizer updates (steps // grad_accum)
+    c.optim.decay_updates = 0  # cosine length in updates; 0 = until num_steps
+    c.optim.end_lr_fraction = 0.0
+
+    c.gating = ml_collections.ConfigDict()
+    c.gating.k_max = 6
+    c.gating.threshold = 0.75
+    c.gating.backoff_delta = 0.05
+    c.gating.topk_per_dim = 2
+    c.gating.max_concepts = 3  # per-sample budget; 0 = none
+    c.gating.priority = "artist,style,genre"
+    c.gating.use_concepts = True  # False: the no-concept baseline (every slot empty)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.w_keys = 1.0
+    c.loss.w_reason = 0.0 if stage == "A" else 0.2
+    c.loss.reg_lambda = 0.0075
+    c.loss.attn_reg_interval = 4  # regulariser on steps with step % interval == 0
+
+    c.text = ml_collections.ConfigDict()
+    c.text.add_eos = True  # the original appended none, so generation never stopped
+    c.text.max_reason_tokens = 64  # Stage B reason truncation
+    c.text.max_text_tokens = 192  # fixed text length per row; the row adds the image block
+    # logits only at the supervised positions, at most this many per row (0: every position)
+    c.text.max_target_tokens = 64 if stage == "A" else 128
+    c.text.prompt_seed = c.get_ref("seed")  # Stage B prompt hash seed (the original used cfg.seed)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset_json = ""
+    c.data.images_root = ""  # "" -> the JSON's folder
+    c.data.targets_csv = ""
+    c.data.signals = ()  # signals files in any format (e.g. concept_signals_<dim>.json, a keyed file)
+    c.data.vocab_json = ""  # optional vocab.json fixing label / concept names
+    c.data.dimensions = ("artist", "style", "genre")
+    c.data.train_split = "train"
+    c.data.val_split = "validation"
+    c.data.preload = False  # read every image file once into memory
+    c.data.worker_count = 0  # grain mp_prefetch processes
+    c.data.read_threads = 2
+    c.data.prefetch_batches = 2
+    c.data.preprocess = "auto"  # auto: the checkpoint's preprocessor_config.json, else HF CLIP at the tower size
+
+    # Mesh (data, fsdp, tensor) and logical-axis rules.
+    c.mesh = "data=-1"
+    c.sharding_rules = DEFAULT_RULES
+
+    c.val = ml_collections.ConfigDict()
+    c.val.every_steps = 0  # 0: only at the end
+    c.val.at_end = True
+    c.val.batch_size = 4
+    c.val.max_examples = 0  # 0: the whole split
+    c.val.max_new_tokens = 32  # greedy tokens for the key lines
+    c.val.no_concept_baseline = False  # also report accuracy with every concept slot empty
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50
+    c.checkpoint.keep = 2  # latest N
+    c.checkpoint.keep_best = 1  # best N by validation key accuracy
+    c.checkpoint.async_save = True
+    c.checkpoint.resume = True
+
+    c.export = ml_collections.ConfigDict()
+    c.export.pt = True  # the original's {step: {"values": Tensor}} .pt + a metadata JSON
+    c.export.pt_dtype = "float32"
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10
+    c.log.progress_bar = True
+    c.log.tensorboard = True
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.nan_at_step = -1  # fault injection (tests): the loss of this step becomes NaN
+
+    c.demo = ml_collections.ConfigDict()
+    c.demo.generate_missing = False
+    c.demo.root = "runs/demo"
+    c.demo.n_images = 240
+    c.demo.image_size = 64
+    c.demo.vocab_size = 1024
+
+    if preset == "demo":
+        root = ml_collections.FieldReference("runs/demo")  # --config.demo.root=DIR moves every demo path
+        c.workdir = f"runs/stage{stage}_demo"
+        c.demo.generate_missing = True
+        c.demo.root = root
+        c.llava_checkpoint = root + "/llava_tiny"
+        c.data.dataset_json = root + "/data/dataset.json"
+        c.data.images_root = root + "/data"
+        c.data.targets_csv = root + "/data/targets.csv"
+        c.data.signals = (root + "/signals/concept_signals.keyed.json",)
+        c.text.max_text_tokens = 160
+        c.num_steps = 64
+        c.checkpoint.every_steps = 16
+        c.val.every_steps = 32
+        if stage == "B":
+            c.init_from = "runs/stageA_demo"
+    elif preset == "llava-1.5-7b":
+        c.workdir = f"runs/stage{stage}_llava-1.5-7b"
+        c.dtype = "bfloat16"
+        c.param_dtype = "bfloat16"
+        c.mesh = "fsdp=-1"
+        c.text.max_text_tokens = 256
+        c.val.max_new_tokens = 48
+        if stage == "B":
+            c.init_from = "runs/stageA_llava-1.5-7b"
+    return c

@@ -1,0 +1,231 @@
+"""One Stage A train step: cgjax vs PyTorch eager vs ``torch.compile``, in the same run.
+
+The 'small' random LLaVA (CLIP 256 wide / 4 layers / 224 px / patch 16; LLaMA 512 wide /
+6 layers / 8 heads / FFN 1376 / vocab 32064), batch 4, 64 text tokens + 196 image tokens + 12
+concept tokens (2 concepts x K_max 6, all active), frozen model, trainable concept values,
+AdamW (lr 1.0, wd 1e-4) after global-norm clipping at 0.05, one update per step.
+
+* cgjax: ``cgjax.train``'s compiled train step (the one ``train_stage`` runs), without the
+  attention regulariser (the Stage A step on 3 of every 4 steps). It encodes the prefix before
+  the concept slots (prompt head + image tokens) without gradient and differentiates / projects
+  to logits only the rest; the ``cgjax_full_forward`` row is the same step without that
+  shortcut (full-sequence backward and logits), printed for reference.
+* PyTorch: the same step as the original states it: HF ``LlavaForConditionalGeneration`` with
+  every weight frozen, the image features from ``get_image_features`` and an ``nn.Parameter``
+  values tensor (L2-normalised, rescaled to the first image token's norm) spliced in as
+  ``inputs_embeds``, ``model(inputs_embeds=..., labels=...).loss`` (full-sequence logits, as the
+  original), ``clip_grad_norm_``, ``AdamW.step``. ``torch.compile`` compiles the loss function
+  (forward + backward through AOTAutograd); the optimizer step stays eager.
+
+Both sides start from the same weights and values; the first-step losses are printed side by side
+as a check that the steps agree. Timings alternate between the implementations over ``--rounds``
+rounds (the machine may be shared) and report the median s/step. The last line is JSON.
+
+    python scripts/bench.py stageA [--steps 1] [--rounds 7] [--no-compile] [--no-full]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+B, N_TEXT, K_MAX, N_SLOTS = 4, 64, 6, 2
+N_HEAD = 8  # text tokens before <image>; the other 56 follow the image block
+N_TARGET = 24  # supervised tokens at the end (the key lines)
+
+
+def _inputs(cfg, seed: int = 0):
+    import numpy as np
+
+    rs = np.random.RandomState(seed)
+    vocab = cfg.text_config.vocab_size
+    n_img = cfg.num_image_tokens
+    n_block = n_img + N_SLOTS * K_MAX
+    head = rs.randint(3, min(vocab, cfg.image_token_id), (B, N_HEAD))
+    tail = rs.randint(3, min(vocab, cfg.image_token_id), (B, N_TEXT - N_HEAD))
+    ids = np.concatenate([head, np.full((B, n_block), cfg.image_token_id), tail], axis=1).astype(np.int32)
+    labels = np.full_like(ids, -100)
+    labels[:, -N_TARGET:] = ids[:, -N_TARGET:]
+    size = cfg.vision_config.image_size
+    size = size if isinstance(size, int) else size[0]
+    pixels = rs.normal(size=(B, 3, size, size)).astype(np.float32)
+    values = rs.normal(size=(N_SLOTS, K_MAX, cfg.text_config.hidden_size)).astype(np.float32)
+    values /= np.linalg.norm(values, axis=-1, keepdims=True)
+    return ids, labels, pixels, values
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="bench_stageA", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per round and implementation")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--no-full", action="store_true", help="skip the cgjax reference row without the prefix shortcut")
+    args = ap.parse_args(argv or [])
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from cgjax import train
+    from cgjax.concepts import gating
+    from cgjax.concepts.model import ConceptLlava
+    from converters import hf_llava
+    from converters.tiny_llava import make_llava_model
+
+    hf = make_llava_model("small", seed=0).eval()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    llava = hf_llava.load(hf)
+    cfg = llava.config
+    ids, labels, pixels, values0 = _inputs(cfg)
+    n_img = cfg.num_image_tokens
+    T = ids.shape[1]
+
+    # ------------------------------------------------------------------ cgjax
+    gcfg = gating.GatingConfig(dim_ranges=((0, 1), (1, 2)), k_max=K_MAX, threshold=0.5, backoff_delta=0.0,
+                               topk_per_dim=1, max_concepts=N_SLOTS)
+    model = ConceptLlava(llava, gcfg, rngs=nnx.Rngs(0))
+    model.concepts.values.set_value(jnp.asarray(values0))
+    graphdef, trainable, frozen = nnx.split(model, train.trainable_filter(("concepts/.*",)), ...)
+    sc = train.StepConfig(grad_accum=1, segment_weights=(0.0, 1.0, 0.0), reg_lambda=0.0,
+                          prefix_len=N_HEAD + n_img, max_targets=N_TARGET)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    rep = NamedSharding(mesh, PartitionSpec())
+    put = lambda t: jax.tree.map(lambda x: jax.device_put(x, rep), t)  # noqa: E731
+    params, frozen = put(nnx.to_pure_dict(trainable)), put(nnx.to_pure_dict(frozen))
+    state = put({"params": params, "opt_state": train.make_optimizer(sc).init(params),
+                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)})
+    shardings = tuple(x.sharding for x in jax.tree.leaves(state))
+    segs = np.where(labels != -100, 1, 0).astype(np.int32)
+    batch = put({"input_ids": ids, "labels": labels.astype(np.int32), "segment_ids": segs,
+                 "attention_mask": np.ones_like(ids), "pixel_values": pixels,
+                 "scores": np.ones((B, 2), np.float32)})
+    nan_at = jnp.int32(-1)
+
+    def jax_step():
+        nonlocal state
+        state, m = train._train_step(graphdef, sc, False, shardings, state, frozen, batch, nan_at)
+        return m["loss"]
+
+    t0 = time.perf_counter()
+    first_jax = float(jax_step())
+    jax_compile = time.perf_counter() - t0
+    print(f"cgjax: first step (compile + run) {jax_compile:.1f} s, loss {first_jax:.6f}", flush=True)
+
+    # the same step without the prefix shortcut (full-sequence backward and logits), for reference
+    sc_full = dataclasses.replace(sc, prefix_len=0, max_targets=0)
+    state_full = jax.tree.map(jnp.copy, state)
+
+    def jax_full_step():
+        nonlocal state_full
+        state_full, m = train._train_step(graphdef, sc_full, False, shardings, state_full, frozen, batch, nan_at)
+        return m["loss"]
+
+    if not args.no_full:
+        t0 = time.perf_counter()
+        jax.block_until_ready(jax_full_step())
+        print(f"cgjax (full forward): first step (compile + run) {time.perf_counter() - t0:.1f} s", flush=True)
+
+    # ------------------------------------------------------------------ PyTorch
+    ids_t = torch.from_numpy(ids.astype(np.int64))
+    labels_t = torch.from_numpy(labels.astype(np.int64))
+    pixels_t = torch.from_numpy(pixels)
+    embed = hf.get_input_embeddings()
+
+    def make_torch(compile_: bool):
+        values = torch.nn.Parameter(torch.from_numpy(values0.copy()))
+        opt = torch.optim.AdamW([values], lr=1.0, weight_decay=1e-4)
+
+        def loss_fn(values, ids, pixels, labels):
+            with torch.no_grad():
+                out = hf.get_image_features(pixel_values=pixels, vision_feature_layer=cfg.vision_feature_layer,
+                                            vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+                feats = torch.stack(list(out.pooler_output))  # [B, n_img, D]
+                text = embed(ids)
+            tok = values.reshape(1, N_SLOTS * K_MAX, -1)
+            tok = tok / tok.norm(dim=-1, keepdim=True) * feats[:, :1].norm(dim=-1, keepdim=True)
+            embeds = torch.cat([text[:, :N_HEAD], feats, tok.expand(ids.shape[0], -1, -1),
+                                text[:, N_HEAD + n_img + N_SLOTS * K_MAX:]], dim=1)
+            return hf(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), labels=labels).loss
+
+        fn = torch.compile(loss_fn) if compile_ else loss_fn
+
+        def step():
+            loss = fn(values, ids_t, pixels_t, labels_t)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([values], 0.05)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step
+
+    torch_eager = make_torch(False)
+    t0 = time.perf_counter()
+    first_eager = float(torch_eager())
+    print(f"torch eager: first step {time.perf_counter() - t0:.1f} s, loss {first_eager:.6f}", flush=True)
+    impls = {"cgjax": lambda: jax.block_until_ready(jax_step()), "torch_eager": torch_eager}
+    if not args.no_full:
+        impls["cgjax_full_forward"] = lambda: jax.block_until_ready(jax_full_step())
+    compile_error = None
+    if not args.no_compile:
+        try:
+            torch_compiled = make_torch(True)
+            t0 = time.perf_counter()
+            first_compiled = float(torch_compiled())
+            print(f"torch.compile: first step (compile + run) {time.perf_counter() - t0:.1f} s, "
+                  f"loss {first_compiled:.6f}", flush=True)
+            impls["torch_compile"] = torch_compiled
+        except Exception as e:  # noqa: BLE001 - report why and go on
+            compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"torch.compile failed: {compile_error}", flush=True)
+
+    for fn in impls.values():  # one more untimed step each
+        fn()
+    times = {k: [] for k in impls}
+    for _ in range(args.rounds):  # interleaved: a load change on the shared machine hits every row alike
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    s = {k: _median(v) for k, v in times.items()}
+
+    print(f"\nOne Stage A step: small LLaVA, batch {B}, {N_TEXT} text + {n_img} image + {N_SLOTS * K_MAX} "
+          f"concept tokens ({T}), jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    print(f"first-step loss: cgjax {first_jax:.6f} | torch eager {first_eager:.6f}")
+    print("| implementation | s/step | steps/s | cgjax speed-up |")
+    print("|---|---|---|---|")
+    for k, v in s.items():
+        print(f"| {k} | {v:.4f} | {1 / v:.3f} | {v / s['cgjax']:.2f}x |")
+    if compile_error:
+        print(f"| torch_compile | failed: {compile_error} | | |")
+    last = {"cgjax_s_per_step": s["cgjax"], "torch_eager_s_per_step": s["torch_eager"],
+            "torch_compile_s_per_step": s.get("torch_compile")}
+    print(json.dumps(last))
+    out = {"cgjax": 1 / s["cgjax"], "torch": 1 / s["torch_eager"], "speedup": s["torch_eager"] / s["cgjax"],
+           "unit": "steps/s", **last}
+    if "torch_compile" in s:
+        out["speedup_vs_compile"] = s["torch_compile"] / s["cgjax"]
+    if compile_error:
+        out["torch_compile_error"] = compile_error
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
