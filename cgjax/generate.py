@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["generate"]
+__all__ = ["generate", "decode"]
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -47,18 +47,13 @@ def _select(logits, key, do_sample: bool, temperature, top_p):
     return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "n_buf"))
-def _run(graphdef, state, input_ids, pixel_values, attention_mask, n_new, temperature, top_p,
-         eos_ids, pad_id, rng, *, do_sample: bool, n_buf: int):
-    model = nnx.merge(graphdef, state)
-    lm = _language_model(model)
-    B, T = input_ids.shape
-    if pixel_values is not None:
-        embeds = model.merge_image_features(input_ids, model.get_image_features(pixel_values))
-    else:
-        embeds = lm.embed(input_ids)
+def decode(lm, inputs_embeds, attention_mask, n_new, temperature, top_p, eos_ids, pad_id, rng, *,
+           do_sample: bool, n_buf: int) -> jax.Array:
+    """Prefill ``inputs_embeds [B, T, D]`` into a KV cache, then decode up to ``n_new`` tokens
+    in one ``while_loop`` (traceable: call it inside ``jit``). -> ``[B, n_buf]`` int32 token ids."""
+    B, T = inputs_embeds.shape[:2]
     cache = lm.init_cache(B, T + n_buf)
-    h, cache, _ = lm.hidden_states(embeds, attention_mask, None, cache)
+    h, cache, _ = lm.hidden_states(inputs_embeds, attention_mask, None, cache)
     tok = _select(lm.logits(h[:, -1]), jax.random.fold_in(rng, 0), do_sample, temperature, top_p)
     out = jnp.full((B, n_buf), pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos_ids)
@@ -79,9 +74,26 @@ def _run(graphdef, state, input_ids, pixel_values, attention_mask, n_new, temper
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "n_buf", "use_concepts"))
+def _run(graphdef, state, input_ids, pixel_values, attention_mask, scores, n_new, temperature, top_p,
+         eos_ids, pad_id, rng, *, do_sample: bool, n_buf: int, use_concepts: bool):
+    model = nnx.merge(graphdef, state)
+    lm = _language_model(model)
+    if scores is not None:  # a ConceptLlava: image block = image features + gated concept slots
+        embeds, attention_mask, _ = model.prepare(input_ids, pixel_values, attention_mask, scores,
+                                                  use_concepts=use_concepts)
+    elif pixel_values is not None:
+        embeds = model.merge_image_features(input_ids, model.get_image_features(pixel_values))
+    else:
+        embeds = lm.embed(input_ids)
+    return decode(lm, embeds, attention_mask, n_new, temperature, top_p, eos_ids, pad_id, rng,
+                  do_sample=do_sample, n_buf=n_buf)
+
+
 def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
              temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-             rng: jax.Array | None = None, pad_token_id: int | None = None) -> jax.Array:
+             rng: jax.Array | None = None, pad_token_id: int | None = None, concept_scores=None,
+             use_concepts: bool = True) -> jax.Array:
     """New token ids ``[B, max_new_tokens]`` (int32).
 
     ``input_ids [B, T]`` left padded with ``attention_mask [B, T]`` (default: all ones);
@@ -90,6 +102,9 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     ``PRNGKey(0)``). After a row emits an ``eos_token_id`` (an int or several), every later
     position of that row holds ``pad_token_id`` (default: the first EOS id, as HF does);
     decoding stops early once every row is done. The first call per shape bucket compiles.
+
+    For a :class:`cgjax.concepts.model.ConceptLlava`, ``concept_scores [B, n_concepts]`` (the
+    signals ``s``) select the concept tokens; ``use_concepts=False`` is the no-concept baseline.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -100,8 +115,12 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
                       else jnp.asarray(attention_mask, jnp.int32))
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    if concept_scores is not None:
+        if not hasattr(model, "prepare") or pixel_values is None:
+            raise ValueError("concept_scores need a ConceptLlava and pixel_values")
+        concept_scores = jnp.asarray(concept_scores, jnp.float32)
     if pixel_values is not None:
-        if not hasattr(model, "get_image_features"):
+        if not hasattr(model, "get_image_features") and not hasattr(model, "prepare"):
             raise ValueError(f"{type(model).__name__} takes no pixel_values (text-only model)")
         pixel_values = jnp.asarray(pixel_values)
     eos = [] if eos_token_id is None else list(np.atleast_1d(eos_token_id).tolist())
@@ -114,9 +133,9 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     rng = jax.random.PRNGKey(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     n_buf = _bucket(max_new_tokens)
-    out = _run(graphdef, state, input_ids, pixel_values, attention_mask, jnp.int32(max_new_tokens),
+    out = _run(graphdef, state, input_ids, pixel_values, attention_mask, concept_scores, jnp.int32(max_new_tokens),
                jnp.float32(max(float(temperature), 1e-6)), jnp.float32(top_p), eos_ids,
-               jnp.int32(pad_token_id), rng, do_sample=do_sample, n_buf=n_buf)
+               jnp.int32(pad_token_id), rng, do_sample=do_sample, n_buf=n_buf, use_concepts=bool(use_concepts))
     return out[:, :max_new_tokens]
 
 

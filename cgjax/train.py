@@ -54,6 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cgjax import sharding, text
 from cgjax.concepts import gating
 from cgjax.concepts.model import ConceptLlava, attention_regulariser
+from cgjax.generate import generate
 from cgjax.losses import IGNORE_INDEX, SEGMENT_KEYS, SEGMENT_REASON, segment_weighted_loss, token_cross_entropy
 
 __all__ = ["train_stage", "Trainer", "ConceptIndex", "StepConfig", "TextRows", "Collate", "make_optimizer",
@@ -340,40 +341,13 @@ def _eval_step(graphdef, sc: StepConfig, params, frozen, batch):
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _greedy(graphdef, n_new: int, use_concepts: bool, params, frozen, ids, pixel_values, mask, scores, eos_id, pad_id):
-    model = nnx.merge(graphdef, params, frozen)
-    lm = model.language_model
-    embeds, m, _ = model.prepare(ids, pixel_values, mask, scores, use_concepts=use_concepts)
-    B, T = ids.shape
-    cache = lm.init_cache(B, T + n_new)
-    h, cache, _ = lm.hidden_states(embeds, m, None, cache)
-    tok = jnp.argmax(lm.logits(h[:, -1]), axis=-1).astype(jnp.int32)
-    out = jnp.full((B, n_new), pad_id, jnp.int32).at[:, 0].set(tok)
-
-    def cond(c):
-        i, _, done, _, _ = c
-        return (i < n_new) & ~jnp.all(done)
-
-    def body(c):
-        i, tok, done, cache, out = c
-        h, cache, _ = lm.hidden_states(lm.embed(tok[:, None]), None, None, cache)
-        nxt = jnp.argmax(lm.logits(h[:, 0]), axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, pad_id, nxt)
-        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
-        return i + 1, nxt, done | (nxt == eos_id), cache, out
-
-    return jax.lax.while_loop(cond, body, (jnp.int32(1), tok, tok == eos_id, cache, out))[-1]
-
-
 def greedy_generate(model: ConceptLlava, input_ids, pixel_values, attention_mask, scores, max_new_tokens: int,
                     eos_token_id: int, pad_token_id: int = 0, use_concepts: bool = True) -> jax.Array:
     """Greedy decoding for a :class:`ConceptLlava` (left-padded prompts): prefill of the
     concept-augmented ``inputs_embeds`` into a KV cache, then one token at a time until EOS."""
-    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    return _greedy(graphdef, int(max_new_tokens), bool(use_concepts), params, frozen, jnp.asarray(input_ids),
-                   jnp.asarray(pixel_values), jnp.asarray(attention_mask), jnp.asarray(scores),
-                   jnp.int32(eos_token_id), jnp.int32(pad_token_id))
+    return generate(model, input_ids, pixel_values, attention_mask, max_new_tokens=int(max_new_tokens),
+                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, concept_scores=scores,
+                    use_concepts=use_concepts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -769,9 +743,9 @@ class Trainer:
                 for d in dims:
                     total[d] += int(d in golds[i])
             for prefix, use in runs:
-                out = _greedy(self.graphdef, n_new, use, params, self.frozen, self._put_replicated(hb["prompt_ids"]),
-                              b["pixel_values"], self._put_replicated(hb["prompt_mask"]), b["scores"],
-                              jnp.int32(eos), jnp.int32(pad))
+                out = greedy_generate(nnx.merge(self.graphdef, params, self.frozen),
+                                      self._put_replicated(hb["prompt_ids"]), b["pixel_values"],
+                                      self._put_replicated(hb["prompt_mask"]), b["scores"], n_new, eos, pad, use)
                 texts = tok.batch_decode(np.asarray(out).tolist(), skip_special_tokens=True)
                 for i in np.flatnonzero(valid):
                     pred = parse_key_lines(texts[i], dims)

@@ -98,3 +98,23 @@ def test_attention_regulariser_uses_true_concept_rows(models):
     assert reg > 0
     # rows are the real concept positions: right after the image tokens
     assert int(rows[0]) == len(prefix) + llava.config.num_image_tokens
+
+
+def test_generate_with_concepts_matches_full_forward(models):
+    """KV-cache decoding of a ConceptLlava equals argmax of the full forward, token by token."""
+    from cgjax.generate import generate
+
+    hf, llava = models
+    gcfg = gating.GatingConfig(dim_ranges=((0, 2), (2, 4)), k_max=2, threshold=0.5, backoff_delta=0.0, topk_per_dim=1,
+                               max_concepts=2)
+    model = ConceptLlava(llava, gcfg, rngs=nnx.Rngs(2))
+    scores = np.array([[0.9, 0.1, 0.2, 0.8], [0.1, 0.7, 0.3, 0.1]], np.float32)
+    _, _, ids, pixels = _batch(hf, model, scores)
+    for use in (True, False):
+        new = np.asarray(generate(model, ids, pixels, np.ones_like(ids), max_new_tokens=4, concept_scores=scores,
+                                  use_concepts=use))
+        seq = ids
+        for t in range(4):
+            logits = np.asarray(forward(model, seq, pixels, np.ones_like(seq), scores, use_concepts=use))
+            np.testing.assert_array_equal(new[:, t], logits[:, -1].argmax(-1))
+            seq = np.concatenate([seq, new[:, t:t + 1]], axis=1)
