@@ -105,7 +105,70 @@ def train_prototypes(workdir: str, clip_name: str, paths: dict[str, str]) -> dic
     return run_stage(config, os.path.join(workdir, "prototypes"))
 
 
-def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0) -> dict[str, Any]:
+def stage_config(stage: str, llava_dir: str, paths: dict[str, str], signals: str, **overrides):
+    """``configs/stage{A,B}.py:preset=demo`` pointed at the demo's own data, signals and checkpoint."""
+    from cgjax.config import load_config
+
+    config = load_config(f"stage{stage}.py:preset=demo")
+    config.demo.generate_missing = False
+    config.llava_checkpoint = llava_dir
+    config.data.dataset_json = paths["dataset_json"]
+    config.data.images_root = paths["images_root"]
+    config.data.targets_csv = paths["targets_csv"]
+    config.data.signals = (signals,)
+    config.log.progress_bar = False
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def pretrain_base(workdir: str, llava_dir: str, paths: dict[str, str], signals: str, steps: int) -> str:
+    """Stand-in for a pretrained VLM: a random LLaVA cannot follow prompts, so the demo first
+    trains the whole tiny model (and throw-away concept values) on the Stage B targets with BLANK
+    images. It learns the answer format, the label vocabulary and to read concept tokens, but
+    nothing about the images themselves: the no-concept baseline stays at chance, and what the
+    concept stages add is measurable. Returns the pretrained HF checkpoint directory."""
+    from converters import hf_llava
+    from cgjax.train import Trainer, _manager, _restore, train_stage
+
+    run_dir = os.path.join(workdir, "pretrain")
+    config = stage_config("B", llava_dir, paths, signals, **{
+        "trainable": (".*",), "num_steps": steps, "grad_accum": 1, "batch_size": 8, "optim.lr": 3e-3,
+        "optim.weight_decay": 0.0, "optim.clip_norm": 1.0, "optim.schedule": "warmup_cosine",
+        "optim.warmup_updates": 20, "data.blank_images": True, "loss.reg_lambda": 0.0, "loss.w_reason": 0.5,
+        "gating.threshold": 0.0, "gating.backoff_delta": 0.0, "val.at_end": False, "val.every_steps": 0,
+        "checkpoint.every_steps": steps, "checkpoint.keep_best": 0, "init_from": "", "export.pt": False,
+    })
+    train_stage(config, run_dir)
+    trainer = Trainer(config, run_dir)
+    state = trainer.init_state()
+    mngr = _manager(os.path.join(run_dir, "checkpoints"), config, read_only=True)
+    got, _ = _restore(mngr, mngr.latest_step(), state)
+    mngr.close()
+    out = os.path.join(workdir, "checkpoints", "llava-pretrained")
+    hf_llava.save(trainer.model(got["params"]).llava, out, tokenizer_from=llava_dir)
+    return out
+
+
+def train_concepts(workdir: str, llava_dir: str, paths: dict[str, str], signals: str, steps: int) -> dict[str, Any]:
+    """Stage A (keys) then Stage B (keys + reason, from Stage A's final checkpoint): values only."""
+    from cgjax.train import train_stage
+
+    stage_a = os.path.join(workdir, "stageA")
+    a = train_stage(stage_config("A", llava_dir, paths, signals, num_steps=steps,
+                                 **{"val.no_concept_baseline": True}), stage_a)
+    b = train_stage(stage_config("B", llava_dir, paths, signals, num_steps=steps, init_from=stage_a,
+                                 **{"val.no_concept_baseline": True}), os.path.join(workdir, "stageB"))
+    pick = lambda r: {k: round(float(v), 4) for k, v in r.items() if k.startswith("val_") and "acc" in k}  # noqa: E731
+    return {"stageA": pick(a), "stageB": pick(b), "stageB_pt": b.get("pt")}
+
+
+def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0, pretrain_steps: int = 300,
+        stage_steps: int = 64) -> dict[str, Any]:
     """The whole demo: data -> checkpoints -> (the stages available in this build)."""
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
@@ -125,6 +188,12 @@ def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0) 
     protos = train_prototypes(workdir, clip_name, paths)
     summary["prototypes"] = {"val": protos.get("val"), "artifacts": protos.get("artifacts")}
     _log(f"prototype validation accuracy: {json.dumps(protos.get('val'))}")
+    signals = protos["artifacts"]["signals"]["keyed"]
+    _log(f"pretraining the tiny base LLaVA ({pretrain_steps} steps, blank images: a stand-in for a pretrained VLM)")
+    base = pretrain_base(workdir, llava_dir, paths, signals, pretrain_steps)
+    _log(f"Stage A then Stage B ({stage_steps} steps each; only the concept values train)")
+    summary["stages"] = train_concepts(workdir, base, paths, signals, stage_steps)
+    _log(f"validation: {json.dumps(summary['stages'])}")
     summary["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -151,6 +151,7 @@ class TextRows:
     with_prompt: bool = False  # also the left-padded inference prompt (validation)
     n_head: int = -1  # expected position of the first image token (checked when >= 0)
     max_targets: int = 0  # > 0: at most this many supervised tokens per row (checked)
+    blank_images: bool = False  # zero pixels: the image carries no information (demo base pretraining)
 
     def _labels(self, ex) -> list[str]:
         out = []
@@ -186,7 +187,7 @@ class TextRows:
             raise ValueError(f"image {ex['image_path']!r}: the prompt head before <image> is not {self.n_head} tokens")
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = {k: v[0] for k, v in text.pad_rows([row], self.length, pad, side="right").items()}
-        out["pixel_values"] = ex["pixel_values"]
+        out["pixel_values"] = np.zeros_like(ex["pixel_values"]) if self.blank_images else ex["pixel_values"]
         out["scores"] = np.concatenate([np.asarray(ex["signals"][d], np.float32) for d in self.concept_dims])
         out["gold_keys"] = keys
         if prompt_row is not None:
@@ -650,7 +651,7 @@ class Trainer:
             label_dims=self.label_dims, label_names=tuple(tuple(vocabs[d].names) for d in self.label_dims),
             prompt_seed=int(self.config.text.prompt_seed), max_reason_tokens=int(self.config.text.max_reason_tokens),
             add_eos=bool(self.config.text.add_eos), with_prompt=with_prompt, n_head=self.n_head,
-            max_targets=self.sc.max_targets)
+            max_targets=self.sc.max_targets, blank_images=bool(self.config.data.get("blank_images", False)))
 
     def train_dataset(self):
         from cgjax.data.pipeline import image_dataset

@@ -12,8 +12,11 @@ def main() -> None:
     p.add_argument("--n_images", type=int, default=240)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain_steps", type=int, default=300, help="base LLaVA pretraining (blank images)")
+    p.add_argument("--stage_steps", type=int, default=64, help="steps of Stage A and of Stage B")
     a = p.parse_args()
-    demo.run(a.workdir, n_images=a.n_images, image_size=a.image_size, seed=a.seed)
+    demo.run(a.workdir, n_images=a.n_images, image_size=a.image_size, seed=a.seed,
+             pretrain_steps=a.pretrain_steps, stage_steps=a.stage_steps)
 
 
 if __name__ == "__main__":
