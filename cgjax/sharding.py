@@ -132,3 +132,13 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, Any]] 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
     """Sharding for an input batch: leading axis over ``batch``'s mesh axes, rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> jax.Array:
+    """Constrain an activation's sharding by logical axes when a mesh is set (``jax.set_mesh``);
+    a no-op otherwise. Keeps the batch split over ``data``/``fsdp`` inside the layer stack, where
+    FSDP-sharded weights would otherwise pull activations to full-batch replicas."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules, mesh, x.shape))

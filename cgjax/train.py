@@ -697,8 +697,9 @@ class Trainer:
 
     def train_step(self, state, batch: Mapping[str, jax.Array], step: int):
         """One step (donates ``state``), the compiled variant chosen by :meth:`with_reg`."""
-        return _train_step(self.graphdef, self.sc, self.with_reg(step), self.state_shardings, state, self.frozen,
-                           batch, jnp.int32(self.nan_at))
+        with jax.set_mesh(self.mesh):  # lets the model constrain activations to the batch sharding
+            return _train_step(self.graphdef, self.sc, self.with_reg(step), self.state_shardings, state,
+                               self.frozen, batch, jnp.int32(self.nan_at))
 
     def model(self, params=None) -> ConceptLlava:
         return nnx.merge(self.graphdef, self.params0 if params is None else params, self.frozen)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cgjax.sharding import param
+from cgjax.sharding import constrain, param
 
 
 def _pair(x) -> tuple[int, int]:
@@ -289,7 +289,7 @@ def _scan_body(graphdef):
     """One scan body per block graphdef, so eager (un-jitted) calls reuse jax's trace cache."""
 
     def body(h, layer_state):
-        return nnx.merge(graphdef, layer_state)(h), None
+        return constrain(nnx.merge(graphdef, layer_state)(h), ("batch", None, None)), None
 
     return body
 

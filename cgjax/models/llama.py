@@ -371,7 +371,7 @@ class LlamaForCausalLM(nnx.Module):
                 return keys, values, (k, v)
 
             h, new_kv, attn = layer(h, cos, sin, mask, kv_store, rows)
-            return h, (new_kv, attn)
+            return sharding.constrain(h, ("batch", None, None)), (new_kv, attn)
 
         xs = (state, None, None) if cache is None else (state, cache.k, cache.v)
         h, (new_kv, attn) = jax.lax.scan(body, h, xs)
