@@ -21,7 +21,7 @@ from cgjax.data.records import (check_image_file, raw_image_paths, read_dataset_
                                 resolve_image)
 from cgjax.data.schema import (DataError, Dataset, ProblemLog, Record, TargetRow, Vocabulary, load_vocab,
                                log)
-from cgjax.data.signals import Signals, read_signals
+from cgjax.data.signals import Signals, read_signals, signals_format
 
 
 
@@ -70,9 +70,12 @@ def load_data(dataset_json: str | os.PathLike, images_root: str | os.PathLike | 
     outside it are errors. Without it the vocabularies are built from the records (first
     appearance). ``signals``: file path(s) in any signals format, or a ``Signals``. A target row or
     keyed signal for an image not in the dataset is an error; a record without a target gets empty
-    texts and ``has_target = 0``.
+    texts and ``has_target = 0``. Keyed signals carry their own concept names, which may differ from
+    the label vocabulary (prototypes indexed on a training split); with an explicit ``vocab`` they
+    must match it.
     """
     vocabs = _as_vocabs(vocab)
+    explicit_vocab = vocabs is not None
     if dimensions is None and vocabs is not None:
         dimensions = tuple(vocabs)
     ds = read_dataset_json(dataset_json, images_root, dimensions=dimensions, vocabs=vocabs,
@@ -108,10 +111,16 @@ def load_data(dataset_json: str | os.PathLike, images_root: str | os.PathLike | 
             if not isinstance(src, Signals):
                 name = os.fspath(src)
                 raw = raw if raw is not None else raw_image_paths(ds.path, ds.images_root)
-                src = read_signals(src, raw, vocabs=vocabs, images_root=ds.images_root, skip_bad=skip_bad)
+                # keyed signals name their concepts: the concept index is theirs (e.g. prototypes built
+                # on the training split) unless a vocabulary was given explicitly
+                named = signals_format(name) == "keyed" and not explicit_vocab
+                src = read_signals(src, raw, vocabs=None if named else vocabs, images_root=ds.images_root,
+                                   skip_bad=skip_bad)
                 problems.problems.extend(src.meta.get("_problems", []))
+            else:
+                named = not explicit_vocab
             for d, v in src.vocabs.items():
-                if d in vocabs and v != vocabs[d]:
+                if not named and d in vocabs and v != vocabs[d]:
                     raise DataError(name, f"dimension {d!r}",
                                     f"concept names {v.names} differ from the vocabulary {vocabs[d].names}")
             raw_set = set(raw or ())
