@@ -1,0 +1,763 @@
+"""Inference: image -> prototype signals -> gated concept tokens -> LLaVA answer, and the baseline.
+
+``run_inference(config)`` (``python scripts/infer.py --config configs/infer.py``) answers every
+image of a data set with the prompt templates asked for and writes, in the original project's
+schema (indent 4, sorted keys, written atomically)::
+
+    reasoning.json           {image_path: {"__meta__": {"activation": {dim: {"selected_global",
+                              "selected_names", "ranked_global": [[idx, score], ...], "ranked_names"}}},
+                              <prompt text>: <answer text>, ...}}
+    reasoning_baseline.json  the same model and prompts without concept tokens ("activation": {})
+    saliency.json            optional occlusion maps {image_path: {name: grid x grid}} (load_saliency)
+
+``Inferencer`` is the same thing for Colab::
+
+    inf = Inferencer.from_workdirs("ckpt/llava", "runs/stageB", prototypes="runs/prototypes")
+    inf.answer(["a.jpg", pil_image], prompt_mode="both")  # -> [{"__meta__": ..., prompt: answer}, ...]
+
+Prompt modes: ``structured`` (the original's JSON prompt; keys = the data set's dimensions +
+``evidence``; sentinels configurable), ``natural`` (the original's prose prompt), ``stageA``
+(``text.STAGE_A_PROMPT``), ``stageB`` (``text.stage_b_prompt`` of the image's labels and the
+seed, as in training; an image without labels hashes empty labels), ``both`` = structured +
+natural, ``all`` = the four; or a comma-separated list.
+
+Signals: from the prototype head (CLIP tower + prototypes), post-processed exactly as the exported
+training signals (the export's ``normalize`` / ``temperature`` / ``clip``, read from the keyed
+signals file of the prototypes work dir), or read from signals files. The concept tokens follow
+the trained gating (``cgjax.concepts.gating``); ``__meta__.activation`` reports the concepts the
+gating actually injected (budget included; the original's meta ignored the budget) and the full
+ranking per dimension. Generation: ``cgjax.generate`` (greedy, or temperature + top-p) on fixed
+``[batch_size, prompt_length]`` left-padded batches (the last one padded), so each of the concept
+and baseline runs compiles once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cgjax import text
+from cgjax.concepts import gating
+from cgjax.concepts.model import ConceptLlava
+from cgjax.losses import IGNORE_INDEX
+from cgjax.train import ConceptIndex
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Inferencer", "run_inference", "load_trained_values", "TrainedValues", "structured_prompt",
+           "natural_prompt", "prompt_modes", "write_reasoning", "load_saliency", "DEFAULT_SENTINELS",
+           "PROMPT_MODES"]
+
+DEFAULT_SENTINELS = ("<BEGIN_JSON>", "<END_JSON>")
+PROMPT_MODES = ("structured", "natural", "stageA", "stageB")
+DEFAULT_GATING = {"threshold": 0.75, "backoff_delta": 0.05, "topk_per_dim": 2, "max_concepts": 3,
+                  "priority": "artist,style,genre"}
+
+
+# ------------------------------------------------------------------------------------------------
+# prompts
+
+
+def _join(names: Sequence[str]) -> str:
+    names = list(names)
+    if len(names) <= 2:
+        return " and ".join(names)
+    return ", ".join(names[:-1]) + ", and " + names[-1]
+
+
+def structured_prompt(dims: Sequence[str] = ("artist", "style", "genre"),
+                      sentinels: tuple[str, str] = DEFAULT_SENTINELS) -> str:
+    """The original's structured prompt (its text with the issue's "2-3"; keys = ``dims`` + evidence)."""
+    start, end = sentinels
+    return (f"Between {start} and {end}, return only a compact JSON with keys {', '.join(list(dims) + ['evidence'])}. "
+            "Use 'Unknown' if uncertain. In 'evidence', write 2-3 concise sentences explaining your reasoning. "
+            "Do not include any text outside the JSON.")
+
+
+def natural_prompt(dims: Sequence[str] = ("artist", "style", "genre")) -> str:
+    """The original's natural prompt (the dimensions named in the prose)."""
+    return (f"Describe this painting in one cohesive paragraph. Naturally mention the {_join(dims)} in the prose "
+            "(no JSON, no key-value lines). Then briefly justify your identification by referring to brushwork, "
+            "palette, and composition.")
+
+
+def prompt_modes(mode: str | Sequence[str]) -> list[str]:
+    """``"both"`` -> structured, natural; ``"all"`` -> the four; ``"a,b"`` or a list -> as given."""
+    parts = [mode] if isinstance(mode, str) else list(mode)
+    out: list[str] = []
+    for part in parts:
+        for m in str(part).split(","):
+            m = m.strip()
+            if not m:
+                continue
+            expanded = {"both": ["structured", "natural"], "all": list(PROMPT_MODES)}.get(m, [m])
+            for e in expanded:
+                if e not in PROMPT_MODES:
+                    raise ValueError(f"unknown prompt mode {e!r}; expected one of {PROMPT_MODES}, both or all")
+                if e not in out:
+                    out.append(e)
+    if not out:
+        raise ValueError("no prompt mode given")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# trained values
+
+
+@dataclasses.dataclass
+class TrainedValues:
+    values: np.ndarray  # [n_concepts, k_max, D] float32
+    index: ConceptIndex
+    step: int
+    stage: str
+    directory: str
+    export_meta: dict  # concepts_stage{A,B}.json of the work dir ({} when absent)
+
+
+def load_trained_values(stage_workdir: str, index: ConceptIndex | None = None,
+                        step: int | None = None) -> TrainedValues:
+    """The trained ``concepts.values`` of a Stage A/B work dir (or its ``checkpoints/``), from the
+    latest step (or ``step``), restored the way ``cgjax.train`` hands Stage A to Stage B. With
+    ``index``, the checkpoint's concept index must equal it."""
+    import orbax.checkpoint as ocp
+
+    from cgjax import train
+
+    directory = train._resolve_init_dir(stage_workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"stage work dir {stage_workdir}: {directory} is not a checkpoint directory")
+    mngr = train._manager(directory, None, read_only=True)
+    try:
+        if step is None:
+            step = mngr.latest_step()
+        if step is None or int(step) not in mngr.all_steps():
+            raise FileNotFoundError(f"{directory}: no checkpoint step {step} (steps: {list(mngr.all_steps())})")
+        step = int(step)
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        theirs = ConceptIndex.from_json(meta["concept_index"])
+        if index is not None and theirs != index:
+            raise ValueError(f"{directory} step {step}: its concept index {theirs.to_json()} differs from "
+                             f"{index.to_json()}")
+        tree = mngr.item_metadata(step)["state"]
+        tree = getattr(tree, "tree", tree)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        got = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(train._abstract(tree, lambda x: device))))["state"]
+    finally:
+        mngr.close()
+    params = got["params"]
+    other = [k for k in params if k != "concepts"]
+    if other or set(params.get("concepts", {})) != {"values"}:
+        raise ValueError(f"{directory} step {step}: trained parameters other than concepts/values "
+                         f"({sorted(params)}) are not supported by inference")
+    values = np.asarray(jax.device_get(params["concepts"]["values"]), np.float32)
+    if values.shape[:2] != (theirs.n_concepts, theirs.k_max):
+        raise ValueError(f"{directory} step {step}: values of shape {values.shape} for {theirs.n_concepts} "
+                         f"concepts x K_max {theirs.k_max}")
+    stage = str(meta.get("stage", ""))
+    workdir = os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
+    export_meta = {}
+    cands = [os.path.join(workdir, f"concepts_stage{stage}.json")] if stage else []
+    cands += sorted(glob.glob(os.path.join(workdir, "concepts_stage*.json")))
+    for p in cands:
+        if os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
+                export_meta = json.load(f)
+            break
+    return TrainedValues(values, theirs, step, stage, directory, export_meta)
+
+
+def _gating_config(index: ConceptIndex, gating_fields: Mapping[str, Any]) -> gating.GatingConfig:
+    import ml_collections
+
+    from cgjax import train
+
+    g = dict(DEFAULT_GATING)
+    g.update({k: v for k, v in dict(gating_fields).items() if v is not None})
+    pri = g["priority"]
+    g["priority"] = ",".join(pri) if isinstance(pri, (list, tuple)) else str(pri or "")
+    if int(g.get("k_max", index.k_max)) != index.k_max:
+        raise ValueError(f"gating.k_max={g['k_max']} but the trained values have K_max {index.k_max}")
+    g["k_max"] = index.k_max
+    cfg = ml_collections.ConfigDict({"gating": {k: g[k] for k in ("k_max", "threshold", "backoff_delta",
+                                                                   "topk_per_dim", "max_concepts", "priority")}})
+    return train.gating_config(cfg, index)
+
+
+# ------------------------------------------------------------------------------------------------
+# images and signals
+
+
+def _dtype(name: Any):
+    if not isinstance(name, str):
+        return name
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def llava_preprocess(llava_checkpoint: str, model_config: Any, mode: str = "auto"):
+    """The LLaVA checkpoint's ``preprocessor_config.json``, else HF CLIP preprocessing at the tower size
+    (as ``cgjax.train``)."""
+    from cgjax.preprocess import PreprocessConfig
+
+    path = os.path.join(llava_checkpoint, "preprocessor_config.json")
+    if mode == "auto" and os.path.exists(path):
+        with open(path) as f:
+            return PreprocessConfig.from_hf_image_processor(json.load(f))
+    if mode not in ("auto", "hf"):
+        raise ValueError(f"preprocess must be auto or hf, got {mode!r}")
+    size = model_config.vision_config.image_size
+    return PreprocessConfig(size=tuple(size) if not isinstance(size, int) else size, convention="hf")
+
+
+def _open(image: Any):
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return image  # an array: cgjax.preprocess handles it
+
+
+def image_key(image: Any, i: int) -> str:
+    """reasoning.json key of an image: its absolute path, a PIL image's ``filename``, else ``image_<i>``."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.path.abspath(os.fspath(image))
+    name = getattr(image, "filename", "") or ""
+    return os.path.abspath(name) if name else f"image_{i}"
+
+
+def _export_settings(prototypes_workdir: str) -> dict[str, Any]:
+    """normalize / temperature / clip of the signals exported by a prototypes work dir ({} if unknown)."""
+    for p in (os.path.join(prototypes_workdir, "artifacts", "concept_signals.keyed.json"),
+              *sorted(glob.glob(os.path.join(prototypes_workdir, "**", "*.keyed.json"), recursive=True))):
+        if os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
+                meta = (json.load(f).get("meta") or {})
+            if "normalize" in meta:
+                return {k: meta[k] for k in ("normalize", "temperature", "clip") if k in meta}
+    return {}
+
+
+def _reorder(names_have: Sequence[str], names_want: Sequence[str], what: str) -> np.ndarray:
+    pos = {n: i for i, n in enumerate(names_have)}
+    missing = [n for n in names_want if n not in pos]
+    if missing:
+        raise ValueError(f"{what} lacks the trained concept(s) {missing} (it has {list(names_have)})")
+    return np.asarray([pos[n] for n in names_want], np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# the inferencer
+
+
+class Inferencer:
+    """A trained :class:`ConceptLlava` + tokenizer + signal source, answering images in fixed-shape
+    jitted batches. Build it with :meth:`from_workdirs`."""
+
+    def __init__(self, model: ConceptLlava, tokenizer: Any, index: ConceptIndex, preprocess: Any, *,
+                 head: Any = None, signals: Any = None, signal_normalize: str = "none",
+                 signal_temperature: float = 1.0, signal_clip: bool = True, dims: Sequence[str] | None = None,
+                 images_root: str | None = None, batch_size: int = 8, max_new_tokens: int = 200,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 sentinels: tuple[str, str] = DEFAULT_SENTINELS, prompt_seed: int = 42, min_prompt_length: int = 0):
+        if head is None and signals is None:
+            raise ValueError("Inferencer needs a prototype head or signals")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.index = index
+        self.gating = model.gating
+        self.preprocess = preprocess
+        self.head = head
+        self.signals = signals
+        self.signal_normalize, self.signal_temperature, self.signal_clip = (
+            str(signal_normalize), float(signal_temperature), bool(signal_clip))
+        self.dims = tuple(dims) if dims else tuple(index.dims)
+        self.images_root = images_root
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
+        self.sentinels = tuple(sentinels)
+        self.prompt_seed = int(prompt_seed)
+        self.image_token_id = model.llava.config.image_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._select = jax.jit(gating.select, static_argnums=1)
+        self._encoded: dict[str, np.ndarray] = {}
+        # one prompt length for every template: one compiled shape
+        probes = [structured_prompt(self.dims, self.sentinels), natural_prompt(self.dims), text.STAGE_A_PROMPT,
+                  *text.STAGE_B_PROMPTS]
+        n = max(len(self.encode(p)) for p in probes)
+        self.prompt_length = int(-(-max(n, int(min_prompt_length)) // 8) * 8)
+        self._head_order = None
+        if head is not None:
+            ps = head.prototypes
+            if ps is None:
+                raise ValueError("the prototype head has no prototypes loaded")
+            self._head_order = {}
+            for d, names in zip(index.dims, index.names):
+                if d not in ps.prototypes:
+                    raise ValueError(f"the prototypes ({ps.source}) have no dimension {d!r}; they have {ps.dimensions}")
+                self._head_order[d] = _reorder(ps.idx_to_concept[d], names, f"prototypes[{d!r}] ({ps.source})")
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_workdirs(cls, llava_checkpoint: str, stage_workdir: str, prototypes: Any = None, signals: Any = None, *,
+                      clip_model_name: str | None = None, clip_checkpoint: str | None = None,
+                      clip_batch_size: int = 32, signal_normalize: str | None = None,
+                      signal_temperature: float | None = None, signal_clip: bool | None = None,
+                      gating: Mapping[str, Any] | None = None, gating_from_stage: bool = True,
+                      dataset_json: str | None = None,
+                      images_root: str | None = None, dims: Sequence[str] | None = None, step: int | None = None,
+                      dtype: str = "float32", param_dtype: str | None = None, preprocess: str = "auto",
+                      **kwargs) -> "Inferencer":
+        """Load everything from disk.
+
+        ``prototypes``: a prototypes work dir (``scripts/train.py --config configs/prototypes.py``:
+        its ``prototypes/`` checkpoint, and the export settings from its keyed signals file), a
+        prototype checkpoint (orbax dir or ``.pt``) or a list of ``.pt`` files. ``signals``:
+        signals file(s) in any format (used instead of the head; the original list JSON needs
+        ``dataset_json``). Gating: the training defaults, updated with ``gating`` (a dict of
+        ``threshold``, ``backoff_delta``, ``topk_per_dim``, ``max_concepts``, ``priority``), then,
+        with ``gating_from_stage``, with what the stage exported in ``concepts_stage*.json``. Other
+        keyword arguments go to the constructor (``batch_size``, ``max_new_tokens``, ``temperature``,
+        ``top_p``, ``seed``, ``sentinels``, ``prompt_seed``).
+        """
+        from transformers import AutoTokenizer
+
+        from converters import hf_llava
+
+        if prototypes is None and not signals:
+            raise ValueError("give a prototypes work dir / checkpoint or signals file(s)")
+        tv = load_trained_values(stage_workdir, step=step)
+        g = dict(gating or {})
+        if gating_from_stage:
+            g.update((tv.export_meta or {}).get("gating") or {})
+        gcfg = _gating_config(tv.index, g)
+        tokenizer = AutoTokenizer.from_pretrained(llava_checkpoint)
+        llava = hf_llava.load(llava_checkpoint, dtype=_dtype(param_dtype or dtype), compute_dtype=_dtype(dtype))
+        model = ConceptLlava(llava, gcfg, rngs=nnx.Rngs(0))
+        if tuple(model.concepts.values.get_value().shape) != tuple(tv.values.shape):
+            raise ValueError(f"trained values {tv.values.shape} do not fit this LLaVA "
+                             f"({tuple(model.concepts.values.get_value().shape)})")
+        model.concepts.values.set_value(jnp.asarray(tv.values))
+        pp = llava_preprocess(llava_checkpoint, llava.config, preprocess)
+
+        head, sig, settings = None, None, {}
+        if signals:
+            sig = read_signals_files(signals, dataset_json, images_root)
+            images_root = images_root or (os.path.dirname(os.path.abspath(dataset_json)) if dataset_json else None)
+        else:
+            head, settings = load_head(prototypes, clip_model_name, clip_checkpoint, clip_batch_size)
+        norm = signal_normalize if signal_normalize not in (None, "", "auto") else settings.get("normalize")
+        temp = signal_temperature if signal_temperature not in (None, 0) else settings.get("temperature")
+        clp = signal_clip if signal_clip is not None else settings.get("clip", True)
+        if head is not None and norm is None:
+            norm, temp = "zscore", temp or 0.8
+            log.warning("signal post-processing unknown (no export settings found): using the prototype export "
+                        "defaults normalize=zscore, temperature=%s", temp)
+        inf = cls(model, tokenizer, tv.index, pp, head=head, signals=sig, signal_normalize=norm or "none",
+                  signal_temperature=float(temp or 1.0), signal_clip=bool(clp), dims=dims, images_root=images_root,
+                  **kwargs)
+        inf.trained = tv
+        log.info("inference: %s step %d (stage %s), %d concepts, gating %s; signals from %s (%s, T=%s)",
+                 tv.directory, tv.step, tv.stage, tv.index.n_concepts, gcfg, "the prototype head" if head else
+                 "files", inf.signal_normalize, inf.signal_temperature)
+        return inf
+
+    # -- text ------------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> np.ndarray:
+        """Prompt ids (image block included), ending at ``ASSISTANT:``."""
+        return text.encode(self.tokenizer, prompt, self.model.n_image_block, self.image_token_id).input_ids
+
+    def prompt(self, mode: str, labels: Mapping[str, str | None] | None = None) -> str:
+        if mode == "structured":
+            return structured_prompt(self.dims, self.sentinels)
+        if mode == "natural":
+            return natural_prompt(self.dims)
+        if mode == "stageA":
+            return text.STAGE_A_PROMPT
+        if mode == "stageB":
+            labels = labels or {}
+            return text.stage_b_prompt([labels.get(d) or "" for d in self.dims], self.prompt_seed)
+        raise ValueError(f"unknown prompt mode {mode!r}")
+
+    # -- images and signals ----------------------------------------------------------------------
+    def pixels(self, images: Sequence[Any]) -> np.ndarray:
+        """LLaVA-preprocessed ``[N, 3, H, W]``."""
+        from cgjax.preprocess import preprocess_image
+
+        if not len(images):
+            h, w = self.preprocess.size
+            return np.zeros((0, 3, h, w), np.float32)
+        return np.stack([preprocess_image(_open(im), self.preprocess) for im in images]).astype(np.float32)
+
+    def head_pixels(self, images: Sequence[Any]) -> np.ndarray:
+        """The prototype head's preprocessing ``[N, 3, H, W]`` (as its signal export)."""
+        from cgjax.preprocess import preprocess_image
+
+        return np.stack([preprocess_image(_open(im), self.head.preprocess_cfg) for im in images]).astype(np.float32)
+
+    def scores(self, images: Sequence[Any], keys: Sequence[str] | None = None) -> np.ndarray:
+        """Signals ``[N, n_concepts]`` (global concept order; NaN = no score)."""
+        if self.signals is not None:
+            keys = list(keys) if keys is not None else [image_key(im, i) for i, im in enumerate(images)]
+            return np.stack([self._signal_row(k) for k in keys]) if keys else np.zeros((0, self.index.n_concepts))
+        from cgjax.prototypes.calibrate import postprocess
+
+        if not len(images):
+            return np.zeros((0, self.index.n_concepts), np.float32)
+        emb = self.head.encoder(self.head_pixels(images))
+        ps = self.head.prototypes
+        cols = [postprocess(ps.signals(emb, d), self.signal_normalize, self.signal_temperature,
+                            self.signal_clip)[:, self._head_order[d]] for d in self.index.dims]
+        return np.concatenate(cols, axis=1).astype(np.float32)
+
+    def _signal_row(self, key: str) -> np.ndarray:
+        sig = self.signals
+        row = _find_row(sig.image_paths, key, self.images_root)
+        out = []
+        for d, names in zip(self.index.dims, self.index.names):
+            if d not in sig.vocabs:
+                raise ValueError(f"the signals have no dimension {d!r} (they have {list(sig.vocabs)})")
+            order = _reorder(sig.vocabs[d].names, names, f"signals[{d!r}]")
+            out.append(np.full(len(names), np.nan, np.float32) if row is None else sig.scores[d][row][order])
+        if row is None:
+            log.warning("no signals for image %s: no concept is injected", key)
+        return np.concatenate(out).astype(np.float32)
+
+    def activation(self, scores: np.ndarray) -> list[dict]:
+        """``__meta__["activation"]`` per image: the gating's selection and the ranking per dimension."""
+        scores = np.asarray(scores, np.float32)
+        if not len(scores):
+            return []
+        sel = jax.device_get(self._select(jnp.asarray(scores), self.gating))
+        out = []
+        for b in range(scores.shape[0]):
+            act = {}
+            chosen = [int(c) for c, v in zip(sel.concept[b], sel.valid[b]) if v]
+            for d, names, (a, e) in zip(self.index.dims, self.index.names, self.index.ranges):
+                s = scores[b, a:e]
+                ok = [k for k in range(e - a) if np.isfinite(s[k])]
+                order = sorted(ok, key=lambda k: (-float(s[k]), k))
+                picked = [c for c in chosen if a <= c < e]
+                act[d] = {"selected_global": picked, "selected_names": [names[c - a] for c in picked],
+                          "ranked_global": [[a + k, float(s[k])] for k in order],
+                          "ranked_names": [names[k] for k in order]}
+            out.append(act)
+        return out
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate_ids(self, pixels: np.ndarray, prompts: Sequence[str], scores: np.ndarray,
+                     use_concepts: bool = True) -> list[np.ndarray]:
+        """Generated ids per row (cut after the first EOS, which is kept), in fixed batches."""
+        from cgjax.generate import generate
+
+        n = len(prompts)
+        out: list[np.ndarray] = []
+        B, L = self.batch_size, self.prompt_length
+        for start in range(0, n, B):
+            idx = list(range(start, min(n, start + B)))
+            idx_full = idx + [idx[0]] * (B - len(idx))
+            rows = []
+            for i in idx_full:
+                ids = self._prompt_row(prompts[i])
+                rows.append(text.Row(ids, np.full_like(ids, IGNORE_INDEX), np.zeros_like(ids), np.ones_like(ids)))
+            batch = text.pad_rows(rows, L, self.pad_id, side="left")
+            rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), start // B)
+            ids = generate(self.model, batch["input_ids"], pixels[idx_full], batch["attention_mask"],
+                           max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                           eos_token_id=self.eos_id, rng=rng, pad_token_id=self.pad_id,
+                           concept_scores=scores[idx_full], use_concepts=use_concepts)
+            ids = np.asarray(jax.device_get(ids))
+            for k in range(len(idx)):
+                row = ids[k]
+                if self.eos_id is not None:
+                    hits = np.flatnonzero(row == self.eos_id)
+                    if hits.size:
+                        row = row[: hits[0] + 1]
+                out.append(row.astype(np.int32))
+        return out
+
+    def _prompt_row(self, prompt: str) -> np.ndarray:
+        ids = self._encoded.get(prompt)
+        if ids is None:
+            ids = self._encoded[prompt] = self.encode(prompt)
+        if len(ids) > self.prompt_length:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds the prompt length {self.prompt_length}")
+        return ids
+
+    def decode(self, ids: np.ndarray) -> str:
+        return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True).strip()
+
+    # -- answering -------------------------------------------------------------------------------
+    def run(self, images: Sequence[Any], prompt_mode: str | Sequence[str] = "both", *,
+            keys: Sequence[str] | None = None, labels: Sequence[Mapping[str, str | None]] | None = None, scores: Any = None,
+            concepts: bool = True, baseline: bool = False, chunk: int = 0) -> dict[str, Any]:
+        """Answer ``images`` (paths or PIL images). Returns ``{"reasoning": {key: entry},
+        "baseline": {key: entry} (with ``baseline``), "ids": {(key, mode): generated ids},
+        "prompts": {(key, mode): prompt}, "scores": {key: [n_concepts]}}``. ``scores`` overrides
+        the signals (``[N, n_concepts]``); ``labels`` feed the Stage B prompt hash; images are
+        processed ``chunk`` at a time (default: the batch size)."""
+        modes = prompt_modes(prompt_mode)
+        images = list(images)
+        keys = list(keys) if keys is not None else [image_key(im, i) for i, im in enumerate(images)]
+        if len(set(keys)) != len(keys):
+            raise ValueError("image keys must be unique")
+        labels = list(labels) if labels is not None else [{} for _ in images]
+        out: dict[str, Any] = {"reasoning": {}, "ids": {}, "prompts": {}, "scores": {}}
+        if baseline:
+            out["baseline"] = {}
+        chunk = int(chunk) if chunk and chunk > 0 else self.batch_size
+        for c0 in range(0, len(images), chunk):
+            ims, ks, labs = images[c0:c0 + chunk], keys[c0:c0 + chunk], labels[c0:c0 + chunk]
+            px = self.pixels(ims)
+            sc = (np.asarray(scores[c0:c0 + chunk], np.float32) if scores is not None else self.scores(ims, ks))
+            if sc.shape != (len(ims), self.index.n_concepts):
+                raise ValueError(f"scores must be [N, {self.index.n_concepts}], got {sc.shape}")
+            acts = self.activation(sc)
+            for k, a, s in zip(ks, acts, sc):
+                out["scores"][k] = s
+                if concepts:
+                    out["reasoning"][k] = {"__meta__": {"activation": a}}
+                if baseline:
+                    out["baseline"][k] = {"__meta__": {"activation": {}}}
+            for mode in modes:
+                prompts = [self.prompt(mode, lab) for lab in labs]
+                for k, p in zip(ks, prompts):
+                    out["prompts"][(k, mode)] = p
+                runs = ([("reasoning", True)] if concepts else []) + ([("baseline", False)] if baseline else [])
+                for name, use in runs:
+                    ids = self.generate_ids(px, prompts, sc, use_concepts=use)
+                    for k, p, row in zip(ks, prompts, ids):
+                        out[name][k][p] = self.decode(row)
+                        if use:
+                            out["ids"][(k, mode)] = row
+        return out
+
+    def answer(self, images: Sequence[Any], prompt_mode: str | Sequence[str] = "both", *, use_concepts: bool = True,
+               keys: Sequence[str] | None = None, labels: Sequence[Mapping[str, str | None]] | None = None,
+               scores: Any = None) -> list[dict]:
+        """One reasoning.json entry per image (``{"__meta__": ..., prompt: answer}``), in order;
+        ``use_concepts=False``: the no-concept baseline (``"activation": {}``)."""
+        images = list(images)
+        keys = list(keys) if keys is not None else [image_key(im, i) for i, im in enumerate(images)]
+        res = self.run(images, prompt_mode, keys=keys, labels=labels, scores=scores, concepts=use_concepts,
+                       baseline=not use_concepts)
+        table = res["reasoning"] if use_concepts else res["baseline"]
+        return [table[k] for k in keys]
+
+    # -- saliency --------------------------------------------------------------------------------
+    def saliency(self, image: Any, answer_ids: Any = None, prompt: str | None = None, *, grid: int = 8,
+                 minibatch: int = 8, source: str = "both", upsample: bool = True, scores: Any = None,
+                 key: str | None = None) -> dict[str, np.ndarray]:
+        """Occlusion maps of one image (``cgjax.eval.saliency``): ``prototype/<dim>`` for the top
+        selected concept of each dimension (the top-ranked one when none is selected; needs the
+        head) and ``llava`` for the answer ``answer_ids`` to ``prompt`` (default: the structured
+        prompt; generated here when not given), concept tokens on. ``source``: prototype, llava
+        or both. Maps are ``H x W`` (``upsample=False``: ``grid x grid``)."""
+        from cgjax.eval import saliency as sal
+
+        if source not in ("prototype", "llava", "both"):
+            raise ValueError(f"saliency source must be prototype, llava or both, got {source!r}")
+        k = key or image_key(image, 0)
+        sc = np.asarray(scores, np.float32) if scores is not None else self.scores([image], [k])[0]
+        out: dict[str, np.ndarray] = {}
+        if source in ("prototype", "both") and self.head is not None:
+            act = self.activation(sc[None])[0]
+            concepts = {}
+            for d, names in zip(self.index.dims, self.index.names):
+                a = act[d]
+                top = (a["selected_names"] or a["ranked_names"] or [None])[0]
+                if top is not None:
+                    concepts[d] = self.head.prototypes.concept_to_idx[d][top]
+            maps = sal.prototype_saliency(self.head, self.head_pixels([image])[0], concepts, grid,
+                                          normalize=self.signal_normalize, temperature=self.signal_temperature,
+                                          clip=self.signal_clip, minibatch=minibatch, upsample=upsample)
+            out.update({f"prototype/{d}": m for d, m in maps.items()})
+        if source in ("llava", "both"):
+            prompt = prompt or structured_prompt(self.dims, self.sentinels)
+            px = self.pixels([image])
+            if answer_ids is None:
+                answer_ids = self.generate_ids(px, [prompt], sc[None])[0]
+            out["llava"] = sal.llava_saliency(self.model, self.encode(prompt), answer_ids, px[0], sc, grid,
+                                              minibatch=minibatch, length=self.prompt_length + self.max_new_tokens,
+                                              pad_id=self.pad_id, upsample=upsample)
+        return out
+
+
+def _find_row(paths: Sequence[str], key: str, images_root: str | None) -> int | None:
+    """Row of ``key`` in signal image paths: exact, relative to ``images_root``, else a unique path suffix."""
+    index = {p: i for i, p in enumerate(paths)}
+    if key in index:
+        return index[key]
+    if images_root:
+        from cgjax.data.records import normalize_image_path
+
+        rel = os.path.relpath(os.path.abspath(key), os.path.abspath(images_root)).replace(os.sep, "/")
+        rel = normalize_image_path(rel, images_root)
+        if rel in index:
+            return index[rel]
+    parts = key.replace("\\", "/").split("/")
+    hits = [i for p, i in index.items()
+            if "/".join(parts[-len(p.split("/")):]) == p and len(p.split("/")) <= len(parts)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def read_signals_files(paths: Any, dataset_json: str | None = None, images_root: str | None = None):
+    """Merge signals files (any format); the original list JSON aligns with ``dataset_json``'s rows."""
+    from cgjax.data.records import raw_image_paths
+    from cgjax.data.signals import read_signals
+
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    root = images_root or (os.path.dirname(os.path.abspath(dataset_json)) if dataset_json else None)
+    raw = raw_image_paths(dataset_json, root) if dataset_json else None
+    merged = None
+    for p in paths:
+        s = read_signals(p, raw, images_root=root)
+        merged = s if merged is None else merged.merge(s)
+    return merged
+
+
+def load_head(prototypes: Any, clip_model_name: str | None = None, clip_checkpoint: str | None = None,
+              batch_size: int = 32):
+    """``(PrototypeHead, export settings)`` from a prototypes work dir or checkpoint(s)."""
+    from cgjax.prototypes import io as pio
+    from cgjax.prototypes.head import PrototypeHead
+
+    settings: dict[str, Any] = {}
+    if isinstance(prototypes, (list, tuple)):
+        ps = pio.load_many(prototypes)
+    else:
+        p = os.fspath(prototypes)
+        if os.path.isdir(os.path.join(p, "prototypes")):  # a prototypes work dir
+            settings = _export_settings(p)
+            ps = pio.load_prototypes(os.path.join(p, "prototypes"))
+            marker = os.path.join(p, "clip", "clip.json")  # the demo's generated tower
+            if clip_model_name is None and clip_checkpoint is None and os.path.isfile(marker):
+                with open(marker) as f:
+                    m = json.load(f)
+                if m.get("model_name") == ps.clip_model_name or not ps.clip_model_name:
+                    clip_checkpoint = m.get("checkpoint")
+        else:
+            ps = pio.load_prototypes(p)
+    name = clip_model_name or ps.clip_model_name
+    head = PrototypeHead.from_openclip(name, clip_checkpoint or None, batch_size=batch_size)
+    head.load_prototypes(ps)
+    return head, settings
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+
+
+def write_reasoning(path: str, reasoning: Mapping[str, Any]) -> str:
+    """The original's ``json.dump(indent=4, sort_keys=True)``, written atomically."""
+    from cgjax.data.schema import write_atomic
+
+    write_atomic(path, json.dumps(reasoning, indent=4, sort_keys=True))
+    return path
+
+
+def load_saliency(path: str) -> dict[str, dict[str, np.ndarray]]:
+    """``saliency.json`` -> ``{image key: {name: float32 map}}`` for ``write_report(saliency=...)``."""
+    with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    return {k: {n: np.asarray(m, np.float32) for n, m in v.items()} for k, v in obj.get("maps", {}).items()}
+
+
+def _paths(x) -> list[str]:
+    if x is None:
+        return []
+    if isinstance(x, str):
+        return [p.strip() for p in x.split(",") if p.strip()]
+    return [str(p) for p in x if str(p).strip()]
+
+
+def run_inference(config) -> dict[str, str]:
+    """Answer the images of ``config.data`` (see ``configs/infer.py``) and write the reasoning files.
+
+    Returns ``{"reasoning": path, "reasoning_baseline": path (if baseline), "saliency": path (if
+    saliency)}``.
+    """
+    from cgjax.data.records import read_dataset_json, resolve_image
+    from cgjax.eval import saliency as sal
+
+    c = config
+    out_dir = c.output_dir or os.path.join(c.workdir, "eval")
+    dims = tuple(c.data.dimensions)
+    ds = read_dataset_json(c.data.dataset_json, c.data.images_root or None, dimensions=dims)
+    records = [r for r in ds.records if not c.data.split or r.split == c.data.split]
+    if c.data.split and not records:
+        raise ValueError(f"{c.data.dataset_json}: no record of split {c.data.split!r}")
+    if int(c.data.limit) > 0:
+        records = records[: int(c.data.limit)]
+    paths = [os.path.abspath(resolve_image(ds.images_root, r.image)) for r in records]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{c.data.dataset_json}: {len(missing)} image(s) not found, e.g. {missing[0]}")
+
+    g = {k: c.gating[k] for k in ("threshold", "backoff_delta", "topk_per_dim", "max_concepts", "priority")}
+    signals = _paths(c.signals)
+    p = c.prototypes
+    inf = Inferencer.from_workdirs(
+        c.llava_checkpoint, c.stage_workdir, prototypes=(p.workdir or _paths(p.checkpoint) or None),
+        signals=signals or None, clip_model_name=p.clip_model_name or None, clip_checkpoint=p.clip_checkpoint or None,
+        clip_batch_size=int(p.batch_size), signal_normalize=p.normalize, signal_temperature=float(p.temperature),
+        signal_clip=bool(p.clip), gating=g, gating_from_stage=bool(c.gating.from_stage),
+        dataset_json=c.data.dataset_json,
+        images_root=ds.images_root, dims=dims, step=int(c.step) if int(c.step) >= 0 else None, dtype=c.dtype,
+        param_dtype=c.param_dtype or None, preprocess=c.data.preprocess, batch_size=int(c.generation.batch_size),
+        max_new_tokens=int(c.generation.max_new_tokens), temperature=float(c.generation.temperature),
+        top_p=float(c.generation.top_p), seed=int(c.seed), sentinels=(c.prompt.sentinel_start, c.prompt.sentinel_end),
+        prompt_seed=int(c.prompt.stage_b_seed))
+    log.info("inference on %d images (%s), prompts %s, baseline %s", len(paths), c.data.split or "all splits",
+             c.prompt.mode, bool(c.baseline))
+    res = inf.run(paths, c.prompt.mode, keys=paths, labels=[r.labels for r in records],
+                  baseline=bool(c.baseline))
+    written: dict[str, str] = {}
+    reasoning = res["reasoning"]
+    s = c.saliency
+    if s.enabled and int(s.n_images) != 0:
+        n = len(paths) if int(s.n_images) < 0 else min(len(paths), int(s.n_images))
+        mode = s.prompt_mode
+        maps: dict[str, dict[str, list]] = {}
+        sal_path = os.path.join(out_dir, "saliency.json")
+        for k in paths[:n]:
+            ans = res["ids"].get((k, mode))
+            prompt = res["prompts"].get((k, mode))
+            src = s.source
+            if src in ("llava", "both") and ans is None:
+                if src == "llava":
+                    raise ValueError(f"saliency.prompt_mode {mode!r} is not among the prompt modes {c.prompt.mode!r}")
+                src = "prototype"
+            m = inf.saliency(k, ans, prompt, grid=int(s.grid), minibatch=int(s.minibatch), source=src,
+                             upsample=False, scores=res["scores"][k], key=k)
+            maps[k] = {name: v.tolist() for name, v in m.items()}
+            meta = reasoning[k]["__meta__"]
+            for name, v in m.items():
+                if name.startswith("prototype/"):
+                    meta.setdefault("saliency", {})[name.split("/", 1)[1]] = {"path": sal_path,
+                                                                               "stats": sal.saliency_stats(v)}
+                else:
+                    meta.setdefault("saliency_llava", {})[mode] = {"path": sal_path, "stats": sal.saliency_stats(v)}
+        from cgjax.data.schema import write_json_atomic
+
+        write_json_atomic(sal_path, {"grid": int(s.grid), "maps": maps}, indent=None)
+        written["saliency"] = sal_path
+    written["reasoning"] = write_reasoning(os.path.join(out_dir, "reasoning.json"), reasoning)
+    if c.baseline:
+        written["reasoning_baseline"] = write_reasoning(os.path.join(out_dir, "reasoning_baseline.json"),
+                                                        res["baseline"])
+    log.info("wrote %s", written)
+    return written

@@ -1,0 +1,109 @@
+"""Inference (reasoning.json + the no-concept baseline): ``python scripts/infer.py --config configs/infer.py``.
+
+Presets (``configs/infer.py:preset=NAME``):
+
+* ``demo`` (default): every path relative to the demo work dir ``--config.workdir=DIR``
+  (``scripts/demo.py --workdir DIR``): ``DIR/checkpoints/llava-base``, Stage B in ``DIR/stageB``,
+  the prototype head of ``DIR/prototypes``, the test split of ``DIR/data/dataset.json``;
+  writes ``DIR/eval/reasoning.json`` and ``DIR/eval/reasoning_baseline.json``.
+* ``llava-1.5-7b``: a local ``llava-hf/llava-1.5-7b-hf`` in bf16; set the paths.
+
+Override any field on the command line, e.g. ``--config.generation.temperature=0.2``. See
+``cgjax/infer.py`` for the prompt modes and the output schema.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("demo", "llava-1.5-7b")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = "demo"
+    for part in (arg or "").split(","):
+        key, sep, value = part.partition("=")
+        if key.strip() == "preset" and sep:
+            preset = value.strip()
+        elif key.strip() and not sep:
+            preset = key.strip()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+    c = ml_collections.ConfigDict()
+    c.task = "infer"
+    c.preset = preset
+    c.workdir = "runs/infer"
+    c.output_dir = ""  # "" -> workdir/eval
+    c.seed = 0  # sampling RNG
+
+    c.llava_checkpoint = ""  # HF LLaVA directory (config.json, safetensors, tokenizer files)
+    c.stage_workdir = ""  # Stage A/B work dir (or its checkpoints/): the trained concept values
+    c.step = -1  # checkpoint step; -1 = latest
+    c.dtype = "float32"  # compute dtype of LLaVA: float32 | bfloat16
+    c.param_dtype = ""  # "" = dtype
+
+    # Signals: the prototype head (CLIP tower + prototypes), or signals files when ``signals`` is set.
+    c.prototypes = ml_collections.ConfigDict()
+    c.prototypes.workdir = ""  # a prototypes work dir (its prototypes/ checkpoint + export settings)
+    c.prototypes.checkpoint = ""  # or prototype checkpoint(s): an orbax dir or .pt files (comma-separated)
+    c.prototypes.clip_model_name = ""  # "" = the name stored with the prototypes
+    c.prototypes.clip_checkpoint = ""  # local open_clip weights ("" for local-dir:/hf-hub: names)
+    c.prototypes.batch_size = 32
+    c.prototypes.normalize = "auto"  # auto = as the exported signals (keyed file meta), else zscore
+    c.prototypes.temperature = 0.0  # 0 = as the export (else 0.8)
+    c.prototypes.clip = True
+    c.signals = ()  # signals files (any format) used instead of the head
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset_json = ""
+    c.data.images_root = ""  # "" -> the JSON's folder
+    c.data.split = "test"  # records of this split ("" = all)
+    c.data.limit = 0  # > 0: the first N images
+    c.data.dimensions = ("artist", "style", "genre")
+    c.data.preprocess = "auto"  # auto: the checkpoint's preprocessor_config.json, else HF CLIP at the tower size
+
+    # Gating (defaults of training); with from_stage, the stage's exported concepts_stage*.json wins.
+    c.gating = ml_collections.ConfigDict()
+    c.gating.from_stage = True
+    c.gating.threshold = 0.75
+    c.gating.backoff_delta = 0.05
+    c.gating.topk_per_dim = 2
+    c.gating.max_concepts = 3
+    c.gating.priority = "artist,style,genre"
+
+    c.prompt = ml_collections.ConfigDict()
+    c.prompt.mode = "both"  # structured | natural | stageA | stageB | both | all | comma-separated
+    c.prompt.sentinel_start = "<BEGIN_JSON>"
+    c.prompt.sentinel_end = "<END_JSON>"
+    c.prompt.stage_b_seed = 42  # the Stage B prompt hash seed (training's text.prompt_seed)
+
+    c.generation = ml_collections.ConfigDict()
+    c.generation.batch_size = 8  # fixed batch (the last one padded)
+    c.generation.max_new_tokens = 200  # the original's max_reason_tokens
+    c.generation.temperature = 0.0  # 0 = greedy; the original sampled at 0.2
+    c.generation.top_p = 0.7  # the original's nucleus (used when temperature > 0)
+
+    c.baseline = True  # also write reasoning_baseline.json (same model and prompts, no concept tokens)
+
+    c.saliency = ml_collections.ConfigDict()
+    c.saliency.enabled = False
+    c.saliency.n_images = 8  # first N images (-1 = all)
+    c.saliency.source = "both"  # prototype | llava | both
+    c.saliency.prompt_mode = "structured"  # the answer whose loss the LLaVA map explains
+    c.saliency.grid = 8
+    c.saliency.minibatch = 8  # occluded copies per lax.map step
+
+    if preset == "demo":
+        root = ml_collections.FieldReference("runs/demo")  # --config.workdir=DIR moves every path
+        c.workdir = root
+        c.llava_checkpoint = root + "/checkpoints/llava-base"
+        c.stage_workdir = root + "/stageB"
+        c.prototypes.workdir = root + "/prototypes"
+        c.data.dataset_json = root + "/data/dataset.json"
+        c.data.images_root = root + "/data/images"
+        c.generation.max_new_tokens = 96
+        c.saliency.enabled = True
+        c.saliency.n_images = 12
+    elif preset == "llava-1.5-7b":
+        c.workdir = "runs/infer_llava-1.5-7b"
+        c.dtype = "bfloat16"
+    return c
