@@ -167,8 +167,31 @@ def train_concepts(workdir: str, llava_dir: str, paths: dict[str, str], signals:
     return {"stageA": pick(a), "stageB": pick(b), "stageB_pt": b.get("pt")}
 
 
+def evaluate(workdir: str, llava_dir: str, paths: dict[str, str], n_images: int = 0) -> dict[str, Any]:
+    """Inference on the test split (concept model and no-concept baseline, with saliency), then
+    metrics and the HTML report in ``workdir/eval``."""
+    from cgjax.config import load_config
+    from cgjax.eval import cli
+    from cgjax.infer import run_inference
+
+    config = load_config("infer.py:preset=demo")
+    config.workdir = workdir  # the preset's paths follow the demo layout under workdir
+    config.llava_checkpoint = llava_dir
+    config.prompt.mode = "stageB,structured"
+    config.data.limit = n_images
+    out = run_inference(config)
+    eval_dir = os.path.join(workdir, "eval")
+    metrics = cli.main(["--reasoning-json", out["reasoning"], "--baseline-json", out["reasoning_baseline"],
+                        "--dataset-json", paths["dataset_json"], "--targets-csv", paths["targets_csv"],
+                        "--out", os.path.join(eval_dir, "metrics.json"), "--report-dir", eval_dir]
+                       + (["--saliency-json", out["saliency"]] if out.get("saliency") else []))
+    keys = metrics.get("keys", {})
+    return {"report": os.path.join(eval_dir, "report.html"), "keys_macro_f1": keys.get("macro_f1"),
+            "comparison": metrics.get("comparison", {}).get("keys", {}).get("macro_f1")}
+
+
 def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0, pretrain_steps: int = 300,
-        stage_steps: int = 64) -> dict[str, Any]:
+        stage_steps: int = 64, eval_images: int = 0) -> dict[str, Any]:
     """The whole demo: data -> checkpoints -> (the stages available in this build)."""
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
@@ -194,6 +217,9 @@ def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0, 
     _log(f"Stage A then Stage B ({stage_steps} steps each; only the concept values train)")
     summary["stages"] = train_concepts(workdir, base, paths, signals, stage_steps)
     _log(f"validation: {json.dumps(summary['stages'])}")
+    _log("inference on the test split (concept model and no-concept baseline), metrics and report")
+    summary["eval"] = evaluate(workdir, base, paths, n_images=eval_images)
+    _log(f"report: {summary['eval']['report']}; keys macro-F1: {json.dumps(summary['eval']['keys_macro_f1'])}")
     summary["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -10,7 +10,7 @@ from cgjax import demo
 
 def test_demo_runs_end_to_end(tmp_path):
     work = str(tmp_path / "demo")
-    summary = demo.run(work, n_images=40, pretrain_steps=6, stage_steps=4)
+    summary = demo.run(work, n_images=40, pretrain_steps=6, stage_steps=4, eval_images=3)
 
     assert summary["conversion"]["clip_max_abs_diff"] < 1e-4
     assert summary["conversion"]["llava_max_abs_diff"] < 1e-4
@@ -36,3 +36,17 @@ def test_demo_runs_end_to_end(tmp_path):
     values = torch.load(summary["stages"]["stageB_pt"], weights_only=True)
     (step, payload), = values.items()
     assert payload["values"].ndim == 3
+
+    # inference + metrics + report in DIR/eval (concept model and the no-concept baseline)
+    eval_dir = os.path.join(work, "eval")
+    for name in ("metrics.json", "metrics_baseline.json", "reasoning.json", "reasoning_baseline.json", "report.html",
+                 "concept_graph.png"):
+        assert os.path.getsize(os.path.join(eval_dir, name)) > 0, name
+    with open(os.path.join(eval_dir, "reasoning.json")) as f:
+        reasoning = json.load(f)
+    assert len(reasoning) == 3
+    entry = next(iter(reasoning.values()))
+    assert set(entry["__meta__"]["activation"]) == {"artist", "style", "genre"}
+    with open(os.path.join(eval_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["n_images"] == 3 and "comparison" in metrics
