@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cgjax.data.schema import replace_dir
 from converters import common as C
 
 from converters.openclip import hf_clip_vision_rules
@@ -174,18 +175,6 @@ def load_llama(path_or_torch_model: Any, dtype=jnp.float32, mesh: jax.sharding.M
     return C.load_state(abstract, path_or_torch_model, rules, dtype=dtype, mesh=mesh, rules_table=rules_table)
 
 
-def _replace_dir(tmp: str, out_dir: str) -> None:
-    """Move the finished ``tmp`` folder to ``out_dir`` (an old ``out_dir`` is replaced)."""
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=".old-")
-        os.rmdir(old)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_tensors(model, layout: str = "saved", dtype=None) -> dict[str, np.ndarray]:
     """``{torch_key: np.ndarray}`` of ``model`` in ``layout`` (cast to ``dtype`` if given)."""
     tensors = C.export_state(model, llava_rules(layout, model.config.text_config.tie_word_embeddings))
@@ -223,7 +212,7 @@ def save(model, out_dir: str, *, dtype=None, layout: str | None = None, tokenize
             for name in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(src_dir, name)):
                     shutil.copy2(os.path.join(src_dir, name), os.path.join(tmp, name))
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -247,7 +236,7 @@ def save_orbax(model, out_dir: str) -> str:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, "state"), nnx.state(model, nnx.Param).to_pure_dict())
         ckptr.wait_until_finished()
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

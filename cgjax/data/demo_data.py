@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from cgjax.data.records import format_target_keys, write_dataset_json, write_targets_csv
-from cgjax.data.schema import (DEFAULT_DIMENSIONS, Record, TargetRow, Vocabulary, read_json, save_vocab)
+from cgjax.data.schema import (DEFAULT_DIMENSIONS, Record, TargetRow, Vocabulary, read_json, replace_dir, save_vocab)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,13 +323,7 @@ def make_demo(out_dir: str | os.PathLike, n_images: int = 240, size: int = 64, s
     tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".tmp-")
     try:
         _write_demo(tmp, n_images, size, seed, split, image_format)
-        if os.path.exists(out_dir):
-            trash = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".old-")
-            os.rename(out_dir, os.path.join(trash, "old"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -282,3 +283,16 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, newline: str | N
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     write_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def replace_dir(tmp: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Move a finished temporary folder to ``out_dir``, replacing an old ``out_dir`` whole."""
+    tmp, out_dir = os.fspath(tmp), os.fspath(out_dir)
+    if os.path.exists(out_dir):
+        trash = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)),
+                                 prefix="." + os.path.basename(out_dir) + ".old-")
+        os.rename(out_dir, os.path.join(trash, "old"))
+        os.rename(tmp, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)

@@ -27,7 +27,7 @@ from etils import epath
 
 from cgjax.data.examples import LoadedData, load_data, make_example, read_image_bytes
 from cgjax.data.schema import (SCHEMA_VERSION, SPLITS, DataError, ProblemLog, Vocabulary, log, read_json,
-                               save_vocab, vocab_from_json, write_json_atomic)
+                               save_vocab, vocab_from_json, write_json_atomic, replace_dir)
 
 BUILDER_NAME = "cgjax_dataset"
 BUILDER_VERSION = "1.0.0"
@@ -182,13 +182,7 @@ def pack(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None,
                         "images_root": data.dataset.images_root,
                         "targets_csv": None if targets_csv is None else os.path.abspath(os.fspath(targets_csv))},
             "skipped": [str(p) for p in problems.problems]})
-        if os.path.exists(out_dir):
-            trash = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".old-")
-            os.rename(out_dir, os.path.join(trash, "old"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -162,7 +162,6 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[b
     if conf.size == 0:
         return None
     idx = _bin_index(conf, n_bins)
-    count = np.bincount(idx, minlength=n_bins)
     gap = np.abs(np.bincount(idx, corr, minlength=n_bins) - np.bincount(idx, conf, minlength=n_bins))
     return float(gap.sum() / conf.size)  # |B|/N * |acc - conf| = |sum corr - sum conf| / N
 

@@ -204,7 +204,6 @@ class ImageEncoder:
     """Frozen CLIP image tower encoding ``[N, 3, H, W]`` in jitted batches of ONE fixed shape."""
 
     def __init__(self, model: Any, batch_size: int = 32):
-        import jax
         from flax import nnx
 
         self.batch_size = int(batch_size)

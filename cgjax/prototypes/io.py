@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cgjax.data.schema import replace_dir
 from cgjax.prototypes.head import DEFAULT_CLIP_MODEL, PrototypeSet, l2_normalize
 
 PT_SUFFIXES = (".pt", ".pth", ".bin")
@@ -173,13 +174,7 @@ def save_checkpoint(ps: PrototypeSet, path: str | os.PathLike, step: int = 0, **
                                                 meta=ocp.args.JsonSave(m)))
         mngr.wait_until_finished()
         mngr.close()
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".old-")
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

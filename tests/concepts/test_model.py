@@ -1,5 +1,4 @@
 """ConceptLlava (fixed length, masked slots) equals the original's variable-length sequence."""
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -1,6 +1,5 @@
 """Metrics against sklearn, calibration by hand, coherence on crafted texts, the CLI round trip on
 reasoning.json files in the original project's exact shape."""
-import importlib.util
 import json
 import os
 import random
