@@ -133,7 +133,7 @@ def pretrain_base(workdir: str, llava_dir: str, paths: dict[str, str], signals: 
     nothing about the images themselves: the no-concept baseline stays at chance, and what the
     concept stages add is measurable. Returns the pretrained HF checkpoint directory."""
     from converters import hf_llava
-    from cgjax.train import Trainer, _manager, _restore, train_stage
+    from cgjax.train import load_trained_model, train_stage
 
     run_dir = os.path.join(workdir, "pretrain")
     config = stage_config("B", llava_dir, paths, signals, **{
@@ -144,13 +144,8 @@ def pretrain_base(workdir: str, llava_dir: str, paths: dict[str, str], signals: 
         "checkpoint.every_steps": steps, "checkpoint.keep_best": 0, "init_from": "", "export.pt": False,
     })
     train_stage(config, run_dir)
-    trainer = Trainer(config, run_dir)
-    state = trainer.init_state()
-    mngr = _manager(os.path.join(run_dir, "checkpoints"), config, read_only=True)
-    got, _ = _restore(mngr, mngr.latest_step(), state)
-    mngr.close()
     out = os.path.join(workdir, "checkpoints", "llava-pretrained")
-    hf_llava.save(trainer.model(got["params"]).llava, out, tokenizer_from=llava_dir)
+    hf_llava.save(load_trained_model(config, run_dir).llava, out, tokenizer_from=llava_dir)
     return out
 
 

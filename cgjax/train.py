@@ -58,7 +58,8 @@ from cgjax.generate import generate
 from cgjax.losses import IGNORE_INDEX, SEGMENT_KEYS, SEGMENT_REASON, segment_weighted_loss, token_cross_entropy
 
 __all__ = ["train_stage", "Trainer", "ConceptIndex", "StepConfig", "TextRows", "Collate", "make_optimizer",
-           "parse_key_lines", "greedy_generate", "step_flops", "ensure_demo_assets", "write_label_signals"]
+           "parse_key_lines", "greedy_generate", "load_trained_model", "step_flops", "ensure_demo_assets",
+           "write_label_signals"]
 
 _TOKENIZER_LOCK = threading.Lock()  # HF fast tokenizers are not safe to share across grain threads
 
@@ -837,6 +838,19 @@ def _restore(mngr, step: int, like_state):
     got = mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                          meta=ocp.args.JsonRestore()))
     return got["state"], got["meta"]
+
+
+def load_trained_model(config, workdir: str) -> ConceptLlava:
+    """The model of ``config`` with the trained parameters of ``workdir``'s latest checkpoint."""
+    trainer = Trainer(config, workdir)
+    state = trainer.init_state()
+    mngr = _manager(os.path.join(workdir, "checkpoints"), config, read_only=True)
+    step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
+    got, _ = _restore(mngr, step, state)
+    mngr.close()
+    return trainer.model(got["params"])
 
 
 def _resolve_init_dir(path: str) -> str:
