@@ -1,0 +1,33 @@
+"""Export a finished work dir to PyTorch / HF files (see ``cgjax.export``).
+
+``python scripts/export.py --workdir DIR --out OUT`` writes the HF LLaVA, the open_clip tower, the
+prototypes, the concept values, the signals, ``concept_tokens.py`` and ``example.py`` to ``OUT``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="work dir of scripts/demo.py (stageA/B, prototypes)")
+    p.add_argument("--out", required=True, help="output folder (replaced whole)")
+    p.add_argument("--stage-workdir", default=None, help="default: WORKDIR/stageB, else WORKDIR/stageA")
+    p.add_argument("--prototypes-workdir", default=None, help="default: WORKDIR/prototypes")
+    p.add_argument("--llava-checkpoint", default=None, help="default: the one named by the stage's concepts json")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    a = p.parse_args(argv)
+    from cgjax.export import export
+
+    written = export(a.workdir, a.out, stage_workdir=a.stage_workdir, prototypes_workdir=a.prototypes_workdir,
+                     llava_checkpoint=a.llava_checkpoint, step=a.step)
+    for k, v in written.items():
+        print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    main()
