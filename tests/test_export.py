@@ -5,7 +5,6 @@ One tiny setup: a tiny LLaVA + tokenizer, a Stage A work dir saved by the traine
 code (values moved from init; no train-step compile), a prototypes work dir (tiny open_clip tower,
 random prototypes as the original's ``.pt`` files, a signals file), exported once.
 """
-import csv
 import importlib.util
 import json
 import os
@@ -20,6 +19,7 @@ from flax import nnx
 from cgjax import infer, text, train
 from cgjax.config import load_config
 from cgjax.data.demo_data import make_demo
+from cgjax.testing import fake_trained_stage, tiny_llava_with_tokenizer
 
 DIMS = ("artist", "style", "genre")
 MAX_NEW = 10
@@ -28,8 +28,6 @@ MAX_NEW = 10
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from converters.tiny_clip import make_openclip_checkpoint
-    from converters.tiny_llava import make_llava_checkpoint
-    from converters.tiny_tokenizer import train_tokenizer
     from cgjax import export
     from cgjax.prototypes import io as pio
     from cgjax.prototypes.head import PrototypeSet
@@ -37,14 +35,7 @@ def exported(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("export"))
     work = os.path.join(root, "work")
     paths = make_demo(os.path.join(work, "data"), n_images=12, size=32)
-    with open(paths["targets_csv"], newline="") as f:
-        rows = list(csv.DictReader(f))
-    corpus = [text.SYSTEM, text.STAGE_A_PROMPT, *text.STAGE_B_PROMPTS]
-    corpus += [r["target_keys"] for r in rows] + [r["target_reason"] for r in rows]
-    tok = train_tokenizer(corpus, vocab_size=1000)
-    ckpt = make_llava_checkpoint(os.path.join(work, "checkpoints", "llava"), "tiny", seed=0, vocab_size=len(tok),
-                                 image_token_id=tok.convert_tokens_to_ids("<image>"))
-    tok.save_pretrained(ckpt)
+    ckpt, tok = tiny_llava_with_tokenizer(os.path.join(work, "checkpoints", "llava"), paths["targets_csv"])
     data_dir = os.path.dirname(paths["dataset_json"])
     signals = os.path.join(root, "signals.keyed.json")
     train.write_label_signals(paths["dataset_json"], data_dir, signals, dims=DIMS, seed=0)
@@ -55,15 +46,7 @@ def exported(tmp_path_factory):
     c.data.targets_csv, c.data.signals = paths["targets_csv"], (signals,)
     c.mesh, c.checkpoint.async_save = "data=1", False
     stage_wd = os.path.join(work, "stageA")
-    tr = train.Trainer(c, stage_wd)
-    state = tr.init_state()
-    v = state["params"]["concepts"]["values"]
-    state["params"]["concepts"]["values"] = v + 0.5 * jax.random.normal(jax.random.PRNGKey(7), v.shape)
-    mngr = train._manager(os.path.join(stage_wd, "checkpoints"), c)
-    train._save(mngr, 3, state, {"step": 3, "stage": "A", "data_iter": {}, "concept_index": tr.index.to_json(),
-                                 "val": {}, "trainable": tr.trainable_paths})
-    mngr.wait_until_finished()
-    mngr.close()
+    tr, state = fake_trained_stage(c, stage_wd, 3)
     tr.export_pt(state["params"], 3)
     trained = np.asarray(state["params"]["concepts"]["values"])
 

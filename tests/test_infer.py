@@ -5,7 +5,6 @@ saved by the trainer's own checkpoint code (values moved from init; no train-ste
 open_clip tower with mean prototypes and an exported keyed signals file (zscore, T 0.8), shared by
 every test. Fixed batch and prompt shapes keep compiles few.
 """
-import csv
 import json
 import os
 
@@ -19,6 +18,7 @@ from cgjax import infer, text, train
 from cgjax.config import load_config
 from cgjax.data.demo_data import make_demo
 from cgjax.eval import saliency as sal
+from cgjax.testing import fake_trained_stage, tiny_llava_with_tokenizer
 
 STRUCTURED_PROMPT = (
     "Between <BEGIN_JSON> and <END_JSON>, return only a compact JSON with keys artist, style, genre, evidence. "
@@ -35,8 +35,6 @@ MAX_NEW = 10
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from converters.tiny_clip import make_openclip_checkpoint
-    from converters.tiny_llava import make_llava_checkpoint
-    from converters.tiny_tokenizer import train_tokenizer
     from cgjax.data.records import read_dataset_json
     from cgjax.data.signals import write_signals_keyed
     from cgjax.prototypes import export, io as pio
@@ -44,14 +42,8 @@ def setup(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("infer"))
     paths = make_demo(os.path.join(root, "data"), n_images=24, size=32)
-    with open(paths["targets_csv"], newline="") as f:
-        rows = list(csv.DictReader(f))
-    corpus = [text.SYSTEM, text.STAGE_A_PROMPT, *text.STAGE_B_PROMPTS, STRUCTURED_PROMPT, NATURAL_PROMPT]
-    corpus += [r["target_keys"] for r in rows] + [r["target_reason"] for r in rows]
-    tok = train_tokenizer(corpus, vocab_size=1000)
-    ckpt = make_llava_checkpoint(os.path.join(root, "llava"), "tiny", seed=0, vocab_size=len(tok),
-                                 image_token_id=tok.convert_tokens_to_ids("<image>"))
-    tok.save_pretrained(ckpt)
+    ckpt, tok = tiny_llava_with_tokenizer(os.path.join(root, "llava"), paths["targets_csv"],
+                                          [STRUCTURED_PROMPT, NATURAL_PROMPT])
     data_dir = os.path.dirname(paths["dataset_json"])
     label_signals = os.path.join(root, "signals.keyed.json")
     train.write_label_signals(paths["dataset_json"], data_dir, label_signals, dims=DIMS, seed=0)
@@ -64,15 +56,7 @@ def setup(tmp_path_factory):
     c.data.targets_csv, c.data.signals = paths["targets_csv"], (label_signals,)
     c.mesh, c.checkpoint.async_save = "data=1", False
     stage_wd = os.path.join(root, "stageA")
-    tr = train.Trainer(c, stage_wd)
-    state = tr.init_state()
-    v = state["params"]["concepts"]["values"]
-    state["params"]["concepts"]["values"] = v + 0.5 * jax.random.normal(jax.random.PRNGKey(7), v.shape)
-    mngr = train._manager(os.path.join(stage_wd, "checkpoints"), c)
-    train._save(mngr, 2, state, {"step": 2, "stage": "A", "data_iter": {}, "concept_index": tr.index.to_json(),
-                                 "val": {}, "trainable": tr.trainable_paths})
-    mngr.wait_until_finished()
-    mngr.close()
+    tr, state = fake_trained_stage(c, stage_wd, 2)
     pt, _ = tr.export_pt(state["params"], 2)
     trained = np.asarray(state["params"]["concepts"]["values"])
 

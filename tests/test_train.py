@@ -3,7 +3,6 @@
 One tiny LLaVA (vocab of a tokenizer trained on the demo texts), 24 demo images at 32 px and
 label-derived signals, shared by every test; the Stage A runs share one compiled step per mesh.
 """
-import csv
 import dataclasses
 import importlib.util
 import json
@@ -18,6 +17,7 @@ from flax import nnx
 from cgjax import text, train
 from cgjax.losses import IGNORE_INDEX, SEGMENT_KEYS, SEGMENT_REASON
 from cgjax.data.demo_data import make_demo
+from cgjax.testing import tiny_llava_with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,19 +32,10 @@ def _load_config(stage):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from converters.tiny_llava import make_llava_checkpoint
-    from converters.tiny_tokenizer import train_tokenizer
 
     root = str(tmp_path_factory.mktemp("train"))
     paths = make_demo(os.path.join(root, "data"), n_images=24, size=32)
-    with open(paths["targets_csv"], newline="") as f:
-        rows = list(csv.DictReader(f))
-    corpus = [text.SYSTEM, text.STAGE_A_PROMPT, *text.STAGE_B_PROMPTS]
-    corpus += [r["target_keys"] for r in rows] + [r["target_reason"] for r in rows]
-    tok = train_tokenizer(corpus, vocab_size=1000)
-    ckpt = make_llava_checkpoint(os.path.join(root, "llava"), "tiny", seed=0, vocab_size=len(tok),
-                                 image_token_id=tok.convert_tokens_to_ids("<image>"))
-    tok.save_pretrained(ckpt)
+    ckpt, tok = tiny_llava_with_tokenizer(os.path.join(root, "llava"), paths["targets_csv"])
     signals = os.path.join(root, "signals.keyed.json")
     data_dir = os.path.dirname(paths["dataset_json"])
     train.write_label_signals(paths["dataset_json"], data_dir, signals, dims=("artist", "style", "genre"), seed=0)
