@@ -7,6 +7,15 @@ import os
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+def load_module(path: str):
+    """Import a Python config file by path (``configs/`` is not a package)."""
+    name = "cgjax_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config(spec: str):
     """``"configs/stageA.py:preset=demo"`` -> the ConfigDict its ``get_config(arg)`` returns.
 
@@ -17,8 +26,4 @@ def load_config(spec: str):
         path = os.path.join(CONFIG_DIR, path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path!r} not found (also looked in {CONFIG_DIR})")
-    name = "cgjax_config_" + os.path.splitext(os.path.basename(path))[0]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return load_module(path).get_config(arg or None)

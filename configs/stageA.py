@@ -6,17 +6,11 @@ e.g. ``--config.batch_size=8 --config.num_steps=400``.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
-
-def _common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("cgjax_configs_common", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from cgjax.config import load_module
 
 
 def get_config(arg: str | None = None):
-    return _common().base_config("A", arg)
+    common = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
+    return common.base_config("A", arg)

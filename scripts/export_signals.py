@@ -24,6 +24,7 @@ from typing import Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cgjax.prototypes.calibrate import MODES  # noqa: E402
+from cgjax.prototypes.validate_signals import add_gating_args  # noqa: E402
 
 
 def _bool(v: str) -> bool:
@@ -56,12 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # cgjax outputs
     ap.add_argument("--keyed", default="", help="keyed signals JSON ('' = beside the output, 'none' = skip)")
     ap.add_argument("--report", default="", help="validate_signals report ('' = beside the output, 'none' = skip)")
-    ap.add_argument("--threshold", type=float, default=0.6)
-    ap.add_argument("--backoff_delta", type=float, default=0.05)
-    ap.add_argument("--topk_per_dim", type=int, default=2)
-    ap.add_argument("--budget", type=int, default=3)
-    ap.add_argument("--fairness", default="true")
-    ap.add_argument("--priority", default="artist,style,genre")
+    add_gating_args(ap)
     a = ap.parse_args(argv)
     if a.normalize is None:
         a.normalize = "zscore" if a.all else "none"

@@ -4,7 +4,6 @@ One tiny LLaVA (vocab of a tokenizer trained on the demo texts), 24 demo images 
 label-derived signals, shared by every test; the Stage A runs share one compiled step per mesh.
 """
 import dataclasses
-import importlib.util
 import json
 import os
 import signal
@@ -17,17 +16,14 @@ from flax import nnx
 from cgjax import text, train
 from cgjax.losses import IGNORE_INDEX, SEGMENT_KEYS, SEGMENT_REASON
 from cgjax.data.demo_data import make_demo
+from cgjax.config import load_config
 from cgjax.testing import tiny_llava_with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_config(stage):
-    path = os.path.join(ROOT, "configs", f"stage{stage}.py")
-    spec = importlib.util.spec_from_file_location(f"stage{stage}_cfg", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return load_config(os.path.join(ROOT, "configs", f"stage{stage}.py"))
 
 
 @pytest.fixture(scope="module")

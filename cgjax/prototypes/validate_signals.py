@@ -170,6 +170,16 @@ def validate_signals(
     return report
 
 
+def add_gating_args(ap: argparse.ArgumentParser) -> None:
+    """The original's gating flags (threshold 0.6, backoff 0.05, top-k 2, budget 3, fairness, priority)."""
+    ap.add_argument("--threshold", type=float, default=0.6)
+    ap.add_argument("--backoff_delta", type=float, default=0.05)
+    ap.add_argument("--topk_per_dim", type=int, default=2)
+    ap.add_argument("--budget", type=int, default=3)
+    ap.add_argument("--fairness", default="true")
+    ap.add_argument("--priority", default="artist,style,genre")
+
+
 def _bool(v: str) -> bool:
     return str(v).strip().lower() in {"1", "true", "yes", "y"}
 
@@ -188,12 +198,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--signals", nargs="*", default=[], help="DIM=PATH pairs (any dimension)")
     ap.add_argument("--ckpt", default=None, help="one prototype checkpoint holding every dimension")
     ap.add_argument("--threshold_mode", default="similarity", choices=("similarity", "distance"))
-    ap.add_argument("--threshold", type=float, default=0.6)
-    ap.add_argument("--backoff_delta", type=float, default=0.05)
-    ap.add_argument("--topk_per_dim", type=int, default=2)
-    ap.add_argument("--budget", type=int, default=3)
-    ap.add_argument("--fairness", default="true")
-    ap.add_argument("--priority", default="artist,style,genre")
+    add_gating_args(ap)
     ap.add_argument("--output", default="artifacts/validation_metrics.json")
     a = ap.parse_args(argv)
     paths = {d: getattr(a, f"signals_{d}_json") for d in ("artist", "style", "genre") if getattr(a, f"signals_{d}_json")}
