@@ -27,3 +27,14 @@ def load_config(spec: str):
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path!r} not found (also looked in {CONFIG_DIR})")
     return load_module(path).get_config(arg or None)
+
+
+def override(config, **dotted):
+    """Set fields by dotted name: ``override(c, **{"optim.lr": 1e-3, "num_steps": 10})``."""
+    for key, value in dotted.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config

@@ -106,8 +106,9 @@ def train_prototypes(workdir: str, clip_name: str, paths: dict[str, str]) -> dic
 
 
 def stage_config(stage: str, llava_dir: str, paths: dict[str, str], signals: str, **overrides):
-    """``configs/stage{A,B}.py:preset=demo`` pointed at the demo's own data, signals and checkpoint."""
-    from cgjax.config import load_config
+    """``configs/stage{A,B}.py:preset=demo`` pointed at the demo's own data, signals and checkpoint;
+    ``overrides`` are dotted field names (``**{"optim.lr": 1e-3}``)."""
+    from cgjax.config import load_config, override
 
     config = load_config(f"stage{stage}.py:preset=demo")
     config.demo.generate_missing = False
@@ -117,13 +118,7 @@ def stage_config(stage: str, llava_dir: str, paths: dict[str, str], signals: str
     config.data.targets_csv = paths["targets_csv"]
     config.data.signals = (signals,)
     config.log.progress_bar = False
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return override(config, **overrides)
 
 
 def pretrain_base(workdir: str, llava_dir: str, paths: dict[str, str], signals: str, steps: int) -> str:

@@ -16,8 +16,7 @@ import pytest
 import torch
 from flax import nnx
 
-from cgjax import infer, text, train
-from cgjax.config import load_config
+from cgjax import demo, infer, text, train
 from cgjax.data.demo_data import make_demo
 from cgjax.testing import fake_trained_stage, tiny_llava_with_tokenizer
 
@@ -40,11 +39,8 @@ def exported(tmp_path_factory):
     signals = os.path.join(root, "signals.keyed.json")
     train.write_label_signals(paths["dataset_json"], data_dir, signals, dims=DIMS, seed=0)
 
-    c = load_config("stageA.py")
-    c.demo.generate_missing = False
-    c.llava_checkpoint, c.data.dataset_json, c.data.images_root = ckpt, paths["dataset_json"], data_dir
-    c.data.targets_csv, c.data.signals = paths["targets_csv"], (signals,)
-    c.mesh, c.checkpoint.async_save = "data=1", False
+    c = demo.stage_config("A", ckpt, paths, signals, mesh="data=1",
+                          **{"data.images_root": data_dir, "checkpoint.async_save": False})
     stage_wd = os.path.join(work, "stageA")
     tr, state = fake_trained_stage(c, stage_wd, 3)
     tr.export_pt(state["params"], 3)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cgjax import infer, text, train
+from cgjax import demo, infer, text, train
 from cgjax.config import load_config
 from cgjax.data.demo_data import make_demo
 from cgjax.eval import saliency as sal
@@ -50,11 +50,8 @@ def setup(tmp_path_factory):
 
     # a Stage A work dir written by the trainer's own checkpoint code (no train-step compile): the
     # initial state with its values moved, saved as step 2 with the concept index, plus the .pt export
-    c = load_config("stageA.py")
-    c.demo.generate_missing = False
-    c.llava_checkpoint, c.data.dataset_json, c.data.images_root = ckpt, paths["dataset_json"], data_dir
-    c.data.targets_csv, c.data.signals = paths["targets_csv"], (label_signals,)
-    c.mesh, c.checkpoint.async_save = "data=1", False
+    c = demo.stage_config("A", ckpt, paths, label_signals, mesh="data=1",
+                          **{"data.images_root": data_dir, "checkpoint.async_save": False})
     stage_wd = os.path.join(root, "stageA")
     tr, state = fake_trained_stage(c, stage_wd, 2)
     pt, _ = tr.export_pt(state["params"], 2)

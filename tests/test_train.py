@@ -16,7 +16,7 @@ from flax import nnx
 from cgjax import text, train
 from cgjax.losses import IGNORE_INDEX, SEGMENT_KEYS, SEGMENT_REASON
 from cgjax.data.demo_data import make_demo
-from cgjax.config import load_config
+from cgjax.config import load_config, override
 from cgjax.testing import tiny_llava_with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,13 +58,7 @@ def config(assets, stage="A", **over):
     c.log.progress_bar = False
     c.data.read_threads = 1
     c.init_from = ""
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return override(c, **over)
 
 
 def _checkpoint_values(workdir, step=None):
