@@ -138,15 +138,19 @@ def _config_dict(src: Any) -> tuple[dict, str | None]:
 
 def load(path_or_torch_model: Any, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
          rules: Sequence[Any] | None = None, *, compute_dtype=None, layout: str | None = None,
-         rules_table=None):
+         rules_table=None, config: Any = None):
     """HF LLaVA checkpoint (directory / file / live model) -> :class:`Llava` with ``dtype``
     parameters (``compute_dtype`` defaults to ``dtype``). With ``mesh``, every parameter is
     created directly in its sharding (``rules_table``: logical-axis rules, default
-    ``cgjax.sharding.DEFAULT_RULES``). ``rules`` overrides the conversion rule table."""
+    ``cgjax.sharding.DEFAULT_RULES``). ``rules`` overrides the conversion rule table; ``config``
+    (a ``LlavaConfig`` or HF LLaVA config dict) the source's config (``source_dir`` is then None)."""
     from cgjax.models.llava import Llava, LlavaConfig
 
-    hf_cfg, folder = _config_dict(path_or_torch_model)
-    cfg = LlavaConfig.from_hf(hf_cfg)
+    if config is None:
+        hf_cfg, folder = _config_dict(path_or_torch_model)
+        cfg = LlavaConfig.from_hf(hf_cfg)
+    else:
+        cfg, folder = (config if isinstance(config, LlavaConfig) else LlavaConfig.from_hf(config)), None
     tied = cfg.text_config.tie_word_embeddings
     tensors = C.read_tensors(path_or_torch_model)
     if layout is None:
