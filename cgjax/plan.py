@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from cgjax import sharding
+from cgjax.flops import attention_flops, param_counts, step_flops
 
 GiB = 2**30
 
@@ -242,19 +243,6 @@ def kv_cache_bytes(text_cfg, batch: int, length: int, dtype) -> int:
     """Keys + values ``[L, B, S, KV, hd]`` (+ the bool slot mask) of :func:`cgjax.models.llama.init_cache`."""
     per = text_cfg.num_hidden_layers * batch * length * text_cfg.num_key_value_heads * text_cfg.head_dim
     return 2 * per * np.dtype(dtype).itemsize + batch * length
-
-
-def attention_flops(llava_cfg, batch: int, seq_len: int, diff_len: int) -> dict[str, float]:
-    """Attention score and value matmuls (``QK^T`` and ``PV``: ``4·T·S·H·hd`` per layer and
-    sequence, computed over the full masked ``T x S`` square as the model does). Backward: twice the
-    forward for the ``diff_len`` differentiated query rows (dQ, dK from dS; dP, dV)."""
-    t, v = llava_cfg.text_config, llava_cfg.vision_config
-    hd_h = t.num_attention_heads * t.head_dim
-    lm_fwd = 4.0 * batch * seq_len * seq_len * hd_h * t.num_hidden_layers
-    lm_bwd = 8.0 * batch * diff_len * seq_len * hd_h * t.num_hidden_layers
-    n_tok = v.grid[0] * v.grid[1] + 1
-    vis = 4.0 * batch * n_tok * n_tok * v.width * v.layers
-    return {"lm_forward": lm_fwd, "lm_backward": lm_bwd, "vision_forward": vis, "total": lm_fwd + lm_bwd + vis}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,9 +571,9 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
           "sharded": kv_shard}
 
     # FLOPs: the trainer's accounting + attention
-    counts = train._param_counts(nnx.state(abstract))
+    counts = param_counts(nnx.state(abstract))
     n_dense = 0 if values_only else sum(p.count for p in params if p.trainable)
-    model_flops = train.step_flops(counts, batch, seq_len, n_img, v.grid[0] * v.grid[1], n_dense)
+    model_flops = step_flops(counts, batch, seq_len, n_img, v.grid[0] * v.grid[1], n_dense)
     att = attention_flops(llava_cfg, batch, seq_len, diff_len if prefix_len else seq_len)
     flops = {"model": float(model_flops), "attention": att["total"], "total": float(model_flops) + att["total"],
              "attention_lm_forward": att["lm_forward"], "attention_lm_backward": att["lm_backward"],
@@ -709,7 +697,7 @@ def format_plan(p: Plan) -> str:
     lines += ["", "FLOPs per step (frozen LLaVA, trained concept values):",
               f"  matmuls {_flops(f['model'])}: forward 2*N*tokens (vision tower on its patches, projector on "
               f"the image tokens, LM N={int(f['n_lm']):,} on {p.seq_len} tokens x {p.batch}); backward 2*N_LM*tokens (activation gradients only: frozen weights get no weight "
-              f"gradients), i.e. 4*N*tokens instead of full training's 6*N*tokens (cgjax.train.step_flops)",
+              f"gradients), i.e. 4*N*tokens instead of full training's 6*N*tokens (cgjax.flops.step_flops)",
               f"  attention {_flops(f['attention'])}: 4*T*S*H*hd per layer forward (LM "
               f"{_flops(f['attention_lm_forward'])}, vision {_flops(f['attention_vision'])}), backward 2x "
               f"forward on the differentiated rows ({_flops(f['attention_lm_backward'])})",

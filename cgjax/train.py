@@ -53,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cgjax import sharding, text
 from cgjax.concepts import gating
+from cgjax.flops import param_counts, step_flops
 from cgjax.concepts.model import ConceptLlava, attention_regulariser
 from cgjax.generate import generate
 from cgjax.losses import IGNORE_INDEX, SEGMENT_KEYS, SEGMENT_REASON, segment_weighted_loss, token_cross_entropy
@@ -353,45 +354,6 @@ def greedy_generate(model: ConceptLlava, input_ids, pixel_values, attention_mask
 
 
 # ----------------------------------------------------------------------------------------------
-# FLOPs accounting
-
-
-def step_flops(param_counts: Mapping[str, int], batch: int, seq_len: int, n_image_tokens: int,
-               n_patches: int, n_trainable_dense: int = 0) -> float:
-    """Model FLOPs of one train step with a frozen LLaVA (the standard 2·N·tokens per matmul pass).
-
-    forward: ``2·N_vision·B·(patches+1) + 2·N_projector·B·n_img + 2·N_LM·B·T`` (N_LM: decoder
-    layers + final norm + lm_head; embedding lookups are not matmuls); backward: ``2·N_LM·B·T``
-    for the activation gradients that reach the concept tokens (frozen weights get no weight
-    gradients, the vision tower no backward at all) plus ``2·N_trainable·B·T`` for trainable
-    dense weights (0 when only the values train). So ``4·N_LM·T`` per sequence instead of the
-    ``6·N·T`` of full training. Attention's ``T²`` terms and the prefix shortcut are not counted.
-    """
-    n_vis, n_proj, n_lm = param_counts["vision"], param_counts["projector"], param_counts["lm"]
-    fwd = 2 * n_vis * batch * (n_patches + 1) + 2 * n_proj * batch * n_image_tokens + 2 * n_lm * batch * seq_len
-    bwd = 2 * n_lm * batch * seq_len + 2 * n_trainable_dense * batch * seq_len
-    return float(fwd + bwd)
-
-
-def _param_counts(state) -> dict[str, int]:
-    counts = {"vision": 0, "projector": 0, "lm": 0, "embed": 0, "concepts": 0}
-    for path, v in nnx.to_flat_state(state):
-        p = "/".join(map(str, path))
-        n = int(np.prod(np.shape(v.get_value() if isinstance(v, nnx.Variable) else v)))
-        if "vision_tower" in p:
-            counts["vision"] += n
-        elif "multi_modal_projector" in p:
-            counts["projector"] += n
-        elif "embed_tokens" in p:
-            counts["embed"] += n
-        elif "language_model" in p:
-            counts["lm"] += n
-        else:
-            counts["concepts"] += n
-    return counts
-
-
-# ----------------------------------------------------------------------------------------------
 # demo assets
 
 
@@ -598,7 +560,7 @@ class Trainer:
         self.params0 = nnx.to_pure_dict(trainable)
         self.frozen = nnx.to_pure_dict(frozen)
         values_only = all(p.startswith("concepts/") for p in self.trainable_paths)
-        self.param_counts = _param_counts(nnx.state(model))
+        self.param_counts = param_counts(nnx.state(model))
         self.n_trainable = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(self.params0))
         self.n_trainable_dense = 0 if values_only else self.n_trainable
 

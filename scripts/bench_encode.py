@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from flax import nnx
 
+    from cgjax import flops
     from converters import openclip as oc
 
     torch.manual_seed(args.seed)
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_j, t_t = med["cgjax"], med["torch"]
 
     res = {
+        "label": f"CLIP {args.model} encode_image, batch {args.batch}",
+        "flops_per_unit": flops.encode_flops(model.cfg, 1),
         "cgjax": args.batch / t_j,
         "torch": args.batch / t_t,
         "speedup": t_t / t_j,

@@ -106,7 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
     same = float((np.asarray(out) == ref[:, T:].cpu().numpy()).mean())
 
     n = B * args.new
-    res = {"cgjax": n / jx, "torch": n / th, "speedup": th / jx, "unit": "tokens/s",
+    from cgjax import flops
+    from flax import nnx
+
+    call_flops = flops.generate_flops(cfg, flops.param_counts(nnx.state(model)), B, T, args.new)
+    res = {"label": f"greedy generation, {args.size} LLaVA, batch {B}, {args.new} tokens",
+           "flops_per_unit": call_flops / n, "cgjax": n / jx, "torch": n / th, "speedup": th / jx, "unit": "tokens/s",
            "compile_s": compile_s, "cgjax_s": jx, "torch_s": th, "token_agreement": same,
            "cgjax_prefill_s": pj, "torch_prefill_s": pt,
            "device": str(jax.devices()[0].platform) + "/" + dev, "dtype": args.dtype}

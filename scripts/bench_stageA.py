@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from cgjax import train
+    from cgjax import flops, train
     from cgjax.concepts import gating
     from cgjax.concepts.model import ConceptLlava
     from converters import hf_llava
@@ -181,13 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
     impls = {"cgjax": lambda: jax.block_until_ready(jax_step()), "torch_eager": torch_eager}
     if not args.no_full:
         impls["cgjax_full_forward"] = lambda: jax.block_until_ready(jax_full_step())
-    compile_error = None
+    compile_error, torch_compile_s = None, None
     if not args.no_compile:
         try:
             torch_compiled = make_torch(True)
             t0 = time.perf_counter()
             first_compiled = float(torch_compiled())
-            print(f"torch.compile: first step (compile + run) {time.perf_counter() - t0:.1f} s, "
+            torch_compile_s = time.perf_counter() - t0
+            print(f"torch.compile: first step (compile + run) {torch_compile_s:.1f} s, "
                   f"loss {first_compiled:.6f}", flush=True)
             impls["torch_compile"] = torch_compiled
         except Exception as e:  # noqa: BLE001 - report why and go on
@@ -218,10 +219,16 @@ def main(argv: list[str] | None = None) -> dict:
     last = {"cgjax_s_per_step": s["cgjax"], "torch_eager_s_per_step": s["torch_eager"],
             "torch_compile_s_per_step": s.get("torch_compile")}
     print(json.dumps(last))
-    out = {"cgjax": 1 / s["cgjax"], "torch": 1 / s["torch_eager"], "speedup": s["torch_eager"] / s["cgjax"],
-           "unit": "steps/s", **last}
+    counts = flops.param_counts(nnx.state(model))
+    grid = cfg.vision_config.grid
+    out = {"label": f"Stage A step, small LLaVA, batch {B}", "cgjax": 1 / s["cgjax"], "torch": 1 / s["torch_eager"],
+           "speedup": s["torch_eager"] / s["cgjax"], "unit": "steps/s",
+           "flops_per_unit": flops.step_flops(counts, B, T, n_img, grid[0] * grid[1]),
+           "compile_s": jax_compile, **last}
     if "torch_compile" in s:
+        out["torch_compile"] = 1 / s["torch_compile"]
         out["speedup_vs_compile"] = s["torch_compile"] / s["cgjax"]
+        out["torch_compile_compile_s"] = torch_compile_s
     if compile_error:
         out["torch_compile_error"] = compile_error
     return out
