@@ -4,7 +4,7 @@
 Sections: summary per answer mode, baseline vs concept model, signals (recall@k, precision of the
 injected concepts, reliability diagram), confusion matrices, per-class F1 bars, the concept graph
 and a gallery of test images with the activated concepts, the parsed answer and the explanation
-(plus saliency overlays when given). matplotlib only (Agg backend).
+(plus saliency overlays when given). matplotlib only (``Figure`` objects, no pyplot: the caller's backend is left alone).
 """
 from __future__ import annotations
 
@@ -16,17 +16,15 @@ import os
 from typing import Any, Mapping, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from cgjax.data.records import read_dataset_json, resolve_image  # noqa: E402
-from cgjax.data.schema import UNKNOWN, Dataset, read_json, write_atomic  # noqa: E402
-from cgjax.eval.metrics import (activation_entry, collect, compare, comparison_rows, label_vocabs,  # noqa: E402
+from cgjax.data.records import read_dataset_json, resolve_image
+from cgjax.data.schema import UNKNOWN, Dataset, read_json, write_atomic
+from cgjax.eval.metrics import (activation_entry, collect, compare, comparison_rows, label_vocabs,
                                 name_list)
-from cgjax.eval.parser import DEFAULT_SENTINELS, MODES, AnswerParser  # noqa: E402
+from cgjax.eval.parser import DEFAULT_SENTINELS, MODES, AnswerParser
 
 DIM_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 THUMB = 192
@@ -39,7 +37,6 @@ THUMB = 192
 def _fig_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, pil_kwargs={"compress_level": 3})
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -90,7 +87,8 @@ def plot_confusion(metrics: Mapping[str, Any], dims: Sequence[str]) -> bytes | N
     if not panels:
         return None
     modes = [m for m in MODES if any(p[0] == m for p in panels)]
-    fig, axes = plt.subplots(len(modes), len(dims), figsize=(4.4 * len(dims), 4.2 * len(modes)), squeeze=False)
+    fig = Figure(figsize=(4.4 * len(dims), 4.2 * len(modes)))
+    axes = fig.subplots(len(modes), len(dims), squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
     for mode, d in panels:
@@ -127,7 +125,8 @@ def plot_f1_bars(metrics: Mapping[str, Any], dims: Sequence[str],
             series.append((f"{m} (baseline)", baseline[m]))
     if not series:
         return None
-    fig, axes = plt.subplots(1, len(dims), figsize=(5.0 * len(dims), 3.8), squeeze=False)
+    fig = Figure(figsize=(5.0 * len(dims), 3.8))
+    axes = fig.subplots(1, len(dims), squeeze=False)
     for ax, d in zip(axes[0], dims):
         classes = sorted({c for _, b in series for c in (b.get("per_concept", {}).get(d) or {})})
         if not classes:
@@ -153,7 +152,8 @@ def plot_reliability(metrics: Mapping[str, Any], dims: Sequence[str]) -> bytes |
     dims = [d for d in dims if d in cal]
     if not dims:
         return None
-    fig, axes = plt.subplots(1, len(dims), figsize=(3.8 * len(dims), 3.8), squeeze=False)
+    fig = Figure(figsize=(3.8 * len(dims), 3.8))
+    axes = fig.subplots(1, len(dims), squeeze=False)
     for ax, d in zip(axes[0], dims):
         b = cal[d]["bins"]
         edges = np.asarray(b["edges"])
@@ -266,7 +266,8 @@ def draw_concept_graph(reasoning: Mapping[str, Any] | str, out_path: str | os.Pa
                 dims[d] = None
         dimensions = list(dims)
     nodes, counts, weights = concept_cooccurrence(reasoning, dimensions)
-    fig, ax = plt.subplots(figsize=(8.5, 8.5))
+    fig = Figure(figsize=(8.5, 8.5))
+    ax = fig.subplots()
     ax.set_axis_off()
     if not nodes:
         ax.text(0.5, 0.5, "no concept activations in __meta__", ha="center", va="center")
