@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +137,27 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+
+@struct.dataclass
+class LayerKVCache:
+    """:class:`KVCache` as one ``[B, S_max, KV, hd]`` array per layer (tuples ``k``, ``v``): the
+    decode loop's layout, where each layer's cache is updated in place without slicing a stack."""
+
+    k: tuple
+    v: tuple
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    @classmethod
+    def from_stacked(cls, cache: KVCache) -> "LayerKVCache":
+        n = cache.k.shape[0]
+        return cls(k=tuple(cache.k[i] for i in range(n)), v=tuple(cache.v[i] for i in range(n)),
+                   valid=cache.valid, index=cache.index)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=F32) -> KVCache:
@@ -382,6 +403,36 @@ class LlamaForCausalLM(nnx.Module):
                             v=jax.lax.dynamic_update_slice(cache.v, v_new, (0, 0, index, 0, 0)),
                             valid=key_valid, index=cache.index + T)
         return h, cache, attn
+
+    def unstacked_layers(self) -> list[LlamaDecoderLayer]:
+        """The decoder layers as separate modules (per-layer parameter slices, taken once): the
+        decode loop runs them unrolled, so no step slices the stacked weights again."""
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+                for i in range(self.config.num_hidden_layers)]
+
+    def decode_step(self, inputs_embeds, layers: Sequence[LlamaDecoderLayer], cache: LayerKVCache):
+        """One cached step over ``inputs_embeds [B, T, D]`` with :meth:`unstacked_layers` and a
+        :class:`LayerKVCache` (every position valid) -> (final-normed hidden ``[B, T, D]``, cache).
+        Same numbers as :meth:`hidden_states` with the stacked cache."""
+        h = jnp.asarray(inputs_embeds).astype(self.dtype)
+        B, T = h.shape[:2]
+        cfg = self.config
+        mask, pos, _, key_valid = _to_mask_and_positions(None, None, B, T, cache)
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+        ks, vs = [], []
+        for layer, k_old, v_old in zip(layers, cache.k, cache.v):
+            def kv_store(k, v, k_old=k_old, v_old=v_old):
+                keys = jax.lax.dynamic_update_slice(k_old, k.astype(k_old.dtype), (0, cache.index, 0, 0))
+                values = jax.lax.dynamic_update_slice(v_old, v.astype(v_old.dtype), (0, cache.index, 0, 0))
+                return keys, values, (keys, values)
+
+            h, (k_new, v_new), _ = layer(h, cos, sin, mask, kv_store)
+            h = sharding.constrain(h, ("batch", None, None))
+            ks.append(k_new)
+            vs.append(v_new)
+        cache = LayerKVCache(k=tuple(ks), v=tuple(vs), valid=key_valid, index=cache.index + T)
+        return self.norm(h), cache
 
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
                  cache: KVCache | None = None, return_attn_rows=None):
