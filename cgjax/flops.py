@@ -39,7 +39,8 @@ def param_counts(state: Any) -> dict[str, int]:
 
 
 def step_flops(param_counts: Mapping[str, int], batch: int, seq_len: int, n_image_tokens: int,
-               n_patches: int, n_trainable_dense: int = 0) -> float:
+               n_patches: int, n_trainable_dense: int = 0, *, head_params: int = 0, diff_len: int | None = None,
+               logit_positions: int | None = None) -> float:
     """Model FLOPs of one train step with a frozen LLaVA.
 
     forward: ``2·N_vision·B·(patches+1) + 2·N_projector·B·n_img + 2·N_LM·B·T`` (N_LM: decoder
@@ -47,11 +48,20 @@ def step_flops(param_counts: Mapping[str, int], batch: int, seq_len: int, n_imag
     for the activation gradients that reach the concept tokens (frozen weights get no weight
     gradients, the vision tower no backward at all) plus ``2·N_trainable·B·T`` for trainable
     dense weights (0 when only the values train). So ``4·N_LM·T`` per sequence instead of the
-    ``6·N·T`` of full training. Attention's ``T²`` terms and the prefix shortcut are not counted.
+    ``6·N·T`` of full training. Attention's ``T²`` terms are not counted.
+
+    What the step needs when only the values train: activation gradients only for the
+    ``diff_len`` positions from the first concept slot on (nothing before it depends on the
+    values), and the ``lm_head`` (``head_params`` of N_LM) only at the ``logit_positions``
+    supervised positions of a row. Defaults: every position (the plain count above).
     """
     n_vis, n_proj, n_lm = param_counts["vision"], param_counts["projector"], param_counts["lm"]
-    fwd = 2 * n_vis * batch * (n_patches + 1) + 2 * n_proj * batch * n_image_tokens + 2 * n_lm * batch * seq_len
-    bwd = 2 * n_lm * batch * seq_len + 2 * n_trainable_dense * batch * seq_len
+    body = n_lm - head_params
+    diff = seq_len if diff_len is None else diff_len
+    logits = seq_len if logit_positions is None else logit_positions
+    fwd = (2 * n_vis * batch * (n_patches + 1) + 2 * n_proj * batch * n_image_tokens
+           + 2 * body * batch * seq_len + 2 * head_params * batch * logits)
+    bwd = 2 * body * batch * diff + 2 * head_params * batch * logits + 2 * n_trainable_dense * batch * seq_len
     return float(fwd + bwd)
 
 

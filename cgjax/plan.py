@@ -573,7 +573,11 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
     # FLOPs: the trainer's accounting + attention
     counts = param_counts(nnx.state(abstract))
     n_dense = 0 if values_only else sum(p.count for p in params if p.trainable)
-    model_flops = step_flops(counts, batch, seq_len, n_img, v.grid[0] * v.grid[1], n_dense)
+    t = llava_cfg.text_config
+    max_targets = int(config.text.get("max_target_tokens", 0))
+    model_flops = step_flops(counts, batch, seq_len, n_img, v.grid[0] * v.grid[1], n_dense,
+                             head_params=0 if t.tie_word_embeddings else t.hidden_size * t.vocab_size,
+                             diff_len=diff_len, logit_positions=max_targets or None)
     att = attention_flops(llava_cfg, batch, seq_len, diff_len if prefix_len else seq_len)
     flops = {"model": float(model_flops), "attention": att["total"], "total": float(model_flops) + att["total"],
              "attention_lm_forward": att["lm_forward"], "attention_lm_backward": att["lm_backward"],
@@ -697,7 +701,8 @@ def format_plan(p: Plan) -> str:
     lines += ["", "FLOPs per step (frozen LLaVA, trained concept values):",
               f"  matmuls {_flops(f['model'])}: forward 2*N*tokens (vision tower on its patches, projector on "
               f"the image tokens, LM N={int(f['n_lm']):,} on {p.seq_len} tokens x {p.batch}); backward 2*N_LM*tokens (activation gradients only: frozen weights get no weight "
-              f"gradients), i.e. 4*N*tokens instead of full training's 6*N*tokens (cgjax.flops.step_flops)",
+              f"gradients) on the differentiated rows only, lm_head only at the supervised positions "
+              f"(cgjax.flops.step_flops)",
               f"  attention {_flops(f['attention'])}: 4*T*S*H*hd per layer forward (LM "
               f"{_flops(f['attention_lm_forward'])}, vision {_flops(f['attention_vision'])}), backward 2x "
               f"forward on the differentiated rows ({_flops(f['attention_lm_backward'])})",

@@ -935,9 +935,12 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
                 "val": val or {}, "trainable": tr.trainable_paths}
 
     seq_tokens = tr.batch_size * tr.length
+    text_cfg = tr.model_config.text_config
     flops = step_flops(tr.param_counts, tr.batch_size, tr.length, tr.n_image_tokens,
                        tr.model_config.vision_config.grid[0] * tr.model_config.vision_config.grid[1],
-                       tr.n_trainable_dense)
+                       tr.n_trainable_dense,
+                       head_params=0 if text_cfg.tie_word_embeddings else text_cfg.hidden_size * text_cfg.vocab_size,
+                       diff_len=tr.length - tr.sc.prefix_len, logit_positions=tr.sc.max_targets or None)
     if is_main:
         logging.info("stage %s: %d trainable parameters (%s), %d frozen; sequence %d (%d image + %d concept + "
                      "%d text); mesh %s; %.3g model FLOPs/step", tr.stage, tr.n_trainable,

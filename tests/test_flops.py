@@ -93,3 +93,11 @@ def test_step_flops_counts_forward_and_activation_backward():
 def test_matmul_peak_is_a_positive_rate():
     peak = flops.matmul_peak(n=256, repeats=2)
     assert peak["peak"] >= peak["jax"] > 0
+
+
+def test_step_flops_with_the_values_only_shortcuts():
+    counts = {"vision": 0, "projector": 0, "lm": 100, "embed": 0, "concepts": 0}
+    # lm = 60 body + 40 head; B=1, T=10: gradients for the last 4 positions, logits at 2
+    got = flops.step_flops(counts, 1, 10, 0, 0, head_params=40, diff_len=4, logit_positions=2)
+    assert got == 2 * 60 * 10 + 2 * 40 * 2 + 2 * 60 * 4 + 2 * 40 * 2
+    assert got < flops.step_flops(counts, 1, 10, 0, 0)
