@@ -130,23 +130,22 @@ class LlavaConfig:
         return d
 
 
-# Published llava-hf config.json values (CLIP ViT-L/14-336 + Vicuna v1.5, top-level vocab 32064).
-# The published parameter counts are 7,063,427,072 (7b) and 13,350,839,296 (13b); the 13b count
-# holds only with a 32000-row text vocabulary (32064 rows would give 13,351,494,656), so the 13b
-# preset's text_config.vocab_size is 32000, as in the published 13b config.
+# The llava-hf config.json values (CLIP ViT-L/14-336 + Vicuna v1.5 / Llama-2-13b; text and
+# top-level vocab 32064 in both llava-1.5-7b-hf and llava-1.5-13b-hf): 7,063,427,072 and
+# 13,351,494,656 parameters.
 _CLIP_L14_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
                  "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
                  "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 
 
-def _llava_15(hidden, ffn, layers, heads, text_vocab=32064) -> dict:
+def _llava_15(hidden, ffn, layers, heads) -> dict:
     return {
         "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
         "image_token_index": 32000, "pad_token_id": 32001, "ignore_index": -100,
         "projector_hidden_act": "gelu", "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
         "image_seq_length": 576, "tie_word_embeddings": False, "vocab_size": 32064,
         "vision_config": dict(_CLIP_L14_336),
-        "text_config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": text_vocab,
+        "text_config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32064,
                         "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
                         "num_attention_heads": heads, "num_key_value_heads": heads,
                         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
@@ -157,7 +156,7 @@ def _llava_15(hidden, ffn, layers, heads, text_vocab=32064) -> dict:
 
 LLAVA_PRESETS: dict[str, dict] = {
     "llava-1.5-7b": _llava_15(4096, 11008, 32, 32),
-    "llava-1.5-13b": _llava_15(5120, 13824, 40, 40, text_vocab=32000),
+    "llava-1.5-13b": _llava_15(5120, 13824, 40, 40),
 }
 
 
