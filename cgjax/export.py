@@ -69,6 +69,7 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
     from converters import hf_llava, openclip
     from cgjax import infer
     from cgjax.data.schema import replace_dir
+    from cgjax.preprocess import llava_preprocess_config
 
     workdir = os.path.abspath(workdir)
     stage_wd = stage_workdir or find_stage_workdir(workdir)
@@ -90,6 +91,10 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
         # the LLaVA (written atomically into tmp/llava by the converter)
         llava = hf_llava.load(ckpt)
         hf_llava.save(llava, os.path.join(tmp, "llava"), tokenizer_from=ckpt)
+        # the image preprocessing cgjax trained with, as the HF image processor example.py loads
+        pp = llava_preprocess_config(ckpt, llava.config.vision_config.image_size)
+        with open(os.path.join(tmp, "llava", "preprocessor_config.json"), "w") as f:
+            json.dump(pp.to_hf_image_processor(), f, indent=2)
         del llava
         # the CLIP tower of the prototypes
         os.makedirs(os.path.join(tmp, "clip"))

@@ -204,18 +204,10 @@ def _dtype(name: Any):
 
 
 def llava_preprocess(llava_checkpoint: str, model_config: Any, mode: str = "auto"):
-    """The LLaVA checkpoint's ``preprocessor_config.json``, else HF CLIP preprocessing at the tower size
-    (as ``cgjax.train``)."""
-    from cgjax.preprocess import PreprocessConfig
+    """The LLaVA checkpoint's preprocessing (:func:`cgjax.preprocess.llava_preprocess_config`)."""
+    from cgjax.preprocess import llava_preprocess_config
 
-    path = os.path.join(llava_checkpoint, "preprocessor_config.json")
-    if mode == "auto" and os.path.exists(path):
-        with open(path) as f:
-            return PreprocessConfig.from_hf_image_processor(json.load(f))
-    if mode not in ("auto", "hf"):
-        raise ValueError(f"preprocess must be auto or hf, got {mode!r}")
-    size = model_config.vision_config.image_size
-    return PreprocessConfig(size=tuple(size) if not isinstance(size, int) else size, convention="hf")
+    return llava_preprocess_config(llava_checkpoint, model_config.vision_config.image_size, mode)
 
 
 def _open(image: Any):

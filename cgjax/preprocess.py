@@ -164,6 +164,41 @@ class PreprocessConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_hf_image_processor(self) -> dict:
+        """The ``preprocessor_config.json`` of a ``CLIPImageProcessor`` doing this preprocessing
+        (``convention="hf"``; :meth:`from_hf_image_processor` reads it back to an equal config)."""
+        if self.convention != "hf":
+            raise ValueError("only convention='hf' configs map to an HF image processor")
+        h, w = self.size
+        if self.resize_mode == "shortest":
+            size = {"shortest_edge": int(self.resize_size or min(h, w))}
+        elif self.resize_mode == "squash":
+            size = {"height": h, "width": w}
+        else:
+            raise ValueError(f"resize_mode {self.resize_mode!r} has no HF image processor equivalent")
+        return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": size,
+                "resample": int(_RESAMPLE[self.interpolation]), "do_center_crop": self.do_center_crop,
+                "crop_size": {"height": h, "width": w}, "do_rescale": True, "rescale_factor": self.rescale_factor,
+                "do_normalize": self.do_normalize, "image_mean": list(self.mean), "image_std": list(self.std),
+                "do_convert_rgb": True}
+
+
+def llava_preprocess_config(llava_checkpoint: str, vision_image_size: Any, mode: str = "auto") -> PreprocessConfig:
+    """How cgjax preprocesses a LLaVA checkpoint's images (training, inference, export): its
+    ``preprocessor_config.json`` (``mode="auto"``), else HF CLIP preprocessing at the tower's
+    ``vision_image_size`` (``mode="hf"`` forces that)."""
+    import json
+    import os
+
+    if mode not in ("auto", "hf"):
+        raise ValueError(f"preprocess mode must be auto or hf, got {mode!r}")
+    path = os.path.join(llava_checkpoint, "preprocessor_config.json")
+    if mode == "auto" and os.path.exists(path):
+        with open(path) as f:
+            return PreprocessConfig.from_hf_image_processor(json.load(f))
+    size = vision_image_size
+    return PreprocessConfig(size=tuple(size) if not isinstance(size, int) else size, convention="hf")
+
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -594,17 +594,10 @@ class Trainer:
 
     # -- setup helpers ---------------------------------------------------------------------------
     def _preprocess_config(self):
-        from cgjax.preprocess import PreprocessConfig
+        from cgjax.preprocess import llava_preprocess_config
 
-        mode = str(self.config.data.preprocess)
-        path = os.path.join(self.config.llava_checkpoint, "preprocessor_config.json")
-        if mode == "auto" and os.path.exists(path):
-            with open(path) as f:
-                return PreprocessConfig.from_hf_image_processor(json.load(f))
-        if mode not in ("auto", "hf"):
-            raise ValueError(f"config.data.preprocess must be auto or hf, got {mode!r}")
-        size = self.model_config.vision_config.image_size
-        return PreprocessConfig(size=tuple(size) if not isinstance(size, int) else size, convention="hf")
+        return llava_preprocess_config(self.config.llava_checkpoint, self.model_config.vision_config.image_size,
+                                       str(self.config.data.preprocess))
 
     def text_rows(self, with_prompt: bool = False) -> TextRows:
         vocabs = self.train_source.vocabs

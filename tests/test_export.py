@@ -5,6 +5,7 @@ One tiny setup: a tiny LLaVA + tokenizer, a Stage A work dir saved by the traine
 code (values moved from init; no train-step compile), a prototypes work dir (tiny open_clip tower,
 random prototypes as the original's ``.pt`` files, a signals file), exported once.
 """
+import glob
 import importlib.util
 import json
 import os
@@ -183,3 +184,29 @@ def test_concept_tokens_generate_equals_cgjax(exported):
         runs[use] = got
     assert min(len(g) for g in runs[True]) >= 8, runs  # at least 8 tokens per image compared
     assert runs[True] != runs[False]  # the concept tokens change the answer: the check can fail
+
+
+def test_exported_image_processor_matches_cgjax_preprocessing(exported):
+    """example.py preprocesses with the exported llava/preprocessor_config.json: it must give the
+    pixels cgjax trained with (HF's default torchvision backend resizes uint8 tensors, so up to
+    about one uint8 step apart)."""
+    from PIL import Image
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from cgjax.preprocess import llava_preprocess_config, preprocess_image
+
+    llava_dir = os.path.join(exported["out"], "llava")
+    assert os.path.isfile(os.path.join(llava_dir, "preprocessor_config.json"))
+    size = AutoConfig.from_pretrained(llava_dir).vision_config.image_size
+    ours_cfg = llava_preprocess_config(exported["ckpt"], size)
+    proc = AutoImageProcessor.from_pretrained(llava_dir)
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (10, 8, 3)), np.ones((6, 6, 1))).astype(np.uint8)  # 60x48, not square
+    demo_image = sorted(glob.glob(os.path.join(exported["work"], "data", "images", "*", "*.png")))[0]
+    for img in (Image.fromarray(smooth), Image.open(demo_image).convert("RGB")):
+        ours = preprocess_image(img, ours_cfg)
+        theirs = proc(images=img, return_tensors="np")["pixel_values"][0]
+        assert theirs.shape == ours.shape == (3, size, size)
+        step = (1 / 255) / min(ours_cfg.std)
+        assert np.abs(theirs - ours).max() <= 1.5 * step
+        assert np.abs(theirs - ours).mean() < 0.25 * step

@@ -72,6 +72,22 @@ def test_close_to_hf_clip_image_processor_torchvision(images, kw):
         assert np.mean(np.abs(got - want) > 1e-5) < 0.2  # most pixels identical
 
 
+@pytest.mark.parametrize("kw", HF_CASES)
+def test_to_hf_image_processor_round_trip(images, kw):
+    """The config written by ``to_hf_image_processor`` (what the export puts in the HF LLaVA dir)
+    builds an HF processor that preprocesses exactly as the config it came from."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    cfg = PreprocessConfig.from_hf_image_processor(CLIPImageProcessorPil(**kw).to_dict())
+    written = cfg.to_hf_image_processor()
+    assert PreprocessConfig.from_hf_image_processor(written) == cfg
+    proc = CLIPImageProcessorPil(**{k: v for k, v in written.items() if k != "image_processor_type"})
+    for im in images:
+        np.testing.assert_array_equal(preprocess_image(im, cfg), proc(im, return_tensors="np")["pixel_values"][0])
+    with pytest.raises(ValueError, match="convention"):
+        PreprocessConfig(size=32).to_hf_image_processor()
+
+
 def test_batch_and_arrays(images):
     cfg = PreprocessConfig(size=32)
     batch = preprocess_batch(images[:3], cfg)
