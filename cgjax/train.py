@@ -475,7 +475,9 @@ def _write_atomic_bytes(path: str, write: Callable[[str], None]) -> None:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves and exits at the next step boundary."""
+    """SIGTERM sets a flag; the loop saves and exits at the next step boundary. With several
+    processes, :meth:`stop` is collective: every host stops (and saves) at the same step when any
+    host was signalled, so no host waits alone in the checkpoint's collectives."""
 
     def __init__(self):
         self.requested = False
@@ -490,9 +492,45 @@ class _Preemption:
         logging.warning("SIGTERM: saving a checkpoint and stopping at the end of this step")
         self.requested = True
 
+    def stop(self) -> bool:
+        """Whether to save and stop now (call it at the same step on every process)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+
     def __exit__(self, *exc):
         if self._prev is not None:
             signal.signal(signal.SIGTERM, self._prev)
+
+
+def gather_host_strings(text: str) -> list[str]:
+    """``text`` of every process, in process order (one collective; a list of one on one host)."""
+    if jax.process_count() == 1:
+        return [text]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode("utf-8"), np.uint8)
+    n = int(np.max(multihost_utils.process_allgather(np.int32(len(data)))))
+    padded = np.zeros(n, np.uint8)
+    padded[:len(data)] = data
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), n)
+    return [bytes(r[:k]).decode("utf-8") for r, k in zip(rows, lengths)]
+
+
+def host_data_state(meta: Mapping[str, Any]) -> Any:
+    """This process's data-iterator state from a checkpoint's metadata: its own entry of
+    ``data_iter_by_process`` (every host's grain state, saved by the primary host) or, for a
+    checkpoint from one host, ``data_iter``."""
+    per_host = meta.get("data_iter_by_process")
+    if per_host:
+        if len(per_host) != jax.process_count():
+            raise ValueError(f"the checkpoint holds the data state of {len(per_host)} processes, this run has "
+                             f"{jax.process_count()}: resume with the same number of hosts")
+        return json.loads(per_host[jax.process_index()])
+    return meta["data_iter"]
 
 
 class Trainer:
@@ -917,15 +955,18 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
         state, meta = _restore(mngr, latest, state)
         if ConceptIndex.from_json(meta["concept_index"]) != tr.index:
             raise ValueError(f"{mngr.directory} step {latest}: concept index differs from this run's data")
-        it.set_state(meta["data_iter"])
+        it.set_state(host_data_state(meta))
         start = int(latest)
         logging.info("resumed from %s step %d", mngr.directory, latest)
     elif config.init_from:
         state, init_step = _init_from(tr, state, config)
 
     def meta(step, it_state, val=None):
+        # every host's grain state (orbax writes the metadata from the primary host only)
+        by_process = gather_host_strings(json.dumps(it_state)) if jax.process_count() > 1 else None
         return {"step": int(step), "stage": tr.stage, "data_iter": it_state, "concept_index": tr.index.to_json(),
-                "val": val or {}, "trainable": tr.trainable_paths}
+                "val": val or {}, "trainable": tr.trainable_paths,
+                **({"data_iter_by_process": by_process} if by_process else {})}
 
     seq_tokens = tr.batch_size * tr.length
     text_cfg = tr.model_config.text_config
@@ -1014,11 +1055,12 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
                 if val_now:
                     val = validate(done)
                 periodic = ckpt_every > 0 and done % ckpt_every == 0 and done < num_steps  # the end saves below
-                if val_now or periodic or pre.requested:
+                stop = pre.stop()
+                if val_now or periodic or stop:
                     _save(mngr, done, state, meta(done, it_state, val if val_now else None),
                           {"val_key_acc": val["val_key_acc"]} if val_now else None)
                     saved_step = done
-                if pre.requested:
+                if stop:
                     preempted = True
                     break
                 t_prev = time.perf_counter()  # s/step excludes logging, validation and saving
