@@ -39,3 +39,22 @@ def fake_trained_stage(config: Any, stage_workdir: str, step: int, seed: int = 7
     mngr.wait_until_finished()
     mngr.close()
     return tr, state
+
+
+def param_arrays(model: Any) -> dict:
+    """``{"path.to.param": np.ndarray}`` of an NNX model's parameters."""
+    import numpy as np
+    from flax import nnx
+
+    return {".".join(map(str, k)): np.asarray(v.get_value())
+            for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def assert_same_params(a: Any, b: Any) -> None:
+    """Two NNX models hold the same parameter paths with bitwise-equal values."""
+    import numpy as np
+
+    pa, pb = param_arrays(a), param_arrays(b)
+    assert sorted(pa) == sorted(pb)
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)

@@ -203,6 +203,15 @@ def save(model, out_dir: str, *, dtype=None, layout: str | None = None, tokenize
     hf = model.config.to_hf()
     first = next(iter(tensors.values()))
     hf["dtype"] = str(first.dtype) if first.dtype.name != "bfloat16" else "bfloat16"
+    src_dir = tokenizer_from if tokenizer_from is not None else getattr(model, "source_dir", None)
+    return write_checkpoint_dir(out_dir, tensors, hf, src_dir, max_shard_bytes)
+
+
+def write_checkpoint_dir(out_dir: str, tensors: dict, config: dict, copy_from: str | None = None,
+                         max_shard_bytes: int | None = None) -> str:
+    """A checkpoint directory: safetensors (sharded past ``max_shard_bytes``), ``config.json`` and
+    the :data:`TOKENIZER_FILES` found in ``copy_from``; written to a temporary directory beside
+    ``out_dir`` and renamed into place (nothing half-written is left on failure)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -210,12 +219,10 @@ def save(model, out_dir: str, *, dtype=None, layout: str | None = None, tokenize
     try:
         C.save_safetensors(tensors, tmp, max_shard_bytes=max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2, sort_keys=True, default=str)
-        src_dir = tokenizer_from if tokenizer_from is not None else getattr(model, "source_dir", None)
-        if src_dir:
-            for name in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(src_dir, name)):
-                    shutil.copy2(os.path.join(src_dir, name), os.path.join(tmp, name))
+            json.dump(config, f, indent=2, sort_keys=True, default=str)
+        for name in TOKENIZER_FILES if copy_from else ():
+            if os.path.exists(os.path.join(copy_from, name)):
+                shutil.copy2(os.path.join(copy_from, name), os.path.join(tmp, name))
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

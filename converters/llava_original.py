@@ -37,16 +37,13 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgjax.data.schema import replace_dir
 from converters import common as C
 from converters import hf_llava
 
@@ -228,24 +225,6 @@ def _config_for_save(model, vision_tower_name: str | None) -> dict:
     return out
 
 
-def _write_dir(out_dir: str, tensors: dict, config: dict, copy_from: str | None, max_shard_bytes) -> str:
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=".tmp-llava-orig-")
-    try:
-        C.save_safetensors(tensors, tmp, max_shard_bytes=max_shard_bytes)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True, default=str)
-        for name in hf_llava.TOKENIZER_FILES if copy_from else ():
-            if os.path.exists(os.path.join(copy_from, name)):
-                shutil.copy2(os.path.join(copy_from, name), os.path.join(tmp, name))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
 def save(model, out_dir: str, vision_out_dir: str | None = None, *, embed_vision_tower: bool | None = None,
          vision_tower_name: str | None = None, dtype=None, max_shard_bytes: int | None = None) -> str:
     """Write ``model`` in the original layout (safetensors; each directory atomically).
@@ -276,12 +255,13 @@ def save(model, out_dir: str, vision_out_dir: str | None = None, *, embed_vision
         prefix = info.vision_prefix if info is not None else "vision_model."
         vcfg = dict(vision_config_to_hf(model.config.vision_config, model.config.vision_extra),
                     architectures=["CLIPVisionModel"])
-        _write_dir(vision_out_dir, {prefix + k[len(EMBEDDED_TOWER):]: v for k, v in tower.items()}, vcfg, None,
-                   max_shard_bytes)
+        vision = {prefix + k[len(EMBEDDED_TOWER):]: v for k, v in tower.items()}
+        hf_llava.write_checkpoint_dir(vision_out_dir, vision, vcfg, None, max_shard_bytes)
     if embed:
         tensors.update(tower)
     config = _config_for_save(model, vision_tower_name)
-    return _write_dir(out_dir, tensors, config, getattr(model, "source_dir", None), max_shard_bytes)
+    return hf_llava.write_checkpoint_dir(out_dir, tensors, config, getattr(model, "source_dir", None),
+                                         max_shard_bytes)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

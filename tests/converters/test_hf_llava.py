@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from converters import common, hf_llava
 from converters.tiny_llava import make_llava_checkpoint, make_llava_model
+from cgjax.testing import assert_same_params
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +35,6 @@ def hf(src):
     return transformers.LlavaForConditionalGeneration.from_pretrained(src).eval()
 
 
-def _params(m) -> dict:
-    return {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
-
-
-def _assert_same_params(a, b):
-    pa, pb = _params(a), _params(b)
-    assert sorted(pa) == sorted(pb)
-    for k in pa:
-        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
 
 
 def _inputs(cfg, B=2):
@@ -107,7 +98,7 @@ def test_other_key_layouts(src, model, tmp_path, layout):
     tensors = _relayout(load_file(os.path.join(src, "model.safetensors")), layout)
     m = hf_llava.load(_write(tmp_path / layout, tensors, src))
     assert m.source_layout == layout
-    _assert_same_params(m, model)
+    assert_same_params(m, model)
 
 
 def test_hub_layout_is_what_transformers_reads(src, hf, model, tmp_path):
@@ -125,7 +116,7 @@ def test_hub_layout_is_what_transformers_reads(src, hf, model, tmp_path):
 def test_live_model(hf, model):
     m = hf_llava.load(hf)
     assert m.source_layout == "live" and m.source_dir is None
-    _assert_same_params(m, model)
+    assert_same_params(m, model)
 
 
 def test_tied_live_model():
@@ -145,7 +136,7 @@ def test_sharded_safetensors(model, tmp_path):
     path = make_llava_checkpoint(str(tmp_path / "sharded"), "tiny", seed=2, max_shard_size="40KB")
     files = os.listdir(path)
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
-    _assert_same_params(hf_llava.load(path), model)
+    assert_same_params(hf_llava.load(path), model)
 
 
 @pytest.mark.parametrize("tdtype,jdtype", [(torch.float16, jnp.float16), (torch.bfloat16, jnp.bfloat16)])
@@ -205,14 +196,14 @@ def test_load_with_mesh_places_shards(src, model):
     emb = m.language_model.embed_tokens.embedding.get_value()
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert len(emb.addressable_shards) == 8 and emb.addressable_shards[0].data.shape == (64, 32)
-    _assert_same_params(m, model)
+    assert_same_params(m, model)
 
 
 def test_cli_orbax_round_trip(src, model, tmp_path):
     orb, back = str(tmp_path / "orbax"), str(tmp_path / "back")
     hf_llava.main(["to-orbax", src, orb])
     assert sorted(os.listdir(orb)) == ["config.json", "state"]
-    _assert_same_params(hf_llava.load_orbax(orb), model)
+    assert_same_params(hf_llava.load_orbax(orb), model)
     hf_llava.main(["to-hf", orb, back, "--tokenizer-from", src])
     a, b = (load_file(os.path.join(p, "model.safetensors")) for p in (src, back))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)

@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from converters import hf_llava, llava_next
 from converters.tiny_llava import SIZES
+from cgjax.testing import assert_same_params
 
 TOK = 127
 
@@ -58,15 +59,6 @@ def cgjax_logits(model, ids, pix) -> np.ndarray:
     return np.asarray(nnx.jit(lambda m, i, p: m(i, p))(model, ids, pix))
 
 
-def params(m) -> dict:
-    return {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
-
-
-def assert_same_params(a, b):
-    pa, pb = params(a), params(b)
-    assert sorted(pa) == sorted(pb)
-    for k in pa:
-        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from converters import common, hf_llava, llava_original
 from converters.tiny_llava import make_llava_model
+from cgjax.testing import param_arrays
 
 IMG = llava_original.IMAGE_TOKEN_INDEX
 
@@ -146,9 +147,6 @@ def pixels(B: int = 2) -> np.ndarray:
     return np.random.RandomState(1).randn(B, 3, 32, 32).astype(np.float32)
 
 
-def params(m) -> dict:
-    return {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
-
 
 def assert_same_tensors(a_src, b_src, skip=()):
     a, b = common.read_tensors(a_src), common.read_tensors(b_src)
@@ -200,8 +198,8 @@ def test_parity_v16_embedded_tower_wins(hf, v16, tmp_path):
     ids, pix = original_ids(), pixels()
     np.testing.assert_allclose(cgjax_logits(model, ids, pix), hf_logits(hf, ids, pix), atol=1e-4, rtol=1e-4)
     live = transformers.CLIPVisionModel.from_pretrained(other)  # a live tower object is accepted too
-    np.testing.assert_array_equal(params(llava_original.load(v16, vision_tower=live))["vision_tower.patch_embed"],
-                                  params(model)["vision_tower.patch_embed"])
+    from_live = param_arrays(llava_original.load(v16, vision_tower=live))
+    np.testing.assert_array_equal(from_live["vision_tower.patch_embed"], param_arrays(model)["vision_tower.patch_embed"])
 
 
 def test_known_hub_tower_config(hf, v16):
@@ -237,7 +235,7 @@ def test_tower_from_local_hf_cache(hf, v15, tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("abc123")
     for name in os.listdir(tower):
         os.symlink(os.path.join(tower, name), snap / name)
-    a, b = params(llava_original.load(str(hub_src))), params(llava_original.load(src))
+    a, b = param_arrays(llava_original.load(str(hub_src))), param_arrays(llava_original.load(src))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -250,7 +248,7 @@ def test_round_trip_v15_bitwise(v15, tmp_path):
     assert json.load(open(os.path.join(out, "config.json"))) == json.load(open(os.path.join(src, "config.json")))
     assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
     again = llava_original.load(out, vision_tower=str(tmp_path / "out_clip"))
-    a, b = params(again), params(model)
+    a, b = param_arrays(again), param_arrays(model)
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     clip = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "out_clip"))  # a real CLIPVisionModel dir
     ref = transformers.CLIPVisionModel.from_pretrained(tower)
@@ -280,7 +278,7 @@ def test_from_hf_llava_model_to_original(hf, v15, tmp_path):
     assert any(k.startswith("vision_model.") for k in common.read_tensors(str(tmp_path / "o_clip")))
     transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "o_clip"))  # the hub key layout loads too
     back = llava_original.load(out, image_token_index=model.config.image_token_id)
-    a, b = params(back), params(model)
+    a, b = param_arrays(back), param_arrays(model)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -328,6 +326,6 @@ def test_cli_to_orbax(v15, tmp_path):
     src, tower = v15
     orb = str(tmp_path / "orbax")
     llava_original.main(["to-orbax", src, orb, "--vision-tower", tower])
-    a, b = params(hf_llava.load_orbax(orb)), params(llava_original.load(src))
+    a, b = param_arrays(hf_llava.load_orbax(orb)), param_arrays(llava_original.load(src))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert hf_llava.load_orbax(orb).config.image_token_id == 128
