@@ -211,8 +211,9 @@ class ImageEncoder:
         self._state = state
         self._encode = _encode_fn(graphdef)
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        """L2-normalised float32 embeddings ``[N, D]``."""
+    def dispatch(self, pixels: np.ndarray) -> list:
+        """Start encoding ``[N, 3, H, W]`` (asynchronously: device arrays, one per batch); the
+        caller can prepare the next images meanwhile and :meth:`collect` these later."""
         pixels = np.asarray(pixels, np.float32)
         n, b = pixels.shape[0], self.batch_size
         outs = []
@@ -222,10 +223,20 @@ class ImageEncoder:
             if m < b:
                 chunk = np.concatenate([chunk, np.zeros((b - m,) + chunk.shape[1:], np.float32)])
             outs.append(self._encode(self._state, chunk)[:m])
+        return outs
+
+    @staticmethod
+    def collect(outs: list) -> np.ndarray:
+        """Float32 embeddings ``[N, D]`` of :meth:`dispatch` results (waits for them)."""
+        import jax
+
         if not outs:
             return np.zeros((0, 0), np.float32)
-        import jax
         return np.asarray(jax.device_get(jax.numpy.concatenate(outs)), np.float32)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """L2-normalised float32 embeddings ``[N, D]``."""
+        return self.collect(self.dispatch(pixels))
 
 
 def _augment_one(img, key, min_scale: float):
@@ -353,7 +364,14 @@ class PrototypeHead:
             raise FileNotFoundError(f"{len(bad)} image(s) not found, e.g. {bad[:3]}")
         kept = [str(p) for p, e in zip(paths, exists) if e]
         chunk = self.encoder.batch_size * 8
-        outs = [self.encoder(self.load_pixels(kept[s: s + chunk])) for s in range(0, len(kept), chunk)]
+        outs, pending = [], None
+        for s in range(0, len(kept), chunk):  # decode chunk k+1 on the host while chunk k encodes
+            started = self.encoder.dispatch(self.load_pixels(kept[s: s + chunk]))
+            if pending is not None:
+                outs.append(self.encoder.collect(pending))
+            pending = started
+        if pending is not None:
+            outs.append(self.encoder.collect(pending))
         emb = np.concatenate(outs) if outs else np.zeros((0, self.width), np.float32)
         return emb, kept
 
