@@ -45,10 +45,11 @@ import numpy as np
 from flax import nnx
 
 from cgjax import text
+from cgjax import checkpoints
 from cgjax.concepts import gating
 from cgjax.concepts.model import ConceptLlava
 from cgjax.losses import IGNORE_INDEX
-from cgjax.train import ConceptIndex
+from cgjax.concepts.index import ConceptIndex, gating_config
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def load_trained_values(stage_workdir: str, index: ConceptIndex | None = None,
     directory = train._resolve_init_dir(stage_workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"stage work dir {stage_workdir}: {directory} is not a checkpoint directory")
-    mngr = train._manager(directory, None, read_only=True)
+    mngr = checkpoints.manager(directory, None, read_only=True)
     try:
         if step is None:
             step = mngr.latest_step()
@@ -151,7 +152,7 @@ def load_trained_values(stage_workdir: str, index: ConceptIndex | None = None,
         tree = getattr(tree, "tree", tree)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         got = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(train._abstract(tree, lambda x: device))))["state"]
+            state=ocp.args.StandardRestore(checkpoints.abstract(tree, lambda x: device))))["state"]
     finally:
         mngr.close()
     params = got["params"]
@@ -179,8 +180,6 @@ def load_trained_values(stage_workdir: str, index: ConceptIndex | None = None,
 def _gating_config(index: ConceptIndex, gating_fields: Mapping[str, Any]) -> gating.GatingConfig:
     import ml_collections
 
-    from cgjax import train
-
     g = dict(DEFAULT_GATING)
     g.update({k: v for k, v in dict(gating_fields).items() if v is not None})
     pri = g["priority"]
@@ -190,7 +189,7 @@ def _gating_config(index: ConceptIndex, gating_fields: Mapping[str, Any]) -> gat
     g["k_max"] = index.k_max
     cfg = ml_collections.ConfigDict({"gating": {k: g[k] for k in ("k_max", "threshold", "backoff_delta",
                                                                    "topk_per_dim", "max_concepts", "priority")}})
-    return train.gating_config(cfg, index)
+    return gating_config(cfg, index)
 
 
 # ------------------------------------------------------------------------------------------------

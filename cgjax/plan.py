@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from cgjax import sharding
+from cgjax.concepts.index import ConceptIndex, gating_config
 from cgjax.flops import attention_flops, param_counts, step_flops
 
 GiB = 2**30
@@ -485,8 +486,8 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
 
     dims, sizes = parse_concepts(concepts)
     names = tuple(tuple(f"{d}_{i}" for i in range(n)) for d, n in zip(dims, sizes))
-    index = train.ConceptIndex(dims, names, int(config.gating.k_max))
-    gcfg = train.gating_config(config, index)
+    index = ConceptIndex(dims, names, int(config.gating.k_max))
+    gcfg = gating_config(config, index)
     cdt, pdt = _dtype(config.dtype), _dtype(config.param_dtype)
     abstract = abstract_concept_llava(llava_cfg, gcfg, cdt, pdt)
     params = param_table(abstract, tuple(config.trainable), rules, amesh)

@@ -26,14 +26,14 @@ def fake_trained_stage(config: Any, stage_workdir: str, step: int, seed: int = 7
     """A Stage A/B work dir written by the trainer's own checkpoint code, without a train-step
     compile: the initial state with its concept values moved by noise, saved at ``step``.
     Returns ``(trainer, state)``."""
-    from cgjax import train
+    from cgjax import checkpoints, train
 
     tr = train.Trainer(config, stage_workdir)
     state = tr.init_state()
     v = state["params"]["concepts"]["values"]
     state["params"]["concepts"]["values"] = v + scale * jax.random.normal(jax.random.PRNGKey(seed), v.shape)
-    mngr = train._manager(os.path.join(stage_workdir, "checkpoints"), config)
-    train._save(mngr, step, state, {"step": step, "stage": tr.stage, "data_iter": {},
+    mngr = checkpoints.manager(os.path.join(stage_workdir, "checkpoints"), config)
+    checkpoints.save(mngr, step, state, {"step": step, "stage": tr.stage, "data_iter": {},
                                     "concept_index": tr.index.to_json(), "val": {},
                                     "trainable": tr.trainable_paths})
     mngr.wait_until_finished()

@@ -51,170 +51,17 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cgjax import sharding, text
-from cgjax.concepts import gating
+from cgjax import checkpoints, sharding, text
+from cgjax.concepts.index import ConceptIndex, concept_index_from_vocabs, gating_config
 from cgjax.flops import param_counts, step_flops
 from cgjax.concepts.model import ConceptLlava, attention_regulariser
 from cgjax.generate import generate
 from cgjax.losses import IGNORE_INDEX, SEGMENT_KEYS, SEGMENT_REASON, segment_weighted_loss, token_cross_entropy
+from cgjax.text_rows import Collate, TextRows, parse_key_lines
 
 __all__ = ["train_stage", "Trainer", "ConceptIndex", "StepConfig", "TextRows", "Collate", "make_optimizer",
            "parse_key_lines", "greedy_generate", "load_trained_model", "step_flops", "ensure_demo_assets",
-           "write_label_signals"]
-
-_TOKENIZER_LOCK = threading.Lock()  # HF fast tokenizers are not safe to share across grain threads
-
-
-# ----------------------------------------------------------------------------------------------
-# concept index
-
-
-@dataclasses.dataclass(frozen=True)
-class ConceptIndex:
-    """The global concept indexing: dimension after dimension, each a contiguous range."""
-
-    dims: tuple[str, ...]
-    names: tuple[tuple[str, ...], ...]
-    k_max: int
-
-    @property
-    def ranges(self) -> tuple[tuple[int, int], ...]:
-        return gating.dim_ranges_from_sizes([len(n) for n in self.names])
-
-    @property
-    def n_concepts(self) -> int:
-        return sum(len(n) for n in self.names)
-
-    def to_json(self) -> dict:
-        return {"dims": list(self.dims), "names": {d: list(n) for d, n in zip(self.dims, self.names)},
-                "dim_ranges": {d: list(r) for d, r in zip(self.dims, self.ranges)}, "k_max": self.k_max,
-                "n_concepts": self.n_concepts}
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "ConceptIndex":
-        dims = tuple(obj["dims"])
-        return cls(dims, tuple(tuple(obj["names"][d]) for d in dims), int(obj["k_max"]))
-
-
-def concept_index_from_vocabs(signal_vocabs: Mapping[str, Any], dimensions: Sequence[str], k_max: int) -> ConceptIndex:
-    """Dimensions in ``dimensions`` order (then any other signal dimension), names from the vocabularies."""
-    if not signal_vocabs:
-        raise ValueError("the data set has no concept signals (config.data.signals): nothing to gate on")
-    dims = [d for d in dimensions if d in signal_vocabs] + [d for d in signal_vocabs if d not in dimensions]
-    empty = [d for d in dims if len(signal_vocabs[d]) == 0]
-    if empty:
-        raise ValueError(f"signals of dimension(s) {empty} have no concepts")
-    return ConceptIndex(tuple(dims), tuple(tuple(signal_vocabs[d].names) for d in dims), int(k_max))
-
-
-def gating_config(config, index: ConceptIndex) -> gating.GatingConfig:
-    g = config.gating
-    pri = [p.strip() for p in str(g.priority or "").split(",") if p.strip()]
-    unknown = [p for p in pri if p not in index.dims]
-    if unknown:
-        logging.warning("gating.priority names %s, not dimensions of the signals %s; ignored", unknown, index.dims)
-    order = tuple(index.dims.index(p) for p in pri if p in index.dims)
-    return gating.GatingConfig(dim_ranges=index.ranges, k_max=int(g.k_max), threshold=float(g.threshold),
-                               backoff_delta=float(g.backoff_delta), topk_per_dim=int(g.topk_per_dim),
-                               max_concepts=int(g.max_concepts), priority=order or None)
-
-
-# ----------------------------------------------------------------------------------------------
-# text rows (grain element_fn / collate_fn)
-
-
-def parse_key_lines(s: str, dims: Sequence[str]) -> dict[str, str]:
-    """``name: value`` lines -> ``{dim: value}`` (first line per dimension, case-insensitive name)."""
-    out: dict[str, str] = {}
-    lower = {d.lower(): d for d in dims}
-    for line in str(s).replace("\r\n", "\n").split("\n"):
-        key, sep, value = line.partition(":")
-        d = lower.get(key.strip().lower())
-        if sep and d is not None and d not in out:
-            out[d] = value.strip()
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class TextRows:
-    """grain ``element_fn``: a decoded element -> fixed-length token row + concept scores."""
-
-    tokenizer: Any
-    stage: str
-    n_image_block: int
-    image_token_id: int
-    length: int
-    concept_dims: tuple[str, ...]
-    label_dims: tuple[str, ...]
-    label_names: tuple[tuple[str, ...], ...]
-    prompt_seed: int
-    max_reason_tokens: int
-    add_eos: bool
-    with_prompt: bool = False  # also the left-padded inference prompt (validation)
-    n_head: int = -1  # expected position of the first image token (checked when >= 0)
-    max_targets: int = 0  # > 0: at most this many supervised tokens per row (checked)
-    blank_images: bool = False  # zero pixels: the image carries no information (demo base pretraining)
-
-    def _labels(self, ex) -> list[str]:
-        out = []
-        for d, names in zip(self.label_dims, self.label_names):
-            i = int(ex["labels"].get(d, -1))
-            out.append(names[i] if 0 <= i < len(names) else "")
-        return out
-
-    def __call__(self, ex: Mapping[str, Any]) -> dict[str, Any]:
-        labels = self._labels(ex)
-        keys = ex["target_keys"] if int(ex["has_target"]) else ""
-        if not keys.strip():  # no CSV row: the original's target builder
-            keys = "\n".join(f"{d}: {n or 'Unknown'}" for d, n in zip(self.label_dims, labels))
-        prompt = text.STAGE_A_PROMPT if self.stage == "A" else text.stage_b_prompt(labels, self.prompt_seed)
-        with _TOKENIZER_LOCK:
-            reason = ""
-            if self.stage == "B":
-                reason = text.truncate_tokens(self.tokenizer, ex["target_reason"].strip(), self.max_reason_tokens)
-            row = text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id, keys, reason,
-                              add_eos=self.add_eos)
-            prompt_row = (text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id)
-                          if self.with_prompt else None)
-        if len(row.input_ids) > self.length:
-            raise ValueError(f"image {ex['image_path']!r}: its row has {len(row.input_ids) - self.n_image_block} text "
-                             f"tokens, more than config.text.max_text_tokens="
-                             f"{self.length - self.n_image_block}; raise it")
-        n_targets = int(np.sum(row.labels != IGNORE_INDEX))
-        if 0 < self.max_targets < n_targets:
-            raise ValueError(f"image {ex['image_path']!r}: its target has {n_targets} tokens, more than "
-                             f"config.text.max_target_tokens={self.max_targets}; raise it")
-        if self.n_head >= 0 and (len(row.input_ids) <= self.n_head or row.input_ids[self.n_head] != self.image_token_id
-                                 or (self.n_head and row.input_ids[self.n_head - 1] == self.image_token_id)):
-            raise ValueError(f"image {ex['image_path']!r}: the prompt head before <image> is not {self.n_head} tokens")
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out = {k: v[0] for k, v in text.pad_rows([row], self.length, pad, side="right").items()}
-        out["pixel_values"] = np.zeros_like(ex["pixel_values"]) if self.blank_images else ex["pixel_values"]
-        out["scores"] = np.concatenate([np.asarray(ex["signals"][d], np.float32) for d in self.concept_dims])
-        out["gold_keys"] = keys
-        if prompt_row is not None:
-            p = text.pad_rows([prompt_row], self.length, pad, side="left")
-            out["prompt_ids"], out["prompt_mask"] = p["input_ids"][0], p["attention_mask"][0]
-        return out
-
-
-HOST_KEYS = ("gold_keys",)
-
-
-@dataclasses.dataclass(frozen=True)
-class Collate:
-    """grain ``collate_fn``: stacks rows; a short last batch is padded (``valid`` = 0) to ``batch_size``."""
-
-    batch_size: int
-
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        n = len(rows)
-        rows = list(rows) + [rows[0]] * (self.batch_size - n)
-        out = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k not in HOST_KEYS}
-        out["valid"] = (np.arange(self.batch_size) < n).astype(np.int32)
-        for k in HOST_KEYS:
-            out[k] = [r[k] for r in rows]
-        return out
+           "write_label_signals", "concept_index_from_vocabs", "gating_config"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -792,56 +639,18 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _manager(directory: str, config, read_only: bool = False):
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint import checkpoint_managers as cm
-
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    if read_only:
-        return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                     item_handlers=handlers)
-    policies = [cm.LatestN(max(1, int(config.checkpoint.keep)))]
-    if int(config.checkpoint.keep_best) > 0:
-        policies.append(cm.BestN(get_metric_fn=lambda m: m["val_key_acc"], reverse=False,
-                                 n=int(config.checkpoint.keep_best), keep_checkpoints_without_metrics=False))
-    opts = ocp.CheckpointManagerOptions(preservation_policy=cm.AnyPreservationPolicy(policies), create=True,
-                                        enable_async_checkpointing=bool(config.checkpoint.async_save))
-    return ocp.CheckpointManager(directory, options=opts, item_handlers=handlers)
-
-
-def _abstract(tree, sharding_of: Callable[[Any], Any]):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_of(x)), tree)
-
-
-def _save(mngr, step: int, state, meta: dict, metrics: dict | None = None) -> None:
-    import orbax.checkpoint as ocp
-
-    state = jax.tree.map(jnp.copy, state)  # the next step donates the live buffers
-    mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-              metrics=metrics, force=True)
-
-
-def _restore(mngr, step: int, like_state):
-    import orbax.checkpoint as ocp
-
-    abstract = _abstract(like_state, lambda x: x.sharding)
-    got = mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                         meta=ocp.args.JsonRestore()))
-    return got["state"], got["meta"]
+# checkpoints (cgjax.checkpoints) and loading a trained stage
 
 
 def load_trained_model(config, workdir: str) -> ConceptLlava:
     """The model of ``config`` with the trained parameters of ``workdir``'s latest checkpoint."""
     trainer = Trainer(config, workdir)
     state = trainer.init_state()
-    mngr = _manager(os.path.join(workdir, "checkpoints"), config, read_only=True)
+    mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), config, read_only=True)
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
-    got, _ = _restore(mngr, step, state)
+    got, _ = checkpoints.restore(mngr, step, state)
     mngr.close()
     return trainer.model(got["params"])
 
@@ -860,7 +669,7 @@ def _init_from(trainer: Trainer, state, config):
     directory = _resolve_init_dir(config.init_from)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"config.init_from: {directory} is not a checkpoint directory")
-    mngr = _manager(directory, config, read_only=True)
+    mngr = checkpoints.manager(directory, config, read_only=True)
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"config.init_from: no checkpoint in {directory}")
@@ -872,14 +681,14 @@ def _init_from(trainer: Trainer, state, config):
     tree = mngr.item_metadata(step)["state"]
     tree = getattr(tree, "tree", tree)
     replicated = NamedSharding(trainer.mesh, PartitionSpec())
-    abstract = _abstract(tree, lambda x: replicated)
-    if jax.tree.structure(_abstract(tree["params"], lambda x: None)) != jax.tree.structure(state["params"]):
+    abstract = checkpoints.abstract(tree, lambda x: replicated)
+    if jax.tree.structure(checkpoints.abstract(tree["params"], lambda x: None)) != jax.tree.structure(state["params"]):
         raise ValueError(f"config.init_from {directory}: its trained parameters differ from this run's "
                          f"({', '.join(trainer.trainable_paths)})")
     abstract["params"] = jax.tree.map(lambda a, x: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=x.sharding),
-                                      _abstract(tree["params"], lambda x: None), state["params"])
+                                      checkpoints.abstract(tree["params"], lambda x: None), state["params"])
     if config.init_optimizer:
-        abstract["opt_state"] = _abstract(state["opt_state"], lambda x: x.sharding)
+        abstract["opt_state"] = checkpoints.abstract(state["opt_state"], lambda x: x.sharding)
     got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     mngr.close()
     state = dict(state, params=got["params"])
@@ -944,7 +753,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     tr = Trainer(config, workdir)
     is_main = jax.process_index() == 0
     logs = _Logs(workdir, is_main, bool(config.log.tensorboard))
-    mngr = _manager(os.path.join(workdir, "checkpoints"), config)
+    mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), config)
     num_steps = int(config.num_steps)
     state = tr.init_state()
     ds = tr.train_dataset()
@@ -952,7 +761,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     start, init_step = 0, None
     latest = mngr.latest_step() if config.checkpoint.resume else None
     if latest is not None:
-        state, meta = _restore(mngr, latest, state)
+        state, meta = checkpoints.restore(mngr, latest, state)
         if ConceptIndex.from_json(meta["concept_index"]) != tr.index:
             raise ValueError(f"{mngr.directory} step {latest}: concept index differs from this run's data")
         it.set_state(host_data_state(meta))
@@ -1057,7 +866,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
                 periodic = ckpt_every > 0 and done % ckpt_every == 0 and done < num_steps  # the end saves below
                 stop = pre.stop()
                 if val_now or periodic or stop:
-                    _save(mngr, done, state, meta(done, it_state, val if val_now else None),
+                    checkpoints.save(mngr, done, state, meta(done, it_state, val if val_now else None),
                           {"val_key_acc": val["val_key_acc"]} if val_now else None)
                     saved_step = done
                 if stop:
@@ -1069,7 +878,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
             if not preempted and has_val and config.val.at_end:
                 val = end_val = validate(done)
             if saved_step != done:
-                _save(mngr, done, state, meta(done, it_state, end_val),
+                checkpoints.save(mngr, done, state, meta(done, it_state, end_val),
                       {"val_key_acc": end_val["val_key_acc"]} if end_val else None)
             mngr.wait_until_finished()
             pt = None

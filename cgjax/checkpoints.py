@@ -1,0 +1,54 @@
+"""orbax checkpoints of a training stage: one ``CheckpointManager`` layout (``state``: params,
+optimizer state, step, RNG; ``meta``: JSON with the data-iterator state, concept index and
+validation) with keep-N and best-N policies, and save / restore on it."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["manager", "abstract", "save", "restore"]
+
+
+def manager(directory: str, config, read_only: bool = False):
+    """The stage's ``CheckpointManager`` in ``directory``: keep the last ``config.checkpoint.keep``
+    and the ``keep_best`` best by validation key accuracy, async saves if configured."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as cm
+
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    if read_only:
+        return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                     item_handlers=handlers)
+    policies = [cm.LatestN(max(1, int(config.checkpoint.keep)))]
+    if int(config.checkpoint.keep_best) > 0:
+        policies.append(cm.BestN(get_metric_fn=lambda m: m["val_key_acc"], reverse=False,
+                                 n=int(config.checkpoint.keep_best), keep_checkpoints_without_metrics=False))
+    opts = ocp.CheckpointManagerOptions(preservation_policy=cm.AnyPreservationPolicy(policies), create=True,
+                                        enable_async_checkpointing=bool(config.checkpoint.async_save))
+    return ocp.CheckpointManager(directory, options=opts, item_handlers=handlers)
+
+
+def abstract(tree, sharding_of: Callable[[Any], Any]):
+    """``ShapeDtypeStruct`` tree of ``tree`` with the shardings ``sharding_of(leaf)``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_of(x)), tree)
+
+
+def save(mngr, step: int, state, meta: dict, metrics: dict | None = None) -> None:
+    """Save ``state`` and the JSON ``meta`` at ``step`` (a copy: the caller may donate ``state``)."""
+    import orbax.checkpoint as ocp
+
+    state = jax.tree.map(jnp.copy, state)  # the next step donates the live buffers
+    mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              metrics=metrics, force=True)
+
+
+def restore(mngr, step: int, like_state):
+    """``(state, meta)`` of ``step``, restored into the shapes and shardings of ``like_state``."""
+    import orbax.checkpoint as ocp
+
+    abstract_state = abstract(like_state, lambda x: x.sharding)
+    got = mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                         meta=ocp.args.JsonRestore()))
+    return got["state"], got["meta"]

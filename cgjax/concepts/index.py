@@ -1,0 +1,62 @@
+"""The global concept index: dimensions in order, each a contiguous range of concept ids, and
+the gating configuration built on it (shared by training, inference, export and the planner)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+
+from cgjax.concepts import gating
+
+__all__ = ["ConceptIndex", "concept_index_from_vocabs", "gating_config"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptIndex:
+    """The global concept indexing: dimension after dimension, each a contiguous range."""
+
+    dims: tuple[str, ...]
+    names: tuple[tuple[str, ...], ...]
+    k_max: int
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return gating.dim_ranges_from_sizes([len(n) for n in self.names])
+
+    @property
+    def n_concepts(self) -> int:
+        return sum(len(n) for n in self.names)
+
+    def to_json(self) -> dict:
+        return {"dims": list(self.dims), "names": {d: list(n) for d, n in zip(self.dims, self.names)},
+                "dim_ranges": {d: list(r) for d, r in zip(self.dims, self.ranges)}, "k_max": self.k_max,
+                "n_concepts": self.n_concepts}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "ConceptIndex":
+        dims = tuple(obj["dims"])
+        return cls(dims, tuple(tuple(obj["names"][d]) for d in dims), int(obj["k_max"]))
+
+
+def concept_index_from_vocabs(signal_vocabs: Mapping[str, Any], dimensions: Sequence[str], k_max: int) -> ConceptIndex:
+    """Dimensions in ``dimensions`` order (then any other signal dimension), names from the vocabularies."""
+    if not signal_vocabs:
+        raise ValueError("the data set has no concept signals (config.data.signals): nothing to gate on")
+    dims = [d for d in dimensions if d in signal_vocabs] + [d for d in signal_vocabs if d not in dimensions]
+    empty = [d for d in dims if len(signal_vocabs[d]) == 0]
+    if empty:
+        raise ValueError(f"signals of dimension(s) {empty} have no concepts")
+    return ConceptIndex(tuple(dims), tuple(tuple(signal_vocabs[d].names) for d in dims), int(k_max))
+
+
+def gating_config(config, index: ConceptIndex) -> gating.GatingConfig:
+    g = config.gating
+    pri = [p.strip() for p in str(g.priority or "").split(",") if p.strip()]
+    unknown = [p for p in pri if p not in index.dims]
+    if unknown:
+        logging.warning("gating.priority names %s, not dimensions of the signals %s; ignored", unknown, index.dims)
+    order = tuple(index.dims.index(p) for p in pri if p in index.dims)
+    return gating.GatingConfig(dim_ranges=index.ranges, k_max=int(g.k_max), threshold=float(g.threshold),
+                               backoff_delta=float(g.backoff_delta), topk_per_dim=int(g.topk_per_dim),
+                               max_concepts=int(g.max_concepts), priority=order or None)

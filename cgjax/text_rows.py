@@ -1,0 +1,110 @@
+"""Training rows: one record -> token ids, labels, segment ids and signals of fixed length
+(``TextRows``, a grain map), and the batch collation (``Collate``)."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from cgjax import text
+from cgjax.losses import IGNORE_INDEX
+
+__all__ = ["parse_key_lines", "TextRows", "Collate", "HOST_KEYS"]
+
+_TOKENIZER_LOCK = threading.Lock()  # HF fast tokenizers are not safe to share across grain threads
+
+
+def parse_key_lines(s: str, dims: Sequence[str]) -> dict[str, str]:
+    """``name: value`` lines -> ``{dim: value}`` (first line per dimension, case-insensitive name)."""
+    out: dict[str, str] = {}
+    lower = {d.lower(): d for d in dims}
+    for line in str(s).replace("\r\n", "\n").split("\n"):
+        key, sep, value = line.partition(":")
+        d = lower.get(key.strip().lower())
+        if sep and d is not None and d not in out:
+            out[d] = value.strip()
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TextRows:
+    """grain ``element_fn``: a decoded element -> fixed-length token row + concept scores."""
+
+    tokenizer: Any
+    stage: str
+    n_image_block: int
+    image_token_id: int
+    length: int
+    concept_dims: tuple[str, ...]
+    label_dims: tuple[str, ...]
+    label_names: tuple[tuple[str, ...], ...]
+    prompt_seed: int
+    max_reason_tokens: int
+    add_eos: bool
+    with_prompt: bool = False  # also the left-padded inference prompt (validation)
+    n_head: int = -1  # expected position of the first image token (checked when >= 0)
+    max_targets: int = 0  # > 0: at most this many supervised tokens per row (checked)
+    blank_images: bool = False  # zero pixels: the image carries no information (demo base pretraining)
+
+    def _labels(self, ex) -> list[str]:
+        out = []
+        for d, names in zip(self.label_dims, self.label_names):
+            i = int(ex["labels"].get(d, -1))
+            out.append(names[i] if 0 <= i < len(names) else "")
+        return out
+
+    def __call__(self, ex: Mapping[str, Any]) -> dict[str, Any]:
+        labels = self._labels(ex)
+        keys = ex["target_keys"] if int(ex["has_target"]) else ""
+        if not keys.strip():  # no CSV row: the original's target builder
+            keys = "\n".join(f"{d}: {n or 'Unknown'}" for d, n in zip(self.label_dims, labels))
+        prompt = text.STAGE_A_PROMPT if self.stage == "A" else text.stage_b_prompt(labels, self.prompt_seed)
+        with _TOKENIZER_LOCK:
+            reason = ""
+            if self.stage == "B":
+                reason = text.truncate_tokens(self.tokenizer, ex["target_reason"].strip(), self.max_reason_tokens)
+            row = text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id, keys, reason,
+                              add_eos=self.add_eos)
+            prompt_row = (text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id)
+                          if self.with_prompt else None)
+        if len(row.input_ids) > self.length:
+            raise ValueError(f"image {ex['image_path']!r}: its row has {len(row.input_ids) - self.n_image_block} text "
+                             f"tokens, more than config.text.max_text_tokens="
+                             f"{self.length - self.n_image_block}; raise it")
+        n_targets = int(np.sum(row.labels != IGNORE_INDEX))
+        if 0 < self.max_targets < n_targets:
+            raise ValueError(f"image {ex['image_path']!r}: its target has {n_targets} tokens, more than "
+                             f"config.text.max_target_tokens={self.max_targets}; raise it")
+        if self.n_head >= 0 and (len(row.input_ids) <= self.n_head or row.input_ids[self.n_head] != self.image_token_id
+                                 or (self.n_head and row.input_ids[self.n_head - 1] == self.image_token_id)):
+            raise ValueError(f"image {ex['image_path']!r}: the prompt head before <image> is not {self.n_head} tokens")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = {k: v[0] for k, v in text.pad_rows([row], self.length, pad, side="right").items()}
+        out["pixel_values"] = np.zeros_like(ex["pixel_values"]) if self.blank_images else ex["pixel_values"]
+        out["scores"] = np.concatenate([np.asarray(ex["signals"][d], np.float32) for d in self.concept_dims])
+        out["gold_keys"] = keys
+        if prompt_row is not None:
+            p = text.pad_rows([prompt_row], self.length, pad, side="left")
+            out["prompt_ids"], out["prompt_mask"] = p["input_ids"][0], p["attention_mask"][0]
+        return out
+
+
+HOST_KEYS = ("gold_keys",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Collate:
+    """grain ``collate_fn``: stacks rows; a short last batch is padded (``valid`` = 0) to ``batch_size``."""
+
+    batch_size: int
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        n = len(rows)
+        rows = list(rows) + [rows[0]] * (self.batch_size - n)
+        out = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k not in HOST_KEYS}
+        out["valid"] = (np.arange(self.batch_size) < n).astype(np.int32)
+        for k in HOST_KEYS:
+            out[k] = [r[k] for r in rows]
+        return out
