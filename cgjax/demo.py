@@ -77,7 +77,7 @@ def check_conversion(clip_name: str, llava_dir: str) -> dict[str, float]:
 
     clip = openclip.load(clip_name)
     torch_clip = open_clip.create_model(clip_name).eval()  # loads the weights of the local-dir folder
-    x = np.random.default_rng(0).normal(size=(2, 3, *clip.model.cfg.image_size)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(2, 3, *clip.model.config.image_size)).astype(np.float32)
     with torch.no_grad():
         want = torch_clip.encode_image(torch.tensor(x)).numpy()
     got = np.asarray(clip.model.encode_image(x))

@@ -292,7 +292,7 @@ def save_orbax(model: CLIPVisionTransformer, preprocess: PreprocessConfig, dst: 
         if not force:
             raise FileExistsError(f"{dst} already exists (pass force=True / --force to overwrite)")
         shutil.rmtree(dst)
-    meta = {"model_name": model_name, "vision_config": dataclasses.asdict(model.cfg),
+    meta = {"model_name": model_name, "vision_config": dataclasses.asdict(model.config),
             "preprocess": dataclasses.asdict(preprocess)}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(dst, ocp.args.Composite(state=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
@@ -363,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileExistsError(f"{args.dst} already exists (pass --force to overwrite)")
             model, pp = load_orbax(args.src)
             want = CLIPVisionConfig.from_open_clip(resolve_model_name(args.model_name)[0])
-            if want != model.cfg:
-                raise ValueError(f"{args.src} holds a tower with config {model.cfg}, not {args.model_name} ({want})")
+            if want != model.config:
+                raise ValueError(f"{args.src} holds a tower with config {model.config}, not {args.model_name} ({want})")
             out = save(model, args.dst)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

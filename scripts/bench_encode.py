@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     tmodel = open_clip.create_model(args.model).eval()
     model, _ = oc.load(args.model, tmodel.visual)
-    size = model.cfg.image_size
+    size = model.config.image_size
     x_np = np.random.default_rng(args.seed).standard_normal((args.batch, 3, *size), dtype=np.float32)
 
     graphdef, state = nnx.split(model)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     res = {
         "label": f"CLIP {args.model} encode_image, batch {args.batch}",
-        "flops_per_unit": flops.encode_flops(model.cfg, 1),
+        "flops_per_unit": flops.encode_flops(model.config, 1),
         "cgjax": args.batch / t_j,
         "torch": args.batch / t_t,
         "speedup": t_t / t_j,

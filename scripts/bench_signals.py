@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "label": f"signals for 3 dimensions from image files, {args.model}, batch {args.batch}",
         "unit": "images/s",
         "cgjax": n / med["cgjax_all"], "torch": n / med["orig_all"], "speedup": med["orig_all"] / med["cgjax_all"],
-        "flops_per_unit": flops.encode_flops(head.model.cfg, 1),
+        "flops_per_unit": flops.encode_flops(head.model.config, 1),
         "one_dimension": {"cgjax": n / med["cgjax_one"], "torch": n / med["orig_one"],
                           "speedup": med["orig_one"] / med["cgjax_one"]},
         "max_abs_diff": err, "n_images": n, "model": args.model, "torch_threads": torch.get_num_threads(),

@@ -38,7 +38,7 @@ def test_encode_flops_match_xla():
 
     name, ckpt = tiny_clip.cached_openclip_checkpoint(layers=1)
     tower, _ = openclip.load(name, ckpt)
-    cfg = tower.cfg
+    cfg = tower.config
     graphdef, state = nnx.split(tower)
     B = 2
     n_tok = cfg.grid[0] * cfg.grid[1] + 1

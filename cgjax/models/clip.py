@@ -303,7 +303,7 @@ class CLIPVisionTransformer(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.cfg, self.dtype = cfg, dtype
+        self.config, self.dtype = cfg, dtype
         d = cfg.width
         ph, pw = cfg.patch_size
         self.patch_embed = param(_init(rngs, (ph, pw, 3, d), (3 * ph * pw) ** -0.5, param_dtype),
@@ -327,7 +327,7 @@ class CLIPVisionTransformer(nnx.Module):
     def patch_embeddings(self, pixels: jax.Array) -> jax.Array:
         """``[B, 3, H, W]`` -> ``[B, gh*gw, D]``: the stride-``patch`` conv (open_clip ``conv1``,
         HF ``patch_embedding``) as a patch reshape + one matmul, patches in row-major order."""
-        cfg, dt = self.cfg, self.dtype
+        cfg, dt = self.config, self.dtype
         b, c, h, w = pixels.shape
         if c != 3 or (h, w) != cfg.image_size:
             raise ValueError(f"pixels must be [B, 3, {cfg.image_size[0]}, {cfg.image_size[1]}], got {tuple(pixels.shape)}")
@@ -337,7 +337,7 @@ class CLIPVisionTransformer(nnx.Module):
 
     def embed(self, pixels: jax.Array) -> jax.Array:
         """Patch + class + position embeddings, then ``ln_pre``: HF ``hidden_states[0]``."""
-        cfg, dt = self.cfg, self.dtype
+        cfg, dt = self.config, self.dtype
         x = self.patch_embeddings(pixels)
         b = x.shape[0]
         cls = jnp.broadcast_to(self.class_embedding.get_value().astype(dt), (b, 1, cfg.width))
@@ -346,20 +346,20 @@ class CLIPVisionTransformer(nnx.Module):
 
     def run_blocks(self, x: jax.Array, start: int = 0, stop: int | None = None) -> jax.Array:
         """Apply blocks ``start .. stop-1`` (a scan over a slice of the stacked params)."""
-        stop = self.cfg.layers if stop is None else stop
-        if not 0 <= start <= stop <= self.cfg.layers:
-            raise ValueError(f"block range [{start}, {stop}) is outside 0..{self.cfg.layers}")
+        stop = self.config.layers if stop is None else stop
+        if not 0 <= start <= stop <= self.config.layers:
+            raise ValueError(f"block range [{start}, {stop}) is outside 0..{self.config.layers}")
         if start == stop:
             return x
         graphdef, state = nnx.split(self.blocks)
-        if (start, stop) != (0, self.cfg.layers):
+        if (start, stop) != (0, self.config.layers):
             state = jax.tree.map(lambda a: a[start:stop], state)
 
         x, _ = jax.lax.scan(_scan_body(graphdef), x, state)
         return x
 
     def _hidden_index(self, layer: int) -> int:
-        n = self.cfg.layers
+        n = self.config.layers
         idx = layer + n + 1 if layer < 0 else layer
         if not 0 <= idx <= n:
             raise ValueError(f"hidden state index {layer} is out of range for {n} layers (valid: {-n - 1}..{n})")
@@ -375,18 +375,18 @@ class CLIPVisionTransformer(nnx.Module):
 
     def pool(self, x: jax.Array) -> jax.Array:
         """Final tokens ``[B, T, D]`` -> pooled ``[B, D]`` with ``ln_post`` (HF ``pooler_output``)."""
-        if self.cfg.final_ln_after_pool:
-            pooled = x[:, 0] if self.cfg.pool == "tok" else x[:, 1:].mean(axis=1)
+        if self.config.final_ln_after_pool:
+            pooled = x[:, 0] if self.config.pool == "tok" else x[:, 1:].mean(axis=1)
             return self.ln_post(pooled)
         x = self.ln_post(x)
-        return x[:, 0] if self.cfg.pool == "tok" else x[:, 1:].mean(axis=1)
+        return x[:, 0] if self.config.pool == "tok" else x[:, 1:].mean(axis=1)
 
     def pooled(self, pixels: jax.Array) -> jax.Array:
         """Pooled, ``ln_post``-normalised features ``[B, D]`` (before ``proj``). With CLS
         pooling the last block is computed for the CLS token only (same values, fewer FLOPs)."""
         x = self.embed(pixels)
-        n = self.cfg.layers
-        if self.cfg.pool != "tok" or n == 0:
+        n = self.config.layers
+        if self.config.pool != "tok" or n == 0:
             return self.pool(self.run_blocks(x))
         x = self.run_blocks(x, 0, n - 1)
         graphdef, state = nnx.split(self.blocks)

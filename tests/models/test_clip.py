@@ -59,7 +59,7 @@ def test_embeddings_with_ln_pre(pair, pixels):
 
 def test_one_block(pair):
     tm, jm = pair
-    x = torch.randn(2, jm.cfg.num_tokens, jm.cfg.width, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, jm.config.num_tokens, jm.config.width, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = tm.visual.transformer.resblocks[1](x).numpy()
     got = jm.run_blocks(_j(x), 1, 2)
@@ -75,7 +75,7 @@ def test_tower_and_encode_image(pair, pixels):
     fwd = jax.jit(lambda m, x: (m.hidden_states(x, -1), m.encode_image(x), m.encode_image(x, normalize=True)))
     got_tokens, got, got_n = (np.asarray(a) for a in fwd(jm, _j(pixels)))
     np.testing.assert_allclose(got_tokens, tokens, atol=ATOL, rtol=0)
-    assert got.shape == (3, jm.cfg.output_dim)
+    assert got.shape == (3, jm.config.output_dim)
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
     np.testing.assert_allclose(got_n, want_n, atol=ATOL, rtol=0)
 
@@ -85,7 +85,7 @@ def test_variants_avg_pool_ln_after_pool_layer_scale_no_ln_pre(pixels):
     name, ckpt = cached_openclip_checkpoint(act="gelu", layers=1, **extra)
     tm = _torch_model(name, ckpt)
     jm, _ = oc.load(name, ckpt)
-    assert jm.cfg.pool == "avg" and jm.cfg.layer_scale and not jm.cfg.ln_pre and jm.cfg.final_ln_after_pool
+    assert jm.config.pool == "avg" and jm.config.layer_scale and not jm.config.ln_pre and jm.config.final_ln_after_pool
     with torch.no_grad():
         want = tm.encode_image(pixels).numpy()
     np.testing.assert_allclose(np.asarray(_encode(jm, _j(pixels))), want, atol=ATOL, rtol=0)
@@ -163,7 +163,7 @@ def test_pooled_matches_hf_and_index_errors(hf_pair, hf_outputs, pixels):
 def test_bf16_compute_close(pixels):
     name, ckpt = cached_openclip_checkpoint(act="quick_gelu")
     jm, _ = oc.load(name, ckpt)
-    bf_graph = nnx.split(nnx.eval_shape(lambda: CLIPVisionTransformer(jm.cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)))[0]
+    bf_graph = nnx.split(nnx.eval_shape(lambda: CLIPVisionTransformer(jm.config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)))[0]
     bf = nnx.merge(bf_graph, nnx.state(jm))
     assert bf.blocks.attn.qkv_kernel.get_value().dtype == jnp.float32  # params stay fp32
     out = _encode(bf, _j(pixels))
