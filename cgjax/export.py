@@ -23,7 +23,6 @@ import glob
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -68,7 +67,7 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
 
     from converters import hf_llava, openclip
     from cgjax import infer
-    from cgjax.data.schema import replace_dir
+    from cgjax.data.schema import atomic_dir
     from cgjax.preprocess import llava_preprocess_config
 
     workdir = os.path.abspath(workdir)
@@ -84,10 +83,7 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
     ps = _load_prototypes(protos_wd)
 
     out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
-    try:
+    with atomic_dir(out) as tmp:
         # the LLaVA (written atomically into tmp/llava by the converter)
         llava = hf_llava.load(ckpt)
         hf_llava.save(llava, os.path.join(tmp, "llava"), tokenizer_from=ckpt)
@@ -130,10 +126,6 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
             f.write(CONCEPT_TOKENS_SOURCE)
         with open(os.path.join(tmp, "example.py"), "w") as f:
             f.write(EXAMPLE_SOURCE)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     written = {"llava": os.path.join(out, "llava"), "clip": os.path.join(out, "clip", "open_clip_visual.pt"),
                "concepts": os.path.join(out, "concepts.pt"), "concepts_json": os.path.join(out, "concepts.json"),
                "signals": os.path.join(out, "signals"), "concept_tokens": os.path.join(out, "concept_tokens.py"),

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cgjax.data.schema import replace_dir
+from cgjax.data.schema import atomic_dir
 from converters import common as C
 
 from converters.openclip import hf_clip_vision_rules
@@ -213,20 +212,13 @@ def write_checkpoint_dir(out_dir: str, tensors: dict, config: dict, copy_from: s
     the :data:`TOKENIZER_FILES` found in ``copy_from``; written to a temporary directory beside
     ``out_dir`` and renamed into place (nothing half-written is left on failure)."""
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-llava-")
-    try:
+    with atomic_dir(out_dir) as tmp:
         C.save_safetensors(tensors, tmp, max_shard_bytes=max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True, default=str)
         for name in TOKENIZER_FILES if copy_from else ():
             if os.path.exists(os.path.join(copy_from, name)):
                 shutil.copy2(os.path.join(copy_from, name), os.path.join(tmp, name))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -238,19 +230,12 @@ def save_orbax(model, out_dir: str) -> str:
     import orbax.checkpoint as ocp
 
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-orbax-")
-    try:
+    with atomic_dir(out_dir) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.config.to_hf(), f, indent=2, sort_keys=True, default=str)
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, "state"), nnx.state(model, nnx.Param).to_pure_dict())
         ckptr.wait_until_finished()
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

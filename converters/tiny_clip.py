@@ -59,18 +59,14 @@ def make_openclip_checkpoint(out_dir: str, width: int = 64, layers: int = 2, hea
     ckpt = os.path.join(out_dir, f"{name}.pt")
     torch.save(sd, ckpt)
 
-    hub = os.path.join(out_dir, f"{name}-hub")
-    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tmp-hub-")
+    from cgjax.data.schema import atomic_dir
+
     pp = dict(model.visual.preprocess_cfg)
     pp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}
-    with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": cfg, "preprocess_cfg": pp}, f, indent=2)
-    save_file(sd, os.path.join(tmp, "open_clip_model.safetensors"))
-    if os.path.isdir(hub):
-        import shutil
-
-        shutil.rmtree(hub)
-    os.replace(tmp, hub)
+    with atomic_dir(os.path.join(out_dir, f"{name}-hub")) as tmp:
+        with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
+            json.dump({"model_cfg": cfg, "preprocess_cfg": pp}, f, indent=2)
+        save_file(sd, os.path.join(tmp, "open_clip_model.safetensors"))
     return name, ckpt
 
 

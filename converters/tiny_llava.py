@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 SIZES = {
     "tiny": dict(
@@ -79,19 +77,11 @@ def make_llava_checkpoint(out_dir: str, size: str = "tiny", seed: int = 0, *, vo
     """Build a random LLaVA (see :func:`make_llava_model`) and ``save_pretrained`` it to
     ``out_dir`` (written to a temporary folder and renamed). Returns ``out_dir``."""
     model = make_llava_model(size, seed, vocab_size=vocab_size, image_size=image_size, **kwargs)
+    from cgjax.data.schema import atomic_dir
+
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-llava-")
-    try:
-        save_kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        model.save_pretrained(tmp, **save_kw)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
     return out_dir
 
 

@@ -21,15 +21,13 @@ import argparse
 import dataclasses
 import io
 import os
-import shutil
-import tempfile
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from cgjax.data.records import format_target_keys, write_dataset_json, write_targets_csv
-from cgjax.data.schema import (DEFAULT_DIMENSIONS, Record, TargetRow, Vocabulary, read_json, replace_dir, save_vocab)
+from cgjax.data.schema import (DEFAULT_DIMENSIONS, Record, TargetRow, Vocabulary, read_json, atomic_dir, save_vocab)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,15 +316,8 @@ def make_demo(out_dir: str | os.PathLike, n_images: int = 240, size: int = 64, s
     if os.path.exists(out_dir) and os.listdir(out_dir):
         if not overwrite or not _is_demo_dir(out_dir):
             raise FileExistsError(f"{out_dir} exists and is not an earlier demo set; not replacing it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".tmp-")
-    try:
+    with atomic_dir(out_dir) as tmp:
         _write_demo(tmp, n_images, size, seed, split, image_format)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return demo_paths(out_dir)
 
 

@@ -5,13 +5,14 @@ the field-by-field description lives in ``docs/schema.md``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import cgjax
 
@@ -283,6 +284,23 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, newline: str | N
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     write_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[str]:
+    """``with atomic_dir(out) as tmp:`` write into ``tmp`` (a fresh folder beside ``out``); on a
+    clean exit it replaces ``out`` whole (:func:`replace_dir`), on an error it is removed, so
+    nothing half-written is ever at ``out``."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".tmp-")
+    try:
+        yield tmp
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(tmp: str | os.PathLike, out_dir: str | os.PathLike) -> None:

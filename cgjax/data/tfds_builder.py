@@ -18,7 +18,6 @@ import dataclasses
 import io
 import os
 import shutil
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -27,7 +26,7 @@ from etils import epath
 
 from cgjax.data.examples import LoadedData, load_data, make_example, read_image_bytes
 from cgjax.data.schema import (SCHEMA_VERSION, SPLITS, DataError, ProblemLog, Vocabulary, log, read_json,
-                               save_vocab, vocab_from_json, write_json_atomic, replace_dir)
+                               save_vocab, vocab_from_json, write_json_atomic, atomic_dir)
 
 BUILDER_NAME = "cgjax_dataset"
 BUILDER_VERSION = "1.0.0"
@@ -159,10 +158,7 @@ def pack(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None,
     if not examples:
         raise DataError(dataset_json, None, "no usable records to pack")
     splits = _assign_splits(data, split_fractions, seed)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".tmp-")
-    try:
+    with atomic_dir(out_dir) as tmp:
         if not verbose:
             tfds.disable_progress_bar()
         builder = CgjaxDataset(data_dir=tmp, file_format="array_record",
@@ -182,10 +178,6 @@ def pack(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None,
                         "images_root": data.dataset.images_root,
                         "targets_csv": None if targets_csv is None else os.path.abspath(os.fspath(targets_csv))},
             "skipped": [str(p) for p in problems.problems]})
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if problems.problems:
         log.warning("packed %s with %d problem(s) skipped", out_dir, len(problems.problems))
     return out_dir

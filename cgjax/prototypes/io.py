@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cgjax.data.schema import replace_dir
+from cgjax.data.schema import atomic_dir
 from cgjax.prototypes.head import DEFAULT_CLIP_MODEL, PrototypeSet, l2_normalize
 
 PT_SUFFIXES = (".pt", ".pth", ".bin")
@@ -155,29 +155,21 @@ def save_checkpoint(ps: PrototypeSet, path: str | os.PathLike, step: int = 0, **
     """Write a prototypes-only cgjax checkpoint (``state = {"protos"}``, ``meta`` with the index).
 
     Written into a temporary folder that replaces ``path`` at the end (an older one is replaced)."""
-    import shutil
 
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".tmp-")
     padded, _ = ps.padded()
     m = {"dimensions": ps.dimensions, "n_concepts": [len(ps.idx_to_concept[d]) for d in ps.dimensions],
          "clip_model_name": ps.clip_model_name, "concept_to_idx": ps.concept_to_idx,
          "idx_to_concept": ps.idx_to_concept, "temperatures": ps.temperatures, **meta}
-    try:
+    with atomic_dir(path) as tmp:
         mngr = ocp.CheckpointManager(tmp, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
                                      item_names=("state", "meta"))
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"protos": padded}),
                                                 meta=ocp.args.JsonSave(m)))
         mngr.wait_until_finished()
         mngr.close()
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

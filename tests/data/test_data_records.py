@@ -146,3 +146,22 @@ def test_vocabulary_order_and_file(tmp_path):
     obj = json.loads((tmp_path / "vocab.json").read_text())
     assert obj["schema_version"] == SCHEMA_VERSION and obj["dimensions"] == ["style", "genre"]
     assert load_vocab(tmp_path / "vocab.json") == {"style": v, "genre": Vocabulary("genre", ["g"])}
+
+
+def test_atomic_dir_replaces_whole_or_leaves_the_old(tmp_path):
+    from cgjax.data.schema import atomic_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp_path / "x").write_text("")  # outside: untouched
+            open(os.path.join(tmp, "half.txt"), "w").write("half")
+            raise RuntimeError("fails mid-write")
+    assert sorted(os.listdir(out)) == ["old.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out", "x"]  # no temporary folder left behind
+    with atomic_dir(out) as tmp:
+        open(os.path.join(tmp, "new.txt"), "w").write("new")
+    assert sorted(os.listdir(out)) == ["new.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out", "x"]
