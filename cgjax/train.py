@@ -353,16 +353,16 @@ class _Preemption:
 
 
 def gather_host_strings(text: str) -> list[str]:
-    """``text`` of every process, in process order (one collective; a list of one on one host)."""
+    """``text`` of every process, in process order (two collectives: lengths, then padded bytes)."""
     if jax.process_count() == 1:
         return [text]
     from jax.experimental import multihost_utils
 
     data = np.frombuffer(text.encode("utf-8"), np.uint8)
-    n = int(np.max(multihost_utils.process_allgather(np.int32(len(data)))))
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    n = int(lengths.max())
     padded = np.zeros(n, np.uint8)
     padded[:len(data)] = data
-    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
     rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), n)
     return [bytes(r[:k]).decode("utf-8") for r, k in zip(rows, lengths)]
 

@@ -90,9 +90,10 @@ def test_step_flops_counts_forward_and_activation_backward():
     assert flops.step_flops(counts, 2, 8, 3, 4, n_trainable_dense=5) - flops.step_flops(counts, 2, 8, 3, 4) == 2 * 5 * 2 * 8
 
 
-def test_matmul_peak_is_a_positive_rate():
+def test_matmul_peak_is_the_best_measured_rate():
     peak = flops.matmul_peak(n=256, repeats=2)
-    assert peak["peak"] >= peak["jax"] > 0
+    assert peak["jax"] > 0 and peak["torch"] > 0  # torch is installed with the test extras
+    assert peak["peak"] == max(peak["jax"], peak["torch"]) and peak["n"] == 256
 
 
 def test_step_flops_with_the_values_only_shortcuts():

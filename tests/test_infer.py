@@ -18,6 +18,7 @@ from cgjax import demo, infer, text, train
 from cgjax.config import load_config
 from cgjax.data.demo_data import make_demo
 from cgjax.eval import saliency as sal
+from cgjax.config import override
 from cgjax.testing import fake_trained_stage, tiny_llava_with_tokenizer
 
 STRUCTURED_PROMPT = (
@@ -87,13 +88,7 @@ def infer_config(s, **over):
     c.generation.max_new_tokens, c.generation.batch_size = MAX_NEW, 4
     c.prototypes.batch_size = 8
     c.saliency.n_images, c.saliency.grid, c.saliency.minibatch = 1, 4, 8
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return override(c, **over)
 
 
 @pytest.fixture(scope="module")
