@@ -174,10 +174,15 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 
 class Kernel(nnx.Module):
-    """A bare weight ``kernel`` (the matmul lives with the caller, which knows the einsum)."""
+    """A weight ``kernel [*in, *out]`` (the first ``n_in`` axes are the input), applied by
+    ``kernel(x)``."""
 
-    def __init__(self, shape, axes, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, shape, axes, *, param_dtype, rngs: nnx.Rngs, n_in: int = 1):
         self.kernel = sharding.param(_normal(rngs, shape, param_dtype), axes)
+        self.n_in = n_in
+
+    def __call__(self, x):
+        return jnp.tensordot(x, self.kernel.get_value().astype(x.dtype), self.n_in)
 
 
 class Embed(nnx.Module):
@@ -223,16 +228,14 @@ class LlamaAttention(nnx.Module):
         self.q_proj = Kernel((D, H, hd), ("embed", "heads", "head_dim"), **kw)
         self.k_proj = Kernel((D, KV, hd), ("embed", "kv_heads", "head_dim"), **kw)
         self.v_proj = Kernel((D, KV, hd), ("embed", "kv_heads", "head_dim"), **kw)
-        self.o_proj = Kernel((H, hd, D), ("heads", "head_dim", "embed"), **kw)
+        self.o_proj = Kernel((H, hd, D), ("heads", "head_dim", "embed"), n_in=2, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
 
     def __call__(self, x, cos, sin, mask, kv_store, attn_rows):
         """``x [B,T,D]``, ``mask [B,1,1,T,S]`` bool; ``kv_store(k, v) -> (keys, values, store)``
         stores the new keys/values (cache) and returns the ones to attend over."""
         dt = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj.kernel.get_value().astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj.kernel.get_value().astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj.kernel.get_value().astype(dt))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values, store = kv_store(k, v)
         B, T = q.shape[:2]
@@ -244,7 +247,7 @@ class LlamaAttention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), values.astype(dt))
         out = out.reshape(B, T, self.num_heads, self.head_dim)
-        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.kernel.get_value().astype(dt))
+        y = self.o_proj(out)
         rows = None
         if attn_rows is not None:  # [B, H, R, S]
             rows = jnp.take(probs.reshape(B, self.num_heads, T, -1), attn_rows, axis=2)
@@ -260,10 +263,7 @@ class LlamaMLP(nnx.Module):
         self.down_proj = Kernel((Fd, D), ("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        dt = x.dtype
-        g = x @ self.gate_proj.kernel.get_value().astype(dt)
-        u = x @ self.up_proj.kernel.get_value().astype(dt)
-        return (jax.nn.silu(g) * u) @ self.down_proj.kernel.get_value().astype(dt)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nnx.Module):
