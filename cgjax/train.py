@@ -122,8 +122,7 @@ def _forward(model: ConceptLlava, batch, sc: StepConfig, with_reg: bool):
     P = sc.prefix_len
     if P > 0:
         B, T = ids.shape
-        cache = lm.init_cache(B, T)
-        _, cache, _ = lm.hidden_states(jax.lax.stop_gradient(embeds[:, :P]), mask[:, :P], None, cache)
+        _, cache, _ = lm.hidden_states(jax.lax.stop_gradient(embeds[:, :P]), mask[:, :P], prefill_len=T)
         cache = jax.lax.stop_gradient(cache)
         h, _, attn = lm.hidden_states(embeds[:, P:], mask[:, P:], None, cache,
                                       None if rows is None else rows - P)

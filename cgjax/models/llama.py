@@ -362,10 +362,12 @@ class LlamaForCausalLM(nnx.Module):
         return (hidden @ w.astype(hidden.dtype)).astype(F32)
 
     def hidden_states(self, inputs_embeds, attention_mask=None, position_ids=None,
-                      cache: KVCache | None = None, return_attn_rows=None):
+                      cache: KVCache | None = None, return_attn_rows=None, prefill_len: int | None = None):
         """Decoder stack + final norm. -> (hidden [B,T,D], cache, attn) where ``attn`` is
         ``[L, B, H, R, S]`` fp32 attention probabilities of the query rows ``return_attn_rows``
-        (``[R]`` indices into T) or None."""
+        (``[R]`` indices into T) or None. ``prefill_len`` (no ``cache``): return a new cache of
+        that length holding the prompt's keys/values; attention then runs over the prompt only,
+        not over the empty slots of a preallocated cache (the same numbers, less work)."""
         h = jnp.asarray(inputs_embeds).astype(self.dtype)
         B, T = h.shape[:2]
         cfg = self.config
@@ -385,7 +387,7 @@ class LlamaForCausalLM(nnx.Module):
 
             def kv_store(k, v):
                 if cache is None:
-                    return k, v, None
+                    return k, v, (None if prefill_len is None else (k, v))
                 k, v = k.astype(k_old.dtype), v.astype(v_old.dtype)
                 keys = jax.lax.dynamic_update_slice(k_old, k, (0, index, 0, 0))
                 values = jax.lax.dynamic_update_slice(v_old, v, (0, index, 0, 0))
@@ -397,7 +399,14 @@ class LlamaForCausalLM(nnx.Module):
         xs = (state, None, None) if cache is None else (state, cache.k, cache.v)
         h, (new_kv, attn) = jax.lax.scan(body, h, xs)
         h = self.norm(h)
-        if cache is not None:
+        if cache is None and prefill_len is not None:
+            if prefill_len < T:
+                raise ValueError(f"prefill_len {prefill_len} is shorter than the prompt ({T})")
+            pad = ((0, 0), (0, 0), (0, prefill_len - T), (0, 0), (0, 0))
+            k_new, v_new = new_kv  # [L, B, T, KV, hd]
+            cache = KVCache(k=jnp.pad(k_new, pad), v=jnp.pad(v_new, pad),
+                            valid=jnp.pad(key_valid, ((0, 0), (0, prefill_len - T))), index=jnp.int32(T))
+        elif cache is not None:
             k_new, v_new = new_kv  # [L, B, T, KV, hd]
             cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_new, (0, 0, index, 0, 0)),
                             v=jax.lax.dynamic_update_slice(cache.v, v_new, (0, 0, index, 0, 0)),

@@ -169,6 +169,34 @@ def test_kv_cache_matches_full_forward(gqa):
     np.testing.assert_allclose(out[valid], ref[valid], atol=ATOL)
 
 
+def test_prefill_len_builds_the_cache(gqa):
+    """A prompt run with ``prefill_len`` (attention over the prompt only) leaves the cache a
+    preallocated one would hold, and decoding from it matches HF's full forward."""
+    hm, m = gqa
+    ids, mask = _inputs(T=12)
+    ref = _hf_logits(hm, ids, mask, _positions(mask))
+    emb = m.embed(ids[:, :8])
+    h, cache, _ = jax.jit(lambda e, a: m.hidden_states(e, a, prefill_len=16))(emb, mask[:, :8])
+    _, want, _ = jax.jit(lambda e, a: m.hidden_states(e, a, cache=m.init_cache(2, 16)))(emb, mask[:, :8])
+    assert cache.k.shape == want.k.shape and int(cache.index) == int(want.index) == 8
+    np.testing.assert_array_equal(np.asarray(cache.valid), np.asarray(want.valid))
+    valid = mask.astype(bool)
+    slots = np.asarray(want.valid)  # padding slots hold garbage that nothing attends to
+    assert slots[:, :8].sum() == valid[:, :8].sum() and not slots[:, 8:].any()
+    for got, ref_kv in ((cache.k, want.k), (cache.v, want.v)):
+        np.testing.assert_allclose(np.asarray(got)[:, slots], np.asarray(ref_kv)[:, slots], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(m.logits(h))[valid[:, :8]], ref[:, :8][valid[:, :8]], atol=ATOL)
+    step = jax.jit(lambda i, a, c: m(i, attention_mask=a, cache=c))
+    outs = []
+    for t in range(8, 12):
+        o, cache = step(ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        outs.append(np.asarray(o))
+    out = np.concatenate(outs, axis=1)
+    np.testing.assert_allclose(out[valid[:, 8:]], ref[:, 8:][valid[:, 8:]], atol=ATOL)
+    with pytest.raises(ValueError, match="prefill_len 4 is shorter than the prompt"):
+        m.hidden_states(emb, mask[:, :8], prefill_len=4)
+
+
 def test_attention_rows(gqa):
     hm, m = gqa
     ids, mask = _inputs()
