@@ -187,12 +187,39 @@ def export_tensors(model, layout: str = "saved", dtype=None) -> dict[str, np.nda
     return tensors
 
 
+def pad_vocab_for_image_token(tensors: dict, hf_config: dict, layout: str, multiple: int = 64) -> bool:
+    """HF LLaVA looks the image token up in the text embedding, so its id must be a row of it.
+    A model whose ``image_token_index`` lies past the vocabulary (the original LLaVA format's
+    default, see :mod:`converters.llava_original`) gets its embedding and ``lm_head`` padded to the
+    next multiple of ``multiple`` covering that id, as HF's own LLaVA conversion does: new rows
+    are the mean of the existing ones. The image rows' embeddings are replaced by image features,
+    and a mean ``lm_head`` row never beats the best existing one, so greedy outputs are unchanged.
+    Edits ``tensors`` and ``hf_config`` in place; returns whether it padded."""
+    text = hf_config["text_config"]
+    vocab, image_id = int(text["vocab_size"]), int(hf_config["image_token_index"])
+    if image_id < vocab:
+        return False
+    new_vocab = -(-(image_id + 1) // multiple) * multiple
+    body, head, _, _ = LAYOUTS[layout]
+    for key in (body + "embed_tokens.weight", head + "weight"):
+        if key not in tensors:  # a tied head has no tensor of its own
+            continue
+        w = tensors[key]
+        if w.shape[0] != vocab:
+            raise ValueError(f"{key} has {w.shape[0]} rows, the config's vocab_size is {vocab}")
+        mean = w.astype(np.float32).mean(0, keepdims=True).astype(w.dtype)
+        tensors[key] = np.concatenate([w, np.repeat(mean, new_vocab - vocab, axis=0)], axis=0)
+    text["vocab_size"] = new_vocab
+    return True
+
+
 def save(model, out_dir: str, *, dtype=None, layout: str | None = None, tokenizer_from: str | None = None,
          max_shard_bytes: int | None = None) -> str:
     """Write ``model`` as a HF LLaVA checkpoint directory (atomic: temp dir, then rename).
 
     ``layout``: key layout (default: the source's file layout, else ``saved``, what
-    transformers 5 writes). ``dtype``: tensor dtype (default: the parameters'). Tokenizer /
+    transformers 5 writes). An image token id past the vocabulary is made a row of it
+    (:func:`pad_vocab_for_image_token`). ``dtype``: tensor dtype (default: the parameters'). Tokenizer /
     processor / generation-config files are copied from ``tokenizer_from`` (default: the
     directory the model was loaded from, if any)."""
     if layout is None:
@@ -200,6 +227,7 @@ def save(model, out_dir: str, *, dtype=None, layout: str | None = None, tokenize
         layout = src if src in ("hub", "saved") else "saved"
     tensors = export_tensors(model, layout, dtype)
     hf = model.config.to_hf()
+    pad_vocab_for_image_token(tensors, hf, layout)
     first = next(iter(tensors.values()))
     hf["dtype"] = str(first.dtype) if first.dtype.name != "bfloat16" else "bfloat16"
     src_dir = tokenizer_from if tokenizer_from is not None else getattr(model, "source_dir", None)

@@ -282,6 +282,30 @@ def test_from_hf_llava_model_to_original(hf, v15, tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_to_hf_pads_vocab_for_image_token(v15, tmp_path):
+    """Loaded with the default image id (= vocab_size, outside the table), the model still exports
+    to a HF LLaVA that runs: embedding and lm_head grow to the next multiple of 64 with mean rows,
+    and HF's logits over the original vocabulary equal cgjax's; no new token beats them."""
+    model = llava_original.load(v15[0])
+    vocab = model.config.text_config.vocab_size
+    assert model.config.image_token_id == vocab == 128
+    out = hf_llava.save(model, str(tmp_path / "hf"))
+    back = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert back.config.text_config.vocab_size == 192 and back.config.image_token_id == 128
+    emb = back.get_input_embeddings().weight.detach().numpy()
+    src = np.asarray(model.language_model.embed_tokens.embedding.get_value())
+    np.testing.assert_array_equal(emb[:vocab], src)
+    np.testing.assert_allclose(emb[vocab:], np.broadcast_to(src.mean(0), (192 - vocab, src.shape[1])), atol=1e-6)
+    ids, pix = original_ids(), pixels()
+    got = hf_logits(back, ids, pix)
+    want = cgjax_logits(model, ids, pix)
+    np.testing.assert_allclose(got[..., :vocab], want, atol=1e-4, rtol=1e-4)
+    assert (got[..., vocab:].max(-1) <= got[..., :vocab].max(-1) + 1e-6).all()
+    tensors, hf_cfg = {}, model.config.to_hf()  # an id inside the vocabulary is left alone
+    hf_cfg["image_token_index"] = 5
+    assert not hf_llava.pad_vocab_for_image_token(tensors, hf_cfg, "saved") and hf_cfg["text_config"]["vocab_size"] == vocab
+
+
 def test_errors(hf, v15, tmp_path):
     src, tower = v15
     main = {k: v for k, v in common.read_tensors(src).to_numpy().items() if "inv_freq" not in k}
