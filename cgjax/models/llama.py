@@ -239,14 +239,19 @@ class LlamaAttention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values, store = kv_store(k, v)
         B, T = q.shape[:2]
-        G = self.num_heads // self.num_kv_heads
-        q = q.reshape(B, T, self.num_kv_heads, G, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(dt), preferred_element_type=F32)
-        scores = scores.astype(F32) * (1.0 / np.sqrt(self.head_dim))
+        KV, hd = self.num_kv_heads, self.head_dim
+        G = self.num_heads // KV
+        # Head-major operands, each KV head's G query heads stacked along the rows: on XLA CPU the
+        # batched matmuls then run about 3x faster than the same einsums on [B, T, heads, hd].
+        qh = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
+        kh = keys.astype(dt).transpose(0, 2, 3, 1)    # [B, KV, hd, S]
+        vh = values.astype(dt).transpose(0, 2, 1, 3)  # [B, KV, S, hd]
+        scores = jnp.matmul(qh, kh, preferred_element_type=F32).reshape(B, KV, G, T, -1)
+        scores = scores.astype(F32) * (1.0 / np.sqrt(hd))
         scores = jnp.where(mask, scores, jnp.finfo(F32).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), values.astype(dt))
-        out = out.reshape(B, T, self.num_heads, self.head_dim)
+        out = jnp.matmul(probs.astype(dt).reshape(B, KV, G * T, -1), vh)  # [B, KV, G*T, hd]
+        out = out.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, self.num_heads, hd)
         y = self.o_proj(out)
         rows = None
         if attn_rows is not None:  # [B, H, R, S]
