@@ -241,7 +241,7 @@ def analytic_activation_bytes(llava_cfg, *, batch_per_device: int, seq_len: int,
 
 
 def kv_cache_bytes(text_cfg, batch: int, length: int, dtype) -> int:
-    """Keys + values ``[L, B, S, KV, hd]`` (+ the bool slot mask) of :func:`cgjax.models.llama.init_cache`."""
+    """Keys + values ``[L, B, KV, S, hd]`` (+ the bool slot mask) of :func:`cgjax.models.llama.init_cache`."""
     per = text_cfg.num_hidden_layers * batch * length * text_cfg.num_key_value_heads * text_cfg.head_dim
     return 2 * per * np.dtype(dtype).itemsize + batch * length
 

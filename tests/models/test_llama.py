@@ -184,7 +184,8 @@ def test_prefill_len_builds_the_cache(gqa):
     slots = np.asarray(want.valid)  # padding slots hold garbage that nothing attends to
     assert slots[:, :8].sum() == valid[:, :8].sum() and not slots[:, 8:].any()
     for got, ref_kv in ((cache.k, want.k), (cache.v, want.v)):
-        np.testing.assert_allclose(np.asarray(got)[:, slots], np.asarray(ref_kv)[:, slots], atol=1e-6)
+        token_major = lambda a: np.moveaxis(np.asarray(a), 3, 2)  # [L, B, S, KV, hd]  # noqa: E731
+        np.testing.assert_allclose(token_major(got)[:, slots], token_major(ref_kv)[:, slots], atol=1e-6)
     np.testing.assert_allclose(np.asarray(m.logits(h))[valid[:, :8]], ref[:, :8][valid[:, :8]], atol=ATOL)
     step = jax.jit(lambda i, a, c: m(i, attention_mask=a, cache=c))
     outs = []
