@@ -126,8 +126,9 @@ class LlamaConfig:
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys/values ``[L, B, KV, S_max, hd]`` (head-major, as attention multiplies them), slot validity ``[B, S_max]`` and the
-    number of slots already written (``index``, shared by all rows)."""
+    """Per-layer keys/values ``[L, B, KV, S_max, hd]`` (head-major, as attention multiplies
+    them), slot validity ``[B, S_max]`` and the number of slots already written (``index``,
+    shared by all rows)."""
 
     k: jax.Array
     v: jax.Array
@@ -375,6 +376,8 @@ class LlamaForCausalLM(nnx.Module):
         not over the empty slots of a preallocated cache (the same numbers, less work)."""
         h = jnp.asarray(inputs_embeds).astype(self.dtype)
         B, T = h.shape[:2]
+        if prefill_len is not None and (cache is not None or prefill_len < T):
+            raise ValueError(f"prefill_len={prefill_len} needs no cache and at least the prompt's {T} slots")
         cfg = self.config
         mask, pos, new_valid, key_valid = _to_mask_and_positions(attention_mask, position_ids, B, T, cache)
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
@@ -404,9 +407,7 @@ class LlamaForCausalLM(nnx.Module):
         xs = (state, None, None) if cache is None else (state, cache.k, cache.v)
         h, (new_kv, attn) = jax.lax.scan(body, h, xs)
         h = self.norm(h)
-        if cache is None and prefill_len is not None:
-            if prefill_len < T:
-                raise ValueError(f"prefill_len {prefill_len} is shorter than the prompt ({T})")
+        if prefill_len is not None:
             pad = ((0, 0), (0, 0), (0, 0), (0, prefill_len - T), (0, 0))
             k_new, v_new = new_kv  # [L, B, KV, T, hd]
             cache = KVCache(k=jnp.pad(k_new, pad), v=jnp.pad(v_new, pad),

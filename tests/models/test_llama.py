@@ -194,8 +194,10 @@ def test_prefill_len_builds_the_cache(gqa):
         outs.append(np.asarray(o))
     out = np.concatenate(outs, axis=1)
     np.testing.assert_allclose(out[valid[:, 8:]], ref[:, 8:][valid[:, 8:]], atol=ATOL)
-    with pytest.raises(ValueError, match="prefill_len 4 is shorter than the prompt"):
+    with pytest.raises(ValueError, match="prefill_len=4 needs no cache and at least the prompt's 8 slots"):
         m.hidden_states(emb, mask[:, :8], prefill_len=4)
+    with pytest.raises(ValueError, match="prefill_len=16 needs no cache"):
+        m.hidden_states(emb, mask[:, :8], cache=m.init_cache(2, 16), prefill_len=16)
 
 
 def test_attention_rows(gqa):
