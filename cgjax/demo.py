@@ -44,6 +44,63 @@ def make_clip(workdir: str, seed: int = 0) -> str:
     return f"local-dir:{os.path.join(out, name + '-hub')}"
 
 
+def pretrain_clip(workdir: str, clip_name: str, seed: int = 0, n_images: int = 1536, epochs: int = 10,
+                  size: int = 64) -> str:
+    """Stand-in for a pretrained CLIP: a random tower sees colour, not layout, so genre (composition)
+    is invisible to it. Like the base LLaVA, the tiny tower is therefore trained first, in PyTorch
+    with open_clip (the demo's ``open_clip`` checkpoint is then converted as a user's would be), to
+    name the artist, style and genre of ``n_images`` paintings rendered from a different seed: a
+    corpus disjoint from the demo's own train/validation/test images. Writes a ``local-dir:``
+    checkpoint under ``workdir/checkpoints/clip-pretrained`` and returns its name; ``epochs=0``
+    returns ``clip_name`` unchanged."""
+    if epochs <= 0:
+        return clip_name
+    import numpy as np
+    import open_clip
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from cgjax.data.demo_data import ARTISTS, GENRES, STYLES, render_painting
+    from cgjax.data.schema import atomic_dir
+
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(clip_name)
+    paintings = [render_painting(i, seed + 10_000, size) for i in range(n_images)]
+    pixels = torch.stack([preprocess(Image.fromarray(p.image)) for p in paintings])
+    labels = [torch.tensor([names.index(key(p)) for p in paintings]) for names, key in (
+        ([a.slug for a in ARTISTS], lambda p: p.artist.slug), (STYLES, lambda p: p.style),
+        (GENRES, lambda p: p.genre))]
+    dim = model.visual.output_dim
+    heads = torch.nn.ModuleList([torch.nn.Linear(dim, len(names)) for names in (ARTISTS, STYLES, GENRES)])
+    opt = torch.optim.AdamW([*model.visual.parameters(), *heads.parameters()], lr=2e-3, weight_decay=0.1)
+    batch = 64
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n_images)
+        for start in range(0, n_images - batch + 1, batch):
+            idx = order[start:start + batch]
+            x = pixels[idx]
+            x = torch.where((torch.rand(batch) < 0.5)[:, None, None, None], x.flip(-1), x)  # keeps the layout
+            emb = model.encode_image(x)
+            artist, style, genre = (torch.nn.functional.cross_entropy(h(emb), y[idx]) for h, y in zip(heads, labels))
+            loss = artist + style + 2.0 * genre  # genre is the slowest to learn
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    src = clip_name.removeprefix("local-dir:")
+    out = os.path.join(workdir, "checkpoints", "clip-pretrained", os.path.basename(src))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(out) as tmp:
+        with open(os.path.join(src, "open_clip_config.json")) as f:
+            cfg = f.read()
+        with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
+            f.write(cfg)
+        save_file(state, os.path.join(tmp, "open_clip_model.safetensors"))
+    _log(f"CLIP tower pretrained ({epochs} epochs on {n_images} paintings, last loss {loss.item():.3f})")
+    return f"local-dir:{out}"
+
+
 def tokenizer_corpus(targets_csv: str) -> list[str]:
     """Texts the demo tokenizer is trained on: prompts, answers and reasons of the data set."""
     corpus = [text.SYSTEM, text.STAGE_A_PROMPT, *text.STAGE_B_PROMPTS]
@@ -181,7 +238,8 @@ def evaluate(workdir: str, llava_dir: str, paths: dict[str, str], n_images: int 
 
 
 def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0, pretrain_steps: int = 300,
-        stage_steps: int = 64, eval_images: int = 0) -> dict[str, Any]:
+        stage_steps: int = 64, eval_images: int = 0, clip_pretrain_epochs: int = 10,
+        clip_pretrain_images: int = 1536) -> dict[str, Any]:
     """The whole demo: data -> checkpoints -> (the stages available in this build)."""
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
@@ -192,6 +250,10 @@ def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0, 
     _log(f"data: {paths['dataset_json']}")
     _log("building tiny CLIP and LLaVA checkpoints with open_clip / transformers")
     clip_name = make_clip(workdir, seed=seed)
+    _log(f"pretraining the tiny CLIP tower ({clip_pretrain_epochs} epochs on {clip_pretrain_images} other paintings: "
+         "a stand-in for a pretrained CLIP)")
+    clip_name = pretrain_clip(workdir, clip_name, seed=seed, n_images=clip_pretrain_images,
+                              epochs=clip_pretrain_epochs, size=image_size)
     llava_dir = make_llava(workdir, paths["targets_csv"], seed=seed)
     summary["clip_model"], summary["llava_checkpoint"] = clip_name, llava_dir
     _log("converting them to cgjax and checking against PyTorch")

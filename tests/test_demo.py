@@ -4,16 +4,27 @@ import os
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from cgjax import demo
 
 
 def test_demo_runs_end_to_end(tmp_path):
     work = str(tmp_path / "demo")
-    summary = demo.run(work, n_images=40, pretrain_steps=6, stage_steps=4, eval_images=3)
+    summary = demo.run(work, n_images=40, pretrain_steps=6, stage_steps=4, eval_images=3, clip_pretrain_epochs=1,
+                       clip_pretrain_images=64)
 
     assert summary["conversion"]["clip_max_abs_diff"] < 1e-4
     assert summary["conversion"]["llava_max_abs_diff"] < 1e-4
+    # the CLIP tower was pretrained (visual weights moved, text tower untouched) and that is what was converted
+    random_dir = os.path.join(work, "checkpoints", "clip", "cgjax-demo-clip-hub")
+    assert summary["clip_model"] == "local-dir:" + os.path.join(work, "checkpoints", "clip-pretrained",
+                                                                "cgjax-demo-clip-hub")
+    before = load_file(os.path.join(random_dir, "open_clip_model.safetensors"))
+    after = load_file(os.path.join(summary["clip_model"].removeprefix("local-dir:"), "open_clip_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["visual.proj"], after["visual.proj"])
+    assert torch.equal(before["token_embedding.weight"], after["token_embedding.weight"])
     with open(os.path.join(work, "demo_summary.json")) as f:
         assert json.load(f)["workdir"] == os.path.abspath(work)
 

@@ -151,6 +151,25 @@ def _compose(genre: str, size: int, rng: np.random.Generator):
     return roles, int(roles.max()) + 1, evidence
 
 
+# Luminance rank (0 darkest .. 4 lightest of the 5 palette colours) of each composition role: the
+# genre's light/dark layout (light sky over dark ground, a lit face on a dark ground, ...) with the
+# artist's own colours. Exactly the colours of a random permutation, so the palette cue is unchanged.
+GENRE_ROLE_LUMINANCE = {
+    "landscape": (4, 0, 1, 3),        # sky, ground, hills, sun
+    "portrait": (0, 2, 4, 1),         # background, shoulders, head, hair
+    "still_life": (1, 2, 4, 3),       # wall, table, fruit, bottle
+    "cityscape": (3, 0, 1, 4, 2),     # sky, building, building, windows, street
+}
+
+
+def _role_palette_index(genre: str, pal: np.ndarray, n_roles: int, rng: np.random.Generator) -> np.ndarray:
+    """Palette index per role: by the genre's luminance layout (80%), else a random permutation."""
+    if rng.random() < 0.8:
+        by_luminance = np.argsort(pal @ np.array([0.299, 0.587, 0.114], np.float32), kind="stable")
+        return by_luminance[np.asarray(GENRE_ROLE_LUMINANCE[genre][:n_roles])]
+    return rng.permutation(len(pal))[:n_roles] if n_roles <= len(pal) else rng.integers(len(pal), size=n_roles)
+
+
 def _palette(artist: Artist, rng: np.random.Generator) -> np.ndarray:
     pal = np.asarray(artist.palette, np.float32)
     if rng.random() < 0.2:  # borrow one colour from another artist (overlap)
@@ -255,7 +274,7 @@ def render_painting(index: int, seed: int, size: int = 64) -> DemoPainting:
     genre = GENRES[int(rng.choice(len(GENRES), p=np.asarray(artist.genre_weights) / sum(artist.genre_weights)))]
     roles, n_roles, genre_evidence = _compose(genre, size, rng)
     pal = _palette(artist, rng)
-    role_colors = pal[rng.permutation(len(pal))[:n_roles] if n_roles <= len(pal) else rng.integers(len(pal), size=n_roles)]
+    role_colors = pal[_role_palette_index(genre, pal, n_roles, rng)]
     y = np.linspace(-1, 1, size, dtype=np.float32)[:, None, None]
     clean = np.clip(role_colors[roles] * (1.0 + 0.08 * y * rng.uniform(-1, 1)), 0, 255)  # soft light gradient
     field = np.clip(clean + rng.normal(0, 6, clean.shape), 0, 255)

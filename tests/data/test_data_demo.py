@@ -89,6 +89,23 @@ def test_factors_are_learnable_but_not_trivial(tmp_path):
     assert all(c.most_common(1)[0][1] < sum(c.values()) for c in by_artist.values())
 
 
+def test_genre_has_a_light_dark_layout():
+    """Genre is composition, drawn in the artist's own colours by luminance rank: landscapes are lit
+    from the top (light sky over dark ground), portraits in the centre (a lit face on a dark ground)."""
+    top_lighter, centre_lighter = {}, {}
+    for i in range(160):
+        p = demo_data.render_painting(i, seed=3, size=64)
+        lum = p.image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        border = np.concatenate([lum[:, :10].ravel(), lum[:, -10:].ravel()]).mean()
+        top_lighter.setdefault(p.genre, []).append(lum[:16].mean() > lum[-16:].mean())
+        centre_lighter.setdefault(p.genre, []).append(lum[16:40, 20:44].mean() > border)
+    assert np.mean(top_lighter["landscape"]) > 0.7 and np.mean(top_lighter["portrait"]) < 0.3, top_lighter
+    assert np.mean(centre_lighter["portrait"]) > 0.7, centre_lighter
+    # the palette (the artist's cue) is unchanged: role colours are palette colours
+    p = demo_data.render_painting(0, seed=3, size=64)
+    assert demo_data.GENRE_ROLE_LUMINANCE[p.genre] and len(set(demo_data.GENRE_ROLE_LUMINANCE["cityscape"])) == 5
+
+
 def test_cli(tmp_path):
     paths = demo_data.main(["--out", str(tmp_path / "cli"), "--n_images", "6", "--size", "24", "--split", "1,0,0",
                             "--format", "jpg"])
