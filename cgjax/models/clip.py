@@ -228,12 +228,13 @@ class Attention(nnx.Module):
         else:
             qkv = (x.astype(dt) @ kernel.reshape(d, -1) + bias.reshape(-1)).reshape(b, t, 3, self.heads, self.head_dim)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
-        q = q * jnp.asarray(self.head_dim**-0.5, dt)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        # head-major batched matmuls ([B, H, T, hd]): XLA CPU runs them ~3x faster than the einsums
+        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q * jnp.asarray(self.head_dim**-0.5, dt), k, v))
+        logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)  # [B, H, Tq, T]
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        o = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, Tq, H, hd]
+        o = jnp.swapaxes(jnp.matmul(probs, v), 1, 2)  # [B, Tq, H, hd]
         wo = self.out_kernel.get_value().astype(dt).reshape(-1, d)
-        return o.reshape(b, q.shape[1], -1) @ wo + self.out_bias.get_value().astype(dt)
+        return o.reshape(b, q.shape[2], -1) @ wo + self.out_bias.get_value().astype(dt)
 
 
 class MLP(nnx.Module):
