@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -227,18 +228,20 @@ def save(model, out_dir: str, *, dtype=None, layout: str | None = None, tokenize
         layout = src if src in ("hub", "saved") else "saved"
     tensors = export_tensors(model, layout, dtype)
     hf = model.config.to_hf()
-    pad_vocab_for_image_token(tensors, hf, layout)
+    padded = pad_vocab_for_image_token(tensors, hf, layout)
     first = next(iter(tensors.values()))
     hf["dtype"] = str(first.dtype) if first.dtype.name != "bfloat16" else "bfloat16"
     src_dir = tokenizer_from if tokenizer_from is not None else getattr(model, "source_dir", None)
-    return write_checkpoint_dir(out_dir, tensors, hf, src_dir, max_shard_bytes)
+    return write_checkpoint_dir(out_dir, tensors, hf, src_dir, max_shard_bytes,
+                                image_token_id=int(hf["image_token_index"]) if padded else None)
 
 
 def write_checkpoint_dir(out_dir: str, tensors: dict, config: dict, copy_from: str | None = None,
-                         max_shard_bytes: int | None = None) -> str:
+                         max_shard_bytes: int | None = None, image_token_id: int | None = None) -> str:
     """A checkpoint directory: safetensors (sharded past ``max_shard_bytes``), ``config.json`` and
     the :data:`TOKENIZER_FILES` found in ``copy_from``; written to a temporary directory beside
-    ``out_dir`` and renamed into place (nothing half-written is left on failure)."""
+    ``out_dir`` and renamed into place (nothing half-written is left on failure). With
+    ``image_token_id``, the copied tokenizer gets ``<image>`` there (:func:`add_image_token`)."""
     out_dir = os.path.abspath(out_dir)
     with atomic_dir(out_dir) as tmp:
         C.save_safetensors(tensors, tmp, max_shard_bytes=max_shard_bytes)
@@ -247,7 +250,36 @@ def write_checkpoint_dir(out_dir: str, tensors: dict, config: dict, copy_from: s
         for name in TOKENIZER_FILES if copy_from else ():
             if os.path.exists(os.path.join(copy_from, name)):
                 shutil.copy2(os.path.join(copy_from, name), os.path.join(tmp, name))
+        if image_token_id is not None:
+            add_image_token(tmp, image_token_id)
     return out_dir
+
+
+def add_image_token(tokenizer_dir: str, image_token_id: int) -> bool:
+    """Give the tokenizer saved in ``tokenizer_dir`` an ``<image>`` special token at
+    ``image_token_id``, as HF's LLaVA conversion does for the original format's tokenizer (which
+    has none: the original splices images at the placeholder id -200). Appended only when the
+    tokenizer has exactly ``image_token_id`` tokens, so the id it gets is that one; otherwise
+    (or with no loadable tokenizer) it warns and changes nothing. Returns whether it changed."""
+    if not any(os.path.exists(os.path.join(tokenizer_dir, n)) for n in ("tokenizer.json", "tokenizer.model")):
+        return False
+    from transformers import AddedToken, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as e:  # a tokenizer transformers cannot load is copied as it was
+        warnings.warn(f"{tokenizer_dir}: tokenizer not loadable ({e}); <image> not added", stacklevel=3)
+        return False
+    have = tok.convert_tokens_to_ids("<image>") if "<image>" in tok.get_vocab() else None
+    if have is not None or len(tok) != image_token_id:
+        if have != image_token_id:
+            where = f"has <image> at id {have}" if have is not None else f"has {len(tok)} tokens"
+            warnings.warn(f"{tokenizer_dir}: the tokenizer {where}, but the model's image token id is "
+                          f"{image_token_id}; the tokenizer is left as it was", stacklevel=3)
+        return False
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tok.save_pretrained(tokenizer_dir)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ replaced by ``num_image_tokens`` rows); cgjax places them at ``num_image_tokens`
 the text ``vocab_size``, an id no tokenizer emits; its embedding is never used). Build ``input_ids``
 as the original does (``tokenizer_image_token``, -200 at ``<image>``) and pass them through
 :func:`expand_image_tokens`. Exported to HF (``hf_llava.save``), such a model gets its vocabulary
-padded to cover that id, as HF's LLaVA conversion does (:func:`converters.hf_llava.pad_vocab_for_image_token`);
-the tokenizer copied alongside still needs an ``<image>`` token at that id for HF's processor.
+padded to cover that id, as HF's LLaVA conversion does (:func:`converters.hf_llava.pad_vocab_for_image_token`),
+and the tokenizer copied alongside gets an ``<image>`` token at that id (:func:`converters.hf_llava.add_image_token`).
 
 CLI::
 

@@ -7,6 +7,7 @@ the vision tower as a separate ``CLIPVisionModel.save_pretrained`` directory (1.
 ``model.vision_tower.vision_tower.vision_model.*`` (1.6)."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -304,6 +305,46 @@ def test_to_hf_pads_vocab_for_image_token(v15, tmp_path):
     tensors, hf_cfg = {}, model.config.to_hf()  # an id inside the vocabulary is left alone
     hf_cfg["image_token_index"] = 5
     assert not hf_llava.pad_vocab_for_image_token(tensors, hf_cfg, "saved") and hf_cfg["text_config"]["vocab_size"] == vocab
+
+
+def original_tokenizer(n_tokens: int):
+    """A LLaMA-like fast tokenizer of exactly ``n_tokens`` tokens and no ``<image>`` (the original's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=n_tokens, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    rs = np.random.RandomState(0)  # enough distinct words that BPE reaches n_tokens
+    words = ["".join(rs.choice(list("abcdefghijklmnopqrstuvwxyz"), rs.randint(2, 8))) for _ in range(400)]
+    tok.train_from_iterator([" ".join(rs.choice(words, 12)) for _ in range(300)], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    assert len(fast) == n_tokens and "<image>" not in fast.get_vocab()
+    return fast
+
+
+def test_to_hf_adds_image_token_to_the_tokenizer(v15, tmp_path):
+    """The original's tokenizer has no ``<image>``: the HF export appends it at the model's image id
+    (= vocab_size), so HF's tokenizer output, expanded to ``image_seq_length`` image tokens, gives
+    cgjax's logits. A tokenizer of another length is left alone, with a warning."""
+    src = str(tmp_path / "llava")
+    shutil.copytree(v15[0], src)
+    original_tokenizer(128).save_pretrained(src)
+    model = llava_original.load(src)
+    out = hf_llava.save(model, str(tmp_path / "hf"))
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids("<image>") == model.config.image_token_id == 128 and len(tok) == 129
+    ids = tok("USER: <image>\na painting").input_ids
+    assert ids.count(128) == 1 and max(i for i in ids if i != 128) < 128
+    original = np.array([[IMG if i == 128 else i for i in ids]] * 2)  # the original's -200 placeholder
+    back = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    got = hf_logits(back, original, pixels())
+    np.testing.assert_allclose(got[..., :128], cgjax_logits(model, original, pixels()), atol=1e-4, rtol=1e-4)
+
+    original_tokenizer(120).save_pretrained(src)  # 120 tokens: <image> would land on id 120, not 128
+    with pytest.warns(UserWarning, match="has 120 tokens, but the model's image token id is 128"):
+        out = hf_llava.save(llava_original.load(src), str(tmp_path / "hf120"))
+    assert "<image>" not in transformers.AutoTokenizer.from_pretrained(out).get_vocab()
 
 
 def test_errors(hf, v15, tmp_path):
