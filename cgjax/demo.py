@@ -55,7 +55,10 @@ def pretrain_clip(workdir: str, clip_name: str, seed: int = 0, n_images: int = 1
     returns ``clip_name`` unchanged."""
     if epochs <= 0:
         return clip_name
-    import numpy as np
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1 to pretrain the CLIP tower, got {n_images}")
+    import shutil
+
     import open_clip
     import torch
     from PIL import Image
@@ -74,7 +77,7 @@ def pretrain_clip(workdir: str, clip_name: str, seed: int = 0, n_images: int = 1
     dim = model.visual.output_dim
     heads = torch.nn.ModuleList([torch.nn.Linear(dim, len(names)) for names in (ARTISTS, STYLES, GENRES)])
     opt = torch.optim.AdamW([*model.visual.parameters(), *heads.parameters()], lr=2e-3, weight_decay=0.1)
-    batch = 64
+    batch = min(64, n_images)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(n_images)
@@ -92,10 +95,7 @@ def pretrain_clip(workdir: str, clip_name: str, seed: int = 0, n_images: int = 1
     out = os.path.join(workdir, "checkpoints", "clip-pretrained", os.path.basename(src))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(out) as tmp:
-        with open(os.path.join(src, "open_clip_config.json")) as f:
-            cfg = f.read()
-        with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
-            f.write(cfg)
+        shutil.copy2(os.path.join(src, "open_clip_config.json"), os.path.join(tmp, "open_clip_config.json"))
         save_file(state, os.path.join(tmp, "open_clip_model.safetensors"))
     _log(f"CLIP tower pretrained ({epochs} epochs on {n_images} paintings, last loss {loss.item():.3f})")
     return f"local-dir:{out}"
