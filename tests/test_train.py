@@ -233,8 +233,12 @@ def test_one_and_eight_devices_give_equal_losses(assets, run6, tmp_path):
     # 5 steps: the regulariser on 0, 2, 4 and one optimizer update after step 3
     out = train.train_stage(config(assets, num_steps=5, mesh="data=2,fsdp=2,tensor=2"), str(tmp_path))
     np.testing.assert_allclose(out["history"], run6[1]["history"][:5], rtol=2e-6)
-    # the first AdamW update is about +-lr per element (g / (|g| + eps)): tiny gradients amplify rounding
-    np.testing.assert_allclose(_checkpoint_values(str(tmp_path))[1], _checkpoint_values(run6[0], 4)[1], atol=2e-4)
+    # The first AdamW update is lr * g / (|g| + eps) per element (lr = 1): where |g| is near eps its
+    # slope is about lr / (4 eps), so the last-bit differences of a sharded reduction can move such an
+    # element far. Every element but a handful must agree; a wrong sharding moves them all.
+    sharded, single = _checkpoint_values(str(tmp_path))[1], _checkpoint_values(run6[0], 4)[1]
+    off = np.abs(sharded - single) > 2e-4
+    assert off.mean() < 1e-3, f"{off.sum()} of {off.size} values differ by more than 2e-4"
 
 
 def test_stage_b_starts_from_stage_a(assets, run6, tmp_path):
