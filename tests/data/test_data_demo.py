@@ -101,9 +101,12 @@ def test_genre_has_a_light_dark_layout():
         centre_lighter.setdefault(p.genre, []).append(lum[16:40, 20:44].mean() > border)
     assert np.mean(top_lighter["landscape"]) > 0.7 and np.mean(top_lighter["portrait"]) < 0.3, top_lighter
     assert np.mean(centre_lighter["portrait"]) > 0.7, centre_lighter
-    # the palette (the artist's cue) is unchanged: role colours are palette colours
-    p = demo_data.render_painting(0, seed=3, size=64)
-    assert demo_data.GENRE_ROLE_LUMINANCE[p.genre] and len(set(demo_data.GENRE_ROLE_LUMINANCE["cityscape"])) == 5
+    # the roles take distinct colours of the artist's own palette, in the genre's luminance ranks
+    pal = demo_data._palette(demo_data.ARTISTS[0], np.random.default_rng(0))
+    rank = np.argsort(np.argsort(pal @ np.array([0.299, 0.587, 0.114], np.float32)))
+    for genre, ranks in demo_data.GENRE_ROLE_LUMINANCE.items():
+        idx = demo_data._role_palette_index(genre, pal, len(ranks), np.random.default_rng(1))  # draws 0.51 < 0.8
+        assert len(set(idx.tolist())) == len(ranks) and rank[idx].tolist() == list(ranks), genre
 
 
 def test_cli(tmp_path):
