@@ -251,16 +251,18 @@ def write_checkpoint_dir(out_dir: str, tensors: dict, config: dict, copy_from: s
             if os.path.exists(os.path.join(copy_from, name)):
                 shutil.copy2(os.path.join(copy_from, name), os.path.join(tmp, name))
         if image_token_id is not None:
-            add_image_token(tmp, image_token_id)
+            add_image_token(tmp, image_token_id, source=copy_from)
     return out_dir
 
 
-def add_image_token(tokenizer_dir: str, image_token_id: int) -> bool:
+def add_image_token(tokenizer_dir: str, image_token_id: int, source: str | None = None) -> bool:
     """Give the tokenizer saved in ``tokenizer_dir`` an ``<image>`` special token at
     ``image_token_id``, as HF's LLaVA conversion does for the original format's tokenizer (which
     has none: the original splices images at the placeholder id -200). Appended only when the
     tokenizer has exactly ``image_token_id`` tokens, so the id it gets is that one; otherwise
-    (or with no loadable tokenizer) it warns and changes nothing. Returns whether it changed."""
+    (or with no loadable tokenizer) it warns and changes nothing; warnings name ``source`` (where
+    the tokenizer was copied from, default ``tokenizer_dir``). Returns whether it changed."""
+    name = source or tokenizer_dir
     if not any(os.path.exists(os.path.join(tokenizer_dir, n)) for n in ("tokenizer.json", "tokenizer.model")):
         return False
     from transformers import AddedToken, AutoTokenizer
@@ -268,13 +270,13 @@ def add_image_token(tokenizer_dir: str, image_token_id: int) -> bool:
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as e:  # a tokenizer transformers cannot load is copied as it was
-        warnings.warn(f"{tokenizer_dir}: tokenizer not loadable ({e}); <image> not added", stacklevel=3)
+        warnings.warn(f"{name}: tokenizer not loadable ({e}); <image> not added", stacklevel=3)
         return False
     have = tok.convert_tokens_to_ids("<image>") if "<image>" in tok.get_vocab() else None
     if have is not None or len(tok) != image_token_id:
         if have != image_token_id:
             where = f"has <image> at id {have}" if have is not None else f"has {len(tok)} tokens"
-            warnings.warn(f"{tokenizer_dir}: the tokenizer {where}, but the model's image token id is "
+            warnings.warn(f"{name}: the tokenizer {where}, but the model's image token id is "
                           f"{image_token_id}; the tokenizer is left as it was", stacklevel=3)
         return False
     tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)

@@ -7,6 +7,7 @@ the vision tower as a separate ``CLIPVisionModel.save_pretrained`` directory (1.
 ``model.vision_tower.vision_tower.vision_model.*`` (1.6)."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -342,7 +343,7 @@ def test_to_hf_adds_image_token_to_the_tokenizer(v15, tmp_path):
     np.testing.assert_allclose(got[..., :128], cgjax_logits(model, original, pixels()), atol=1e-4, rtol=1e-4)
 
     original_tokenizer(120).save_pretrained(src)  # 120 tokens: <image> would land on id 120, not 128
-    with pytest.warns(UserWarning, match="has 120 tokens, but the model's image token id is 128"):
+    with pytest.warns(UserWarning, match=f"^{re.escape(src)}: the tokenizer has 120 tokens, but the model's image token id is 128"):
         out = hf_llava.save(llava_original.load(src), str(tmp_path / "hf120"))
     assert "<image>" not in transformers.AutoTokenizer.from_pretrained(out).get_vocab()
 
