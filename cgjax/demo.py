@@ -250,8 +250,9 @@ def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0, 
     _log(f"data: {paths['dataset_json']}")
     _log("building tiny CLIP and LLaVA checkpoints with open_clip / transformers")
     clip_name = make_clip(workdir, seed=seed)
-    _log(f"pretraining the tiny CLIP tower ({clip_pretrain_epochs} epochs on {clip_pretrain_images} other paintings: "
-         "a stand-in for a pretrained CLIP)")
+    if clip_pretrain_epochs > 0:
+        _log(f"pretraining the tiny CLIP tower ({clip_pretrain_epochs} epochs on {clip_pretrain_images} other "
+             "paintings: a stand-in for a pretrained CLIP)")
     clip_name = pretrain_clip(workdir, clip_name, seed=seed, n_images=clip_pretrain_images,
                               epochs=clip_pretrain_epochs, size=image_size)
     llava_dir = make_llava(workdir, paths["targets_csv"], seed=seed)
