@@ -54,7 +54,7 @@ def decode(lm, inputs_embeds, attention_mask, n_new, temperature, top_p, eos_ids
     """Prefill ``inputs_embeds [B, T, D]`` into a KV cache, then decode up to ``n_new`` tokens
     in one ``while_loop`` (traceable: call it inside ``jit``). -> ``[B, n_buf]`` int32 token ids."""
     B, T = inputs_embeds.shape[:2]
-    h, cache, _ = lm.hidden_states(inputs_embeds, attention_mask, prefill_len=T + n_buf)
+    h, cache, _ = lm.hidden_states(inputs_embeds, attention_mask, prefill_len=T + n_buf, last=1)
     tok = _select(lm.logits(h[:, -1]), jax.random.fold_in(rng, 0), do_sample, temperature, top_p)
     out = jnp.full((B, n_buf), pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos_ids)

@@ -121,7 +121,8 @@ def _forward(model: ConceptLlava, batch, sc: StepConfig, with_reg: bool):
     rows = model.concept_rows(ids) if with_reg else None
     P = sc.prefix_len
     if P > 0:
-        _, cache, _ = lm.hidden_states(jax.lax.stop_gradient(embeds[:, :P]), mask[:, :P], prefill_len=ids.shape[1])
+        _, cache, _ = lm.hidden_states(jax.lax.stop_gradient(embeds[:, :P]), mask[:, :P], prefill_len=ids.shape[1],
+                                       last=0)  # only the prefix's keys/values are needed
         cache = jax.lax.stop_gradient(cache)
         h, _, attn = lm.hidden_states(embeds[:, P:], mask[:, P:], None, cache,
                                       None if rows is None else rows - P)

@@ -232,14 +232,21 @@ class LlamaAttention(nnx.Module):
         self.o_proj = Kernel((H, hd, D), ("heads", "head_dim", "embed"), n_in=2, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
 
-    def __call__(self, x, cos, sin, mask, kv_store, attn_rows):
+    def __call__(self, x, cos, sin, mask, kv_store, attn_rows, last: int | None = None):
         """``x [B,T,D]``, ``mask [B,1,1,T,S]`` bool; ``kv_store(k, v) -> (keys, values, store)``
         stores the new keys/values ``[B, KV, T, hd]`` (cache) and returns the ones to attend over
-        (``[B, KV, S, hd]``)."""
+        (``[B, KV, S, hd]``). ``last``: queries (and the output) only for the last ``last``
+        positions; keys and values are still computed for all ``T``."""
         dt = x.dtype
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = self.k_proj(x), self.v_proj(x)
+        k = apply_rope(k, cos, sin)
+        if last is not None:
+            x, cos, sin, mask = x[:, x.shape[1] - last:], cos[:, cos.shape[1] - last:], sin[:, sin.shape[1] - last:], \
+                mask[..., mask.shape[-2] - last:, :]
         keys, values, store = kv_store(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        if x.shape[1] == 0:  # last=0: the keys/values are all that is needed
+            return jnp.zeros(x.shape, dt), store, None
+        q = apply_rope(self.q_proj(x), cos, sin)
         B, T = q.shape[:2]
         KV, hd = self.num_kv_heads, self.head_dim
         G = self.num_heads // KV
@@ -279,9 +286,11 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = LlamaMLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, h, cos, sin, mask, kv_store, attn_rows=None):
-        a, store, rows = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_store, attn_rows)
-        h = h + a
+    def __call__(self, h, cos, sin, mask, kv_store, attn_rows=None, last: int | None = None):
+        """``last``: the layer's output only for the last ``last`` positions (``[B, last, D]``);
+        its keys/values still cover every position (see :class:`LlamaAttention`)."""
+        a, store, rows = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_store, attn_rows, last)
+        h = (h if last is None else h[:, h.shape[1] - last:]) + a
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, store, rows
 
@@ -368,22 +377,39 @@ class LlamaForCausalLM(nnx.Module):
         return (hidden @ w.astype(hidden.dtype)).astype(F32)
 
     def hidden_states(self, inputs_embeds, attention_mask=None, position_ids=None,
-                      cache: KVCache | None = None, return_attn_rows=None, prefill_len: int | None = None):
+                      cache: KVCache | None = None, return_attn_rows=None, prefill_len: int | None = None,
+                      last: int | None = None):
         """Decoder stack + final norm. -> (hidden [B,T,D], cache, attn) where ``attn`` is
         ``[L, B, H, R, S]`` fp32 attention probabilities of the query rows ``return_attn_rows``
-        (``[R]`` indices into T) or None. ``prefill_len`` (no ``cache``): return a new cache of
-        that length holding the prompt's keys/values; attention then runs over the prompt only,
-        not over the empty slots of a preallocated cache (the same numbers, less work)."""
+        (``[R]`` indices into T) or None.
+
+        Without a ``cache``: ``prefill_len`` returns a new cache of that length holding the
+        prompt's keys/values (attention runs over the prompt only, not over the empty slots of a
+        preallocated cache: the same numbers, less work). ``last``: the final layer computes its
+        output only for the last ``last`` positions (its keys/values for all of them, so the cache
+        is complete) and ``hidden`` is ``[B, last, D]``: a prompt whose next token is all that is
+        needed (``last=1``), or whose hidden states are not needed at all (``last=0``), skips most
+        of the final layer."""
         h = jnp.asarray(inputs_embeds).astype(self.dtype)
         B, T = h.shape[:2]
         if prefill_len is not None and (cache is not None or prefill_len < T):
             raise ValueError(f"prefill_len={prefill_len} needs no cache and at least the prompt's {T} slots")
+        if last is not None and (cache is not None or return_attn_rows is not None or not 0 <= last <= T):
+            raise ValueError(f"last={last} needs no cache, no return_attn_rows and 0 <= last <= {T} (the prompt)")
         cfg = self.config
         mask, pos, new_valid, key_valid = _to_mask_and_positions(attention_mask, position_ids, B, T, cache)
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
         rows = None if return_attn_rows is None else jnp.asarray(return_attn_rows, jnp.int32)
-
         graphdef, state = nnx.split(self.layers)
+
+        def run(h, layer_state, kv_store, last=None):
+            h, store, attn = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, kv_store, rows, last)
+            return sharding.constrain(h, ("batch", None, None)), store, attn
+
+        if cache is None and (prefill_len is not None or last is not None):
+            h, cache, attn = self._prefill(h, state, run, key_valid, prefill_len, last)
+            return self.norm(h), cache, attn
+
         index = None if cache is None else cache.index
 
         # The scan carries h; each layer gets its cache slice as an input and emits only its
@@ -391,32 +417,63 @@ class LlamaForCausalLM(nnx.Module):
         # (cheaper than carrying the whole cache through every layer).
         def body(h, xs):
             layer_state, k_old, v_old = xs
-            layer = nnx.merge(graphdef, layer_state)
 
             def kv_store(k, v):
                 if cache is None:
-                    return k, v, (None if prefill_len is None else (k, v))
+                    return k, v, None
                 k, v = k.astype(k_old.dtype), v.astype(v_old.dtype)
                 keys = jax.lax.dynamic_update_slice(k_old, k, (0, 0, index, 0))
                 values = jax.lax.dynamic_update_slice(v_old, v, (0, 0, index, 0))
                 return keys, values, (k, v)
 
-            h, new_kv, attn = layer(h, cos, sin, mask, kv_store, rows)
-            return sharding.constrain(h, ("batch", None, None)), (new_kv, attn)
+            h, new_kv, attn = run(h, layer_state, kv_store)
+            return h, (new_kv, attn)
 
         xs = (state, None, None) if cache is None else (state, cache.k, cache.v)
         h, (new_kv, attn) = jax.lax.scan(body, h, xs)
         h = self.norm(h)
-        if prefill_len is not None:
-            pad = ((0, 0), (0, 0), (0, 0), (0, prefill_len - T), (0, 0))
-            k_new, v_new = new_kv  # [L, B, KV, T, hd]
-            cache = KVCache(k=jnp.pad(k_new, pad), v=jnp.pad(v_new, pad),
-                            valid=jnp.pad(key_valid, ((0, 0), (0, prefill_len - T))), index=jnp.int32(T))
-        elif cache is not None:
+        if cache is not None:
             k_new, v_new = new_kv  # [L, B, KV, T, hd]
             cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_new, (0, 0, 0, index, 0)),
                             v=jax.lax.dynamic_update_slice(cache.v, v_new, (0, 0, 0, index, 0)),
                             valid=key_valid, index=cache.index + T)
+        return h, cache, attn
+
+    def _prefill(self, h, state, run, key_valid, prefill_len: int | None, last: int | None):
+        """The no-cache stack of :meth:`hidden_states` with ``prefill_len`` and/or ``last``: a scan
+        over the first ``L - 1`` layers (all ``L`` without ``last``) that writes each layer's
+        keys/values into the ``[L, B, KV, prefill_len, hd]`` cache it carries (updated in place),
+        then the final layer trimmed to the last ``last`` positions. -> (h, cache, attn)"""
+        cfg = self.config
+        L, (B, T) = cfg.num_hidden_layers, h.shape[:2]
+        n_scan = L if last is None else L - 1
+        layer = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), state)  # noqa: E731
+        keep = lambda k, v: (k, v, (k, v))  # noqa: E731
+        if prefill_len is None:
+            bufs = None
+        else:
+            shape = (L, B, cfg.num_key_value_heads, prefill_len, cfg.head_dim)
+            bufs = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+        def write(bufs, i, kv):
+            if bufs is None:
+                return None
+            return tuple(jax.lax.dynamic_update_slice(buf, x[None].astype(buf.dtype), (i, 0, 0, 0, 0))
+                         for buf, x in zip(bufs, kv))
+
+        def body(carry, i):
+            h, bufs = carry
+            h, kv, attn = run(h, layer(i), keep)
+            return (h, write(bufs, i, kv)), attn
+
+        (h, bufs), attn = jax.lax.scan(body, (h, bufs), jnp.arange(n_scan))
+        if last is not None:
+            h, kv, _ = run(h, layer(L - 1), keep, last)
+            bufs = write(bufs, L - 1, kv)
+        cache = None
+        if bufs is not None:
+            valid = jnp.pad(key_valid, ((0, 0), (0, prefill_len - T)))
+            cache = KVCache(k=bufs[0], v=bufs[1], valid=valid, index=jnp.int32(T))
         return h, cache, attn
 
     def unstacked_layers(self) -> list[LlamaDecoderLayer]:

@@ -13,8 +13,8 @@ from converters import hf_llava
 ATOL = 1e-4
 
 
-def _hf_llama(tied: bool, kv_heads: int = 2, seed: int = 0):
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+def _hf_llama(tied: bool, kv_heads: int = 2, seed: int = 0, layers: int = 2):
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
                                    rope_parameters={"rope_theta": 500.0, "rope_type": "default"},
                                    attn_implementation="eager")
@@ -167,6 +167,32 @@ def test_kv_cache_matches_full_forward(gqa):
     out = np.concatenate(outs, axis=1)
     valid = mask.astype(bool)
     np.testing.assert_allclose(out[valid], ref[valid], atol=ATOL)
+
+
+@pytest.mark.parametrize("layers,last", [(2, 1), (2, 3), (2, 0), (1, 1)])
+def test_last_positions_only(layers, last):
+    """``last`` runs the final layer for the last positions only: their logits equal HF's, and
+    the cache (the final layer's keys/values still cover the whole prompt) equals the untrimmed one."""
+    hm = _hf_llama(tied=False, layers=layers)
+    m = hf_llava.load_llama(hm)
+    ids, mask = _inputs(T=12)
+    ref = _hf_logits(hm, ids, mask, _positions(mask))
+    emb = m.embed(ids)
+    h, cache, _ = jax.jit(lambda e, a: m.hidden_states(e, a, prefill_len=16, last=last))(emb, mask)
+    _, want, _ = jax.jit(lambda e, a: m.hidden_states(e, a, prefill_len=16))(emb, mask)
+    assert h.shape == (2, last, 64)
+    np.testing.assert_allclose(np.asarray(m.logits(h)), ref[:, 12 - last:], atol=ATOL)
+    assert int(cache.index) == int(want.index) == 12
+    np.testing.assert_array_equal(np.asarray(cache.valid), np.asarray(want.valid))
+    for got, full in ((cache.k, want.k), (cache.v, want.v)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=1e-6)
+    h_plain, no_cache, _ = jax.jit(lambda e, a: m.hidden_states(e, a, last=last))(emb, mask)
+    assert no_cache is None
+    np.testing.assert_allclose(np.asarray(m.logits(h_plain)), ref[:, 12 - last:], atol=ATOL)
+    with pytest.raises(ValueError, match="last=13 needs no cache"):
+        m.hidden_states(emb, mask, last=13)
+    with pytest.raises(ValueError, match="last=1 needs no cache, no return_attn_rows"):
+        m.hidden_states(emb, mask, return_attn_rows=[0], last=1)
 
 
 def test_prefill_len_builds_the_cache(gqa):
