@@ -9,4 +9,8 @@ def __getattr__(name):  # lazy exports: `import cgjax` stays light
         from cgjax.generate import generate
 
         return generate
+    if name == "Generator":
+        from cgjax.generate import Generator
+
+        return Generator
     raise AttributeError(f"module 'cgjax' has no attribute {name!r}")

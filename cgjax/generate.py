@@ -7,6 +7,10 @@ Works for :class:`cgjax.models.llava.Llava` (with ``pixel_values``) and a text-o
 Shapes are static: the output buffer (and the cache's new-token part) is rounded up to a power
 of two, so ``max_new_tokens`` values in the same bucket share one compiled function, and the
 loop bound, ``temperature``, ``top_p`` and the EOS / pad ids are traced values.
+
+The prefill and the decode loop run the decoder layers unrolled on per-layer weights. ``generate``
+slices them out of the stacked parameters inside every call; a :class:`Generator` lays them out
+once for all its calls.
 """
 from __future__ import annotations
 
@@ -20,9 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cgjax.models.llama import LayerKVCache
-
-__all__ = ["generate", "decode"]
+__all__ = ["generate", "decode", "Generator"]
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -50,18 +52,18 @@ def _select(logits, key, do_sample: bool, temperature, top_p):
 
 
 def decode(lm, inputs_embeds, attention_mask, n_new, temperature, top_p, eos_ids, pad_id, rng, *,
-           do_sample: bool, n_buf: int) -> jax.Array:
+           do_sample: bool, n_buf: int, layers=None) -> jax.Array:
     """Prefill ``inputs_embeds [B, T, D]`` into a KV cache, then decode up to ``n_new`` tokens
-    in one ``while_loop`` (traceable: call it inside ``jit``). -> ``[B, n_buf]`` int32 token ids."""
+    in one ``while_loop`` (traceable: call it inside ``jit``). -> ``[B, n_buf]`` int32 token ids.
+    ``layers``: the decoder layers as separate modules (default: ``lm.unstacked_layers()``)."""
     B, T = inputs_embeds.shape[:2]
-    h, cache, _ = lm.hidden_states(inputs_embeds, attention_mask, prefill_len=T + n_buf, last=1)
+    # both phases run the layers unrolled on per-layer weights and caches (updated in place):
+    # no per-layer slicing of stacked weights inside the loop of a bandwidth-bound decode step
+    layers = lm.unstacked_layers() if layers is None else layers
+    h, cache = lm.prefill(inputs_embeds, attention_mask, layers, T + n_buf, last=1)
     tok = _select(lm.logits(h[:, -1]), jax.random.fold_in(rng, 0), do_sample, temperature, top_p)
     out = jnp.full((B, n_buf), pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos_ids)
-    # the loop runs the layers unrolled on per-layer weights and caches (updated in place):
-    # cheaper per step than the prefill's scan over stacked weights on a bandwidth-bound step
-    layers = lm.unstacked_layers()
-    cache = LayerKVCache.from_stacked(cache)
 
     def cond(c):
         i, _, done, _, _ = c
@@ -79,9 +81,9 @@ def decode(lm, inputs_embeds, attention_mask, n_new, temperature, top_p, eos_ids
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "do_sample", "n_buf", "use_concepts"))
-def _run(graphdef, state, input_ids, pixel_values, attention_mask, scores, n_new, temperature, top_p,
-         eos_ids, pad_id, rng, *, do_sample: bool, n_buf: int, use_concepts: bool):
+@functools.partial(jax.jit, static_argnames=("graphdef", "layers_def", "do_sample", "n_buf", "use_concepts"))
+def _run(graphdef, state, layers_def, layers_state, input_ids, pixel_values, attention_mask, scores, n_new,
+         temperature, top_p, eos_ids, pad_id, rng, *, do_sample: bool, n_buf: int, use_concepts: bool):
     model = nnx.merge(graphdef, state)
     lm = _language_model(model)
     if scores is not None:  # a ConceptLlava: image block = image features + gated concept slots
@@ -91,8 +93,9 @@ def _run(graphdef, state, input_ids, pixel_values, attention_mask, scores, n_new
         embeds = model.merge_image_features(input_ids, model.get_image_features(pixel_values))
     else:
         embeds = lm.embed(input_ids)
+    layers = None if layers_def is None else nnx.merge(layers_def, layers_state)
     return decode(lm, embeds, attention_mask, n_new, temperature, top_p, eos_ids, pad_id, rng,
-                  do_sample=do_sample, n_buf=n_buf)
+                  do_sample=do_sample, n_buf=n_buf, layers=layers)
 
 
 def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
@@ -110,38 +113,71 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
 
     For a :class:`cgjax.concepts.model.ConceptLlava`, ``concept_scores [B, n_concepts]`` (the
     signals ``s``) select the concept tokens; ``use_concepts=False`` is the no-concept baseline.
+    For many calls on one model, :class:`Generator` saves each call the layout of its layers.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-    attention_mask = (jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None
-                      else jnp.asarray(attention_mask, jnp.int32))
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
-    if concept_scores is not None:
-        if not hasattr(model, "prepare") or pixel_values is None:
-            raise ValueError("concept_scores need a ConceptLlava and pixel_values")
-        concept_scores = jnp.asarray(concept_scores, jnp.float32)
-    if pixel_values is not None:
-        if not hasattr(model, "get_image_features") and not hasattr(model, "prepare"):
-            raise ValueError(f"{type(model).__name__} takes no pixel_values (text-only model)")
-        pixel_values = jnp.asarray(pixel_values)
-    eos = [] if eos_token_id is None else list(np.atleast_1d(eos_token_id).tolist())
-    if pad_token_id is None:
-        pad_token_id = eos[0] if eos else 0
-    eos_ids = jnp.asarray(eos or [-1], jnp.int32)
-    do_sample = float(temperature) > 0.0
-    if do_sample and not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    graphdef, state = nnx.split(model)
-    n_buf = _bucket(max_new_tokens)
-    out = _run(graphdef, state, input_ids, pixel_values, attention_mask, concept_scores, jnp.int32(max_new_tokens),
-               jnp.float32(max(float(temperature), 1e-6)), jnp.float32(top_p), eos_ids,
-               jnp.int32(pad_token_id), rng, do_sample=do_sample, n_buf=n_buf, use_concepts=bool(use_concepts))
-    return out[:, :max_new_tokens]
+    return Generator(model, unstack_once=False)(
+        input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, eos_token_id=eos_token_id, rng=rng, pad_token_id=pad_token_id,
+        concept_scores=concept_scores, use_concepts=use_concepts)
+
+
+class Generator:
+    """:func:`generate` bound to one model: ``Generator(model)(input_ids, ...)`` takes
+    :func:`generate`'s arguments after ``model`` and returns the same ids.
+
+    It works on a snapshot of the model's weights taken here. With ``unstack_once`` (the default)
+    it also lays the decoder layers out as per-layer weights once, instead of slicing them out of
+    the stacked parameters inside every call (on a CPU that copy costs a few percent of a call);
+    it then holds that copy, the decoder's size again, for as long as it lives. Make a new one
+    after the weights change."""
+
+    def __init__(self, model, *, unstack_once: bool = True):
+        self.model = model
+        self._graphdef, state = nnx.split(model)
+        self._state = jax.tree.map(lambda x: x, state)  # detached from the model's Variables: a snapshot
+        self._layers_def = self._layers_state = None
+        if unstack_once:
+            graphdef = self._graphdef
+            unstack = jax.jit(lambda s: nnx.split(_language_model(nnx.merge(graphdef, s)).unstacked_layers())[1])
+            self._layers_state = unstack(self._state)
+            self._layers_def = nnx.split(_language_model(model).unstacked_layers())[0]
+
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+                 rng: jax.Array | None = None, pad_token_id: int | None = None, concept_scores=None,
+                 use_concepts: bool = True) -> jax.Array:
+        model = self.model
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        attention_mask = (jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None
+                          else jnp.asarray(attention_mask, jnp.int32))
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+        if concept_scores is not None:
+            if not hasattr(model, "prepare") or pixel_values is None:
+                raise ValueError("concept_scores need a ConceptLlava and pixel_values")
+            concept_scores = jnp.asarray(concept_scores, jnp.float32)
+        if pixel_values is not None:
+            if not hasattr(model, "get_image_features") and not hasattr(model, "prepare"):
+                raise ValueError(f"{type(model).__name__} takes no pixel_values (text-only model)")
+            pixel_values = jnp.asarray(pixel_values)
+        eos = [] if eos_token_id is None else list(np.atleast_1d(eos_token_id).tolist())
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+        eos_ids = jnp.asarray(eos or [-1], jnp.int32)
+        do_sample = float(temperature) > 0.0
+        if do_sample and not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        n_buf = _bucket(max_new_tokens)
+        out = _run(self._graphdef, self._state, self._layers_def, self._layers_state, input_ids, pixel_values,
+                   attention_mask, concept_scores, jnp.int32(max_new_tokens),
+                   jnp.float32(max(float(temperature), 1e-6)), jnp.float32(top_p), eos_ids, jnp.int32(pad_token_id),
+                   rng, do_sample=do_sample, n_buf=n_buf, use_concepts=bool(use_concepts))
+        return out[:, :max_new_tokens]
 
 
 class _CallableModule(types.ModuleType):

@@ -284,6 +284,7 @@ class Inferencer:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._select = jax.jit(gating.select, static_argnums=1)
+        self._generator = None  # a Generator over self.model, made at the first batch
         self._encoded: dict[str, np.ndarray] = {}
         # one prompt length for every template: one compiled shape
         probes = [structured_prompt(self.dims, self.sentinels), natural_prompt(self.dims), text.STAGE_A_PROMPT,
@@ -452,8 +453,10 @@ class Inferencer:
     def generate_ids(self, pixels: np.ndarray, prompts: Sequence[str], scores: np.ndarray,
                      use_concepts: bool = True) -> list[np.ndarray]:
         """Generated ids per row (cut after the first EOS, which is kept), in fixed batches."""
-        from cgjax.generate import generate
+        from cgjax.generate import Generator
 
+        if self._generator is None or self._generator.model is not self.model:
+            self._generator = Generator(self.model)  # the layers laid out once for every batch
         n = len(prompts)
         out: list[np.ndarray] = []
         B, L = self.batch_size, self.prompt_length
@@ -466,10 +469,10 @@ class Inferencer:
                 rows.append(text.Row(ids, np.full_like(ids, IGNORE_INDEX), np.zeros_like(ids), np.ones_like(ids)))
             batch = text.pad_rows(rows, L, self.pad_id, side="left")
             rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), start // B)
-            ids = generate(self.model, batch["input_ids"], pixels[idx_full], batch["attention_mask"],
-                           max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                           eos_token_id=self.eos_id, rng=rng, pad_token_id=self.pad_id,
-                           concept_scores=scores[idx_full], use_concepts=use_concepts)
+            ids = self._generator(batch["input_ids"], pixels[idx_full], batch["attention_mask"],
+                                  max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                  top_p=self.top_p, eos_token_id=self.eos_id, rng=rng, pad_token_id=self.pad_id,
+                                  concept_scores=scores[idx_full], use_concepts=use_concepts)
             ids = np.asarray(jax.device_get(ids))
             for k in range(len(idx)):
                 row = ids[k]

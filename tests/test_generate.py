@@ -45,11 +45,13 @@ def _hf_generate(hf, ids, mask, pix=None, **kw):
         return hf.generate(**args)[:, ids.shape[1]:].numpy()
 
 
-def test_greedy_matches_hf_llava(pair, prompt):
+@pytest.mark.parametrize("how", ["generate", "Generator"])
+def test_greedy_matches_hf_llava(pair, prompt, how):
     hf, m = pair
     ids, mask, pix = prompt
     ref = _hf_generate(hf, ids, mask, pix, eos_token_id=None)
-    out = np.asarray(cgjax.generate(m, ids, pix, mask, max_new_tokens=N_NEW))
+    run = cgjax.generate if how == "generate" else (lambda model, *a, **k: cgjax.Generator(model)(*a, **k))
+    out = np.asarray(run(m, ids, pix, mask, max_new_tokens=N_NEW))
     assert out.shape == (2, N_NEW) and ref.shape == (2, N_NEW)
     assert len(set(out[0].tolist())) > 1  # not a degenerate constant stream
     np.testing.assert_array_equal(out, ref)
@@ -118,3 +120,22 @@ def test_no_recompile_within_bucket(pair, prompt):
     assert gen_module._run._cache_size() == n
     assert out.shape == (2, 25)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(out2)[:, :25])
+
+
+def test_generator_works_on_a_snapshot(tmp_path):
+    """A Generator keeps the weights it was made with (its per-layer copy and the rest alike);
+    ``generate`` reads the model as it is now."""
+    m = hf_llava.load(make_llava_checkpoint(str(tmp_path / "tiny"), "tiny", seed=2))
+    rs = np.random.RandomState(1)
+    ids = rs.randint(3, m.config.image_token_id, (2, m.config.num_image_tokens + 6))
+    ids[:, 1:1 + m.config.num_image_tokens] = m.config.image_token_id
+    pix = rs.randn(2, 3, 32, 32).astype(np.float32)
+    gen = cgjax.Generator(m)
+    before = np.asarray(gen(ids, pix, max_new_tokens=16))
+    np.testing.assert_array_equal(before, np.asarray(cgjax.generate(m, ids, pix, max_new_tokens=16)))
+    for w in (m.language_model.layers.mlp.down_proj.kernel, m.language_model.lm_head.kernel):
+        w.set_value(w.get_value() * -3.0)
+    after = np.asarray(cgjax.generate(m, ids, pix, max_new_tokens=16))
+    assert (after != before).any()
+    np.testing.assert_array_equal(np.asarray(gen(ids, pix, max_new_tokens=16)), before)
+    np.testing.assert_array_equal(np.asarray(cgjax.Generator(m)(ids, pix, max_new_tokens=16)), after)

@@ -154,12 +154,6 @@ class LayerKVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
-    @classmethod
-    def from_stacked(cls, cache: KVCache) -> "LayerKVCache":
-        n = cache.k.shape[0]
-        return cls(k=tuple(cache.k[i] for i in range(n)), v=tuple(cache.v[i] for i in range(n)),
-                   valid=cache.valid, index=cache.index)
-
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=F32) -> KVCache:
     shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
@@ -482,6 +476,32 @@ class LlamaForCausalLM(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
                 for i in range(self.config.num_hidden_layers)]
+
+    def prefill(self, inputs_embeds, attention_mask, layers: Sequence[LlamaDecoderLayer], max_len: int,
+                last: int = 1):
+        """A prompt through ``layers`` (:meth:`unstacked_layers`, run unrolled) into a
+        :class:`LayerKVCache` of ``max_len`` slots; the final layer runs only for the last ``last``
+        positions. -> (final-normed hidden ``[B, last, D]``, cache). The same numbers as
+        :meth:`hidden_states` with ``prefill_len`` and ``last``; each layer's cache is written
+        directly, with no stacked cache to split for :meth:`decode_step`."""
+        h = jnp.asarray(inputs_embeds).astype(self.dtype)
+        B, T = h.shape[:2]
+        if max_len < T or not 0 <= last <= T:
+            raise ValueError(f"prefill needs max_len >= {T} (the prompt) and 0 <= last <= {T}; "
+                             f"got max_len={max_len}, last={last}")
+        cfg = self.config
+        mask, pos, _, key_valid = _to_mask_and_positions(attention_mask, None, B, T, None)
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+        pad = ((0, 0), (0, 0), (0, max_len - T), (0, 0))
+        keep = lambda k, v: (k, v, (jnp.pad(k, pad), jnp.pad(v, pad)))  # noqa: E731
+        ks, vs = [], []
+        for i, layer in enumerate(layers):
+            h, (k, v), _ = layer(h, cos, sin, mask, keep, None, last if i == len(layers) - 1 else None)
+            h = sharding.constrain(h, ("batch", None, None))
+            ks.append(k)
+            vs.append(v)
+        valid = jnp.pad(key_valid, ((0, 0), (0, max_len - T)))
+        return self.norm(h), LayerKVCache(k=tuple(ks), v=tuple(vs), valid=valid, index=jnp.int32(T))
 
     def decode_step(self, inputs_embeds, layers: Sequence[LlamaDecoderLayer], cache: LayerKVCache):
         """One cached step over ``inputs_embeds [B, T, D]`` with :meth:`unstacked_layers` and a

@@ -195,6 +195,31 @@ def test_last_positions_only(layers, last):
         m.hidden_states(emb, mask, return_attn_rows=[0], last=1)
 
 
+def test_prefill_and_decode_steps_on_unstacked_layers(gqa):
+    """``prefill`` (unrolled on per-layer weights, per-layer caches) gives HF's logits at the last
+    positions and the cache ``hidden_states(prefill_len=...)`` builds; ``decode_step`` from it
+    continues with HF's logits one token at a time."""
+    hm, m = gqa
+    ids, mask = _inputs(T=12)
+    ref = _hf_logits(hm, ids, mask, _positions(mask))
+    emb = m.embed(ids[:, :8])
+    h, cache = jax.jit(lambda e, a: m.prefill(e, a, m.unstacked_layers(), 16, last=2))(emb, mask[:, :8])
+    np.testing.assert_allclose(np.asarray(m.logits(h)), ref[:, 6:8], atol=ATOL)
+    _, stacked, _ = jax.jit(lambda e, a: m.hidden_states(e, a, prefill_len=16))(emb, mask[:, :8])
+    assert len(cache.k) == m.config.num_hidden_layers and int(cache.index) == 8
+    np.testing.assert_array_equal(np.asarray(cache.valid), np.asarray(stacked.valid))
+    for layer in range(m.config.num_hidden_layers):
+        np.testing.assert_allclose(np.asarray(cache.k[layer]), np.asarray(stacked.k[layer]), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(cache.v[layer]), np.asarray(stacked.v[layer]), atol=1e-6)
+    step = jax.jit(lambda i, c: m.decode_step(m.embed(i), m.unstacked_layers(), c))
+    for t in range(8, 12):
+        h, cache = step(ids[:, t:t + 1], cache)
+        np.testing.assert_allclose(np.asarray(m.logits(h[:, 0])), ref[:, t], atol=ATOL)
+    assert int(cache.index) == 12
+    with pytest.raises(ValueError, match="max_len >= 8"):
+        m.prefill(emb, mask[:, :8], m.unstacked_layers(), 4)
+
+
 def test_prefill_len_builds_the_cache(gqa):
     """A prompt run with ``prefill_len`` (attention over the prompt only) leaves the cache a
     preallocated one would hold, and decoding from it matches HF's full forward."""
