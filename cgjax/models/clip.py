@@ -287,10 +287,14 @@ class Block(nnx.Module):
 
 @functools.lru_cache(maxsize=64)
 def _scan_body(graphdef):
-    """One scan body per block graphdef, so eager (un-jitted) calls reuse jax's trace cache."""
+    """One scan body per block graphdef, so eager (un-jitted) calls reuse jax's trace cache. It
+    carries the whole stacked state and indexes block ``i`` out of it: scanning over a slice of
+    the stack instead would copy that slice of the weights on every call."""
 
-    def body(h, layer_state):
-        return constrain(nnx.merge(graphdef, layer_state)(h), ("batch", None, None)), None
+    def body(carry, i):
+        h, state = carry
+        layer_state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), state)
+        return (constrain(nnx.merge(graphdef, layer_state)(h), ("batch", None, None)), state), None
 
     return body
 
@@ -346,17 +350,14 @@ class CLIPVisionTransformer(nnx.Module):
         return self.ln_pre(x) if self.ln_pre is not None else x
 
     def run_blocks(self, x: jax.Array, start: int = 0, stop: int | None = None) -> jax.Array:
-        """Apply blocks ``start .. stop-1`` (a scan over a slice of the stacked params)."""
+        """Apply blocks ``start .. stop-1`` (a scan over those indices of the stacked params)."""
         stop = self.config.layers if stop is None else stop
         if not 0 <= start <= stop <= self.config.layers:
             raise ValueError(f"block range [{start}, {stop}) is outside 0..{self.config.layers}")
         if start == stop:
             return x
         graphdef, state = nnx.split(self.blocks)
-        if (start, stop) != (0, self.config.layers):
-            state = jax.tree.map(lambda a: a[start:stop], state)
-
-        x, _ = jax.lax.scan(_scan_body(graphdef), x, state)
+        (x, _), _ = jax.lax.scan(_scan_body(graphdef), (x, state), jnp.arange(start, stop))
         return x
 
     def _hidden_index(self, layer: int) -> int:
