@@ -24,13 +24,21 @@ def _available() -> list[str]:
 
 def _rows(mode: str, r: dict):
     """Table rows of one mode's result: ``(label, unit, cgjax, torch, speed-up, FLOPs per unit,
-    cgjax compile s, torch compile s)``; Stage A gives a second row against ``torch.compile``."""
+    cgjax compile s, torch compile s)``; Stage A gives a second row against ``torch.compile``,
+    generation one for the one-shot ``cgjax.generate`` call, signals one for a single dimension."""
     label = r.get("label", mode)
     yield (label + " vs eager" if "torch_compile" in r else label, r.get("unit", ""), r.get("cgjax"),
            r.get("torch"), r.get("speedup"), r.get("flops_per_unit"), r.get("compile_s"), None)
     if "torch_compile" in r:
         yield (label + " vs torch.compile", r["unit"], r["cgjax"], r["torch_compile"], r.get("speedup_vs_compile"),
                r.get("flops_per_unit"), r.get("compile_s"), r.get("torch_compile_compile_s"))
+    if "cgjax_one_shot" in r:
+        yield ("the same, one-shot `cgjax.generate` call", r["unit"], r["cgjax_one_shot"], r["torch"],
+               r.get("speedup_one_shot"), r.get("flops_per_unit"), None, None)
+    if isinstance(r.get("one_dimension"), dict):
+        o = r["one_dimension"]
+        yield ("the same, one dimension", r.get("unit", ""), o.get("cgjax"), o.get("torch"), o.get("speedup"),
+               r.get("flops_per_unit"), None, None)
 
 
 def table(results: dict, peak_flops: float) -> str:

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     from flax import nnx
 
     call_flops = flops.generate_flops(cfg, flops.param_counts(nnx.state(model)), B, T, args.new)
-    res = {"label": f"greedy generation, {args.size} LLaVA, batch {B}, {args.new} tokens",
+    res = {"label": f"greedy generation, {args.size} LLaVA, batch {B}, {args.new} tokens (`cgjax.Generator`)",
            "flops_per_unit": call_flops / n, "cgjax": n / jx, "torch": n / th, "speedup": th / jx, "unit": "tokens/s",
            "compile_s": compile_s, "cgjax_s": jx, "torch_s": th, "token_agreement": same,
            "cgjax_one_shot": n / js, "cgjax_one_shot_s": js, "speedup_one_shot": th / js,
