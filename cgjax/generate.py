@@ -125,17 +125,20 @@ class Generator:
     """:func:`generate` bound to one model: ``Generator(model)(input_ids, ...)`` takes
     :func:`generate`'s arguments after ``model`` and returns the same ids.
 
-    It works on a snapshot of the model's weights taken here. With ``unstack_once`` (the default)
-    it also lays the decoder layers out as per-layer weights once, instead of slicing them out of
-    the stacked parameters inside every call (on a CPU that copy costs a few percent of a call);
-    it then holds that copy, the decoder's size again, for as long as it lives. Make a new one
-    after the weights change."""
+    It works on a snapshot of the model's weights taken here; make a new one after the weights
+    change. With ``unstack_once`` it also lays the decoder layers out as per-layer weights once,
+    instead of slicing them out of the stacked parameters inside every call, and holds that copy
+    (the decoder's size again) for as long as it lives. The default is to do so on a CPU, where XLA
+    copies the slices in every call anyway (a few percent of a call), and not on an accelerator,
+    where memory is the scarcer resource."""
 
-    def __init__(self, model, *, unstack_once: bool = True):
+    def __init__(self, model, *, unstack_once: bool | None = None):
         self.model = model
         self._graphdef, state = nnx.split(model)
         self._state = jax.tree.map(lambda x: x, state)  # detached from the model's Variables: a snapshot
         self._layers_def = self._layers_state = None
+        if unstack_once is None:
+            unstack_once = jax.default_backend() == "cpu"
         if unstack_once:
             graphdef = self._graphdef
             unstack = jax.jit(lambda s: nnx.split(_language_model(nnx.merge(graphdef, s)).unstacked_layers())[1])

@@ -50,7 +50,8 @@ def test_greedy_matches_hf_llava(pair, prompt, how):
     hf, m = pair
     ids, mask, pix = prompt
     ref = _hf_generate(hf, ids, mask, pix, eos_token_id=None)
-    run = cgjax.generate if how == "generate" else (lambda model, *a, **k: cgjax.Generator(model)(*a, **k))
+    run = cgjax.generate if how == "generate" else (
+        lambda model, *a, **k: cgjax.Generator(model, unstack_once=True)(*a, **k))
     out = np.asarray(run(m, ids, pix, mask, max_new_tokens=N_NEW))
     assert out.shape == (2, N_NEW) and ref.shape == (2, N_NEW)
     assert len(set(out[0].tolist())) > 1  # not a degenerate constant stream
@@ -122,15 +123,16 @@ def test_no_recompile_within_bucket(pair, prompt):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(out2)[:, :25])
 
 
-def test_generator_works_on_a_snapshot(tmp_path):
-    """A Generator keeps the weights it was made with (its per-layer copy and the rest alike);
-    ``generate`` reads the model as it is now."""
+@pytest.mark.parametrize("unstack_once", [True, False])
+def test_generator_works_on_a_snapshot(tmp_path, unstack_once):
+    """A Generator keeps the weights it was made with (its per-layer copy, if it holds one, and
+    the rest alike); ``generate`` reads the model as it is now."""
     m = hf_llava.load(make_llava_checkpoint(str(tmp_path / "tiny"), "tiny", seed=2))
     rs = np.random.RandomState(1)
     ids = rs.randint(3, m.config.image_token_id, (2, m.config.num_image_tokens + 6))
     ids[:, 1:1 + m.config.num_image_tokens] = m.config.image_token_id
     pix = rs.randn(2, 3, 32, 32).astype(np.float32)
-    gen = cgjax.Generator(m)
+    gen = cgjax.Generator(m, unstack_once=unstack_once)
     before = np.asarray(gen(ids, pix, max_new_tokens=16))
     np.testing.assert_array_equal(before, np.asarray(cgjax.generate(m, ids, pix, max_new_tokens=16)))
     for w in (m.language_model.layers.mlp.down_proj.kernel, m.language_model.lm_head.kernel):
