@@ -456,7 +456,7 @@ class Inferencer:
         from cgjax.generate import Generator
 
         if self._generator is None or self._generator.model is not self.model:
-            self._generator = Generator(self.model)  # the layers laid out once for every batch
+            self._generator = Generator(self.model)  # on a CPU: the layers laid out once for all batches
         n = len(prompts)
         out: list[np.ndarray] = []
         B, L = self.batch_size, self.prompt_length
