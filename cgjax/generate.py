@@ -140,10 +140,15 @@ class Generator:
         if unstack_once is None:
             unstack_once = jax.default_backend() == "cpu"
         if unstack_once:
-            graphdef = self._graphdef
-            unstack = jax.jit(lambda s: nnx.split(_language_model(nnx.merge(graphdef, s)).unstacked_layers())[1])
-            self._layers_state = unstack(self._state)
-            self._layers_def = nnx.split(_language_model(model).unstacked_layers())[0]
+            graphdef, defs = self._graphdef, []
+
+            def unstack(s):  # traced once; the layers' graphdef is static, kept from the trace
+                layers_def, layers_state = nnx.split(_language_model(nnx.merge(graphdef, s)).unstacked_layers())
+                defs.append(layers_def)
+                return layers_state
+
+            self._layers_state = jax.jit(unstack)(self._state)
+            self._layers_def = defs[0]
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         return out
 
-    def best(fn, *a):
+    def timed(fn, *a):
         t0 = time.perf_counter()
         out = fn(*a)
         return time.perf_counter() - t0, out
@@ -98,18 +98,18 @@ def main(argv: list[str] | None = None) -> dict:
     ref = run_torch()  # warm-up
     times, shot_times, ttimes = [], [], []
     for _ in range(args.repeats):  # interleaved, so all see the same machine load
-        dt, out = best(run_cgjax)
+        dt, out = timed(run_cgjax)
         times.append(dt)
-        dt, shot = best(run_cgjax, args.new, True)
+        dt, shot = timed(run_cgjax, args.new, True)
         shot_times.append(dt)
-        dt, ref = best(run_torch)
+        dt, ref = timed(run_torch)
         ttimes.append(dt)
     jx, js, th = min(times), min(shot_times), min(ttimes)
     # breakdown: a 1-token call is vision tower + prefill + first token
     pj, pt = [], []
     for _ in range(args.repeats):
-        pj.append(best(run_cgjax, 1)[0])
-        pt.append(best(run_torch, 1)[0])
+        pj.append(timed(run_cgjax, 1)[0])
+        pt.append(timed(run_torch, 1)[0])
     pj, pt = min(pj), min(pt)
     same = float((np.asarray(out) == ref[:, T:].cpu().numpy()).mean())
     same_shot = float((np.asarray(shot) == np.asarray(out)).mean())
