@@ -150,7 +150,7 @@ def load_trained_values(stage_workdir: str, index: ConceptIndex | None = None,
                              f"{index.to_json()}")
         tree = mngr.item_metadata(step)["state"]
         tree = getattr(tree, "tree", tree)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         got = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(checkpoints.abstract(tree, lambda x: device))))["state"]
     finally:

@@ -43,8 +43,9 @@ def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh. ``shape`` may leave out axes (size 1); by default
-    every device goes on ``data``. A size of -1 takes the remaining devices."""
+    """A topology-aware ``(data, fsdp, tensor)`` mesh (``jax.make_mesh``). ``shape`` may leave out
+    axes (size 1); by default every device goes on ``data``. A size of -1 takes the remaining
+    devices."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = {ax: 1 for ax in MESH_AXES}
     sizes.update(dict(shape or {"data": -1}))
@@ -58,8 +59,10 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
     total = int(np.prod(list(sizes.values())))
     if total != len(devices):
         raise ValueError(f"mesh {sizes} needs {total} devices, but {len(devices)} are given")
-    arr = np.asarray(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES])
-    return Mesh(arr, MESH_AXES)
+    # jax.make_mesh lays the axes out on the physical topology (ICI rings on TPU); elsewhere it
+    # is the plain reshape. Auto axes: the model's sharding is declared, XLA propagates the rest.
+    return jax.make_mesh([sizes[a] for a in MESH_AXES], MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def parse_mesh(text: str) -> dict[str, int]:

@@ -51,7 +51,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cgjax import checkpoints, sharding, text
+from cgjax import checkpoints, multihost, sharding, text
+from cgjax.multihost import Preemption, gather_host_strings, host_data_state
 from cgjax.concepts.index import ConceptIndex, concept_index_from_vocabs, gating_config
 from cgjax.flops import param_counts, step_flops
 from cgjax.concepts.model import ConceptLlava, attention_regulariser
@@ -320,65 +321,6 @@ def _write_atomic_bytes(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves and exits at the next step boundary. With several
-    processes, :meth:`stop` is collective: every host stops (and saves) at the same step when any
-    host was signalled, so no host waits alone in the checkpoint's collectives."""
-
-    def __init__(self):
-        self.requested = False
-        self._prev = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._prev = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM: saving a checkpoint and stopping at the end of this step")
-        self.requested = True
-
-    def stop(self) -> bool:
-        """Whether to save and stop now (call it at the same step on every process)."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
-
-    def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGTERM, self._prev)
-
-
-def gather_host_strings(text: str) -> list[str]:
-    """``text`` of every process, in process order (two collectives: lengths, then padded bytes)."""
-    if jax.process_count() == 1:
-        return [text]
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(text.encode("utf-8"), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
-    n = int(lengths.max())
-    padded = np.zeros(n, np.uint8)
-    padded[:len(data)] = data
-    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), n)
-    return [bytes(r[:k]).decode("utf-8") for r, k in zip(rows, lengths)]
-
-
-def host_data_state(meta: Mapping[str, Any]) -> Any:
-    """This process's data-iterator state from a checkpoint's metadata: its own entry of
-    ``data_iter_by_process`` (every host's grain state, saved by the primary host) or, for a
-    checkpoint from one host, ``data_iter``."""
-    per_host = meta.get("data_iter_by_process")
-    if per_host:
-        if len(per_host) != jax.process_count():
-            raise ValueError(f"the checkpoint holds the data state of {len(per_host)} processes, this run has "
-                             f"{jax.process_count()}: resume with the same number of hosts")
-        return json.loads(per_host[jax.process_index()])
-    return meta["data_iter"]
-
-
 class Trainer:
     """Everything one stage needs: model split into trained / frozen state, mesh, data, steps."""
 
@@ -393,8 +335,8 @@ class Trainer:
         self.stage = str(config.stage)
         if self.stage not in ("A", "B"):
             raise ValueError(f"config.stage must be 'A' or 'B', got {self.stage!r}")
-        if config.get("demo") is not None and config.demo.generate_missing and jax.process_index() == 0:
-            ensure_demo_assets(config)
+        if config.get("demo") is not None and config.demo.generate_missing:
+            multihost.on_primary("demo asset generation", lambda: ensure_demo_assets(config))
 
         # mesh and rules
         shape = sharding.parse_mesh(config.mesh)
@@ -613,13 +555,20 @@ class Trainer:
 
     # -- exports ---------------------------------------------------------------------------------
     def values(self, params) -> np.ndarray:
-        return np.asarray(jax.device_get(params["concepts"]["values"]))
+        """The trained concept values on the host (a collective when they are sharded over processes)."""
+        return multihost.to_host(params["concepts"]["values"])
 
-    def export_pt(self, params, step: int) -> tuple[str, str]:
-        """``concepts_stage{A,B}.pt`` (the original's ``{step: {"values": Tensor}}``) + its metadata JSON."""
+    def export_pt(self, params, step: int) -> tuple[str, str] | None:
+        """``concepts_stage{A,B}.pt`` (the original's ``{step: {"values": Tensor}}``) + its metadata JSON.
+
+        Called on every process (the values are gathered collectively); process 0 writes and
+        returns the two paths, the others return None once it has."""
+        values = self.values(params).astype(np.dtype(str(self.config.export.pt_dtype)))
+        return multihost.on_primary("the .pt export", lambda: self._write_pt(values, step))
+
+    def _write_pt(self, values: np.ndarray, step: int) -> tuple[str, str]:
         import torch
 
-        values = self.values(params).astype(np.dtype(str(self.config.export.pt_dtype)))
         base = os.path.join(self.workdir, f"concepts_stage{self.stage}")
         _write_atomic_bytes(base + ".pt", lambda p: torch.save({int(step): {"values": torch.from_numpy(values)}}, p))
         g = self.gating
@@ -761,6 +710,10 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     latest = mngr.latest_step() if config.checkpoint.resume else None
     if latest is not None:
         state, meta = checkpoints.restore(mngr, latest, state)
+        if meta.get("stage", tr.stage) != tr.stage:
+            raise ValueError(f"{mngr.directory} step {latest} is a Stage {meta['stage']} checkpoint; this run is "
+                             f"Stage {tr.stage}: use another work dir (Stage {tr.stage} starts from Stage "
+                             f"{meta['stage']} with config.init_from={workdir})")
         if ConceptIndex.from_json(meta["concept_index"]) != tr.index:
             raise ValueError(f"{mngr.directory} step {latest}: concept index differs from this run's data")
         it.set_state(host_data_state(meta))
@@ -773,7 +726,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
         # every host's grain state (orbax writes the metadata from the primary host only)
         by_process = gather_host_strings(json.dumps(it_state)) if jax.process_count() > 1 else None
         return {"step": int(step), "stage": tr.stage, "data_iter": it_state, "concept_index": tr.index.to_json(),
-                "val": val or {}, "trainable": tr.trainable_paths,
+                "val": val or {}, "trainable": tr.trainable_paths, "process_count": jax.process_count(),
                 **({"data_iter_by_process": by_process} if by_process else {})}
 
     seq_tokens = tr.batch_size * tr.length
@@ -820,7 +773,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
                 bar.write("  e.g. " + ex.replace("\n", " | ")[:200])
         return v
 
-    with _Preemption() as pre:
+    with Preemption() as pre:
         try:
             batch = tr.device_batch(next(it), tr.TRAIN_KEYS) if start < num_steps else None
             t_prev = time.perf_counter()
@@ -880,9 +833,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
                 checkpoints.save(mngr, done, state, meta(done, it_state, end_val),
                       {"val_key_acc": end_val["val_key_acc"]} if end_val else None)
             mngr.wait_until_finished()
-            pt = None
-            if is_main and config.export.pt:
-                pt = tr.export_pt(state["params"], done)
+            pt = tr.export_pt(state["params"], done) if config.export.pt else None
         finally:
             bar.close()
             mngr.close()

@@ -699,7 +699,7 @@ def load_state(
         value = var.get_value()
         shape = tuple(np.shape(value))
         dt = np.dtype(dtype if dtype is not None else value.dtype)
-        sharding = sh_flat[path] if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = sh_flat[path] if mesh is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         arr = jax.make_array_from_callback(
             shape, sharding, lambda req, plist=plist, path=path, shape=shape, dt=dt: _assemble(plist, conv, flat, path, shape, dt, req)
         )

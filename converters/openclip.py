@@ -317,7 +317,7 @@ def load_orbax(src: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = Non
         shardings = shd.state_shardings(abstract, mesh, rules_table or shd.DEFAULT_RULES)
         target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), abstract, shardings)
     else:
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dev), abstract)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         state = ckptr.restore(src, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]

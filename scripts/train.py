@@ -4,6 +4,10 @@ Thin entry point (as in flax ``examples/gemma``): parses flags and hands the con
 library. ``config.task`` picks the stage: ``prototypes`` (CLIP concept prototypes),
 ``stageA`` / ``stageB`` (gated concept tokens in LLaVA). Config fields can be overridden on
 the command line, e.g. ``--config.batch_size=8``; presets with ``configs/stageA.py:preset=demo``.
+
+Several processes (a pod, or a rehearsal on one machine): ``--distributed`` lets JAX find the
+cluster (TPU pod, SLURM, Open MPI); ``--coordinator_address HOST:PORT --num_processes N
+--process_id I`` launches explicitly. See docs/pods.md.
 """
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ import importlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cgjax import multihost
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: config.workdir).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host pods).")
+_LAUNCH = multihost.define_flags()
 
 # task name -> "module:function" taking (config, workdir) and returning a dict of final metrics.
 TASKS = {
@@ -29,10 +35,7 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/prototypes.py")
-    if _DISTRIBUTED.value:
-        import jax
-
-        jax.distributed.initialize()
+    multihost.initialize_from_flags(_LAUNCH)
     workdir = _WORKDIR.value or config.get("workdir")
     if not workdir:
         raise app.UsageError("no work directory: pass --workdir or set config.workdir")

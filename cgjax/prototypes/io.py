@@ -14,6 +14,7 @@ import os
 import tempfile
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from cgjax.data.schema import atomic_dir
@@ -164,8 +165,12 @@ def save_checkpoint(ps: PrototypeSet, path: str | os.PathLike, step: int = 0, **
          "clip_model_name": ps.clip_model_name, "concept_to_idx": ps.concept_to_idx,
          "idx_to_concept": ps.idx_to_concept, "temperatures": ps.temperatures, **meta}
     with atomic_dir(path) as tmp:
-        mngr = ocp.CheckpointManager(tmp, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
-                                     item_names=("state", "meta"))
+        # one process writes this small replicated checkpoint (the others do not take part)
+        only_me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                     active_processes={jax.process_index()})
+        mngr = ocp.CheckpointManager(tmp, options=ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=False, create=False, multiprocessing_options=only_me),
+            item_names=("state", "meta"))
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"protos": padded}),
                                                 meta=ocp.args.JsonSave(m)))
         mngr.wait_until_finished()

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from cgjax import multihost
 from cgjax.prototypes import io as pio
 from cgjax.prototypes.calibrate import calibrate
 from cgjax.prototypes.head import PrototypeHead, build_prototypes, read_records, record_paths
@@ -126,7 +127,7 @@ def cached_embeddings(head: PrototypeHead, paths: list[str], cache_dir: str | No
             log.info("embeddings from cache %s", file)
             return emb
     emb, kept = head.embed_paths(paths, missing="error")
-    if file:
+    if file and multihost.is_primary():  # every process embeds; one writes the cache
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{file}.tmp{os.getpid()}.npy"
         np.save(tmp, emb)
@@ -153,6 +154,9 @@ def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
     if hasattr(config, "unlock"):
         config.unlock()
     if str(_get(config, "preset", "")).startswith("demo"):
+        # process 0 builds what is missing; then every process fills in the same paths
+        multihost.on_primary("demo asset generation", lambda: prepare_demo(config.copy_and_resolve_references(),
+                                                                           workdir))
         prepare_demo(config, workdir)
     if not config.data.dataset_json:
         raise ValueError("config.data.dataset_json is not set")
@@ -235,9 +239,18 @@ def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
     if history:
         metrics["val"] = {d: {k: v for k, v in history[-1][d].items() if k.startswith("val_")} for d in tdims}
 
-    # -- exports
+    # -- exports (process 0 writes them; the others wait for it)
+    out = multihost.on_primary("the prototype exports", lambda: _export(final, head, config, workdir, tdims,
+                                                                         int(state["epoch"]), metrics))
+    return metrics if out is None else out
+
+
+def _export(final, head: PrototypeHead, config: Any, workdir: str, tdims: list[str], epoch: int,
+            metrics: dict[str, Any]) -> dict[str, Any]:
+    layout = config.layout
+    art_dir = os.path.join(workdir, layout.artifacts)
     metrics["artifacts"] = {"checkpoint": pio.save_checkpoint(final, os.path.join(workdir, layout.prototypes),
-                                                              epoch=int(state["epoch"]))}
+                                                              epoch=epoch)}
     if config.export.pt:
         metrics["artifacts"]["pt"] = [pio.save_pt(final, os.path.join(art_dir, f"prototypes_{d}_trained.pt"), [d])
                                       for d in tdims]
