@@ -197,12 +197,80 @@ CHECKS: tuple[tuple[str, str, Callable[[], float], bool], ...] = (
 # ----------------------------------------------------------------------------------------------
 
 
+def pod_psum() -> str:
+    """A sum over every device of every process: device i holds i + 1."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from cgjax import sharding
+
+    mesh = sharding.make_mesh({"data": -1})
+    n = mesh.devices.size
+    spec = NamedSharding(mesh, PartitionSpec("data"))
+    x = jax.make_array_from_callback((n,), spec, lambda idx: np.arange(n, dtype=np.float32)[idx] + 1)
+    total = float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))(x))
+    want = n * (n + 1) / 2
+    if total != want:
+        raise AssertionError(f"sum over {n} devices gave {total}, expected {want}")
+    return f"sum over {n} devices of {jax.process_count()} process(es) = {total:g}"
+
+
+def pod_orbax(workdir: str | None) -> str:
+    """A sharded array saved by every process into ``workdir`` and restored into its sharding."""
+    import os
+
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from cgjax import multihost, sharding
+
+    if not workdir:
+        if jax.process_count() > 1:
+            raise ValueError("--workdir is required with several processes (a folder every process sees)")
+        workdir = tempfile.mkdtemp(prefix="cgjax-doctor-")
+    mesh = sharding.make_mesh({"data": -1})
+    n = mesh.devices.size
+    spec = NamedSharding(mesh, PartitionSpec("data"))
+    want = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
+    x = jax.make_array_from_callback(want.shape, spec, lambda idx: want[idx])
+    path = os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "doctor_orbax_check")
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, {"x": x}, force=True)
+    ckptr.wait_until_finished()
+    got = ckptr.restore(path, {"x": jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=spec)})["x"]
+    ok = multihost.to_host(got)
+    multihost.barrier("doctor_orbax_restored")
+    if multihost.is_primary():
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    if not np.array_equal(ok, want):
+        raise AssertionError("the restored array differs from the saved one")
+    return f"{want.shape} sharded over {n} devices saved and restored in {path}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cgjax.doctor", description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-torch", action="store_true",
                     help="skip the PyTorch parity checks (for an install without torch / open_clip)")
     ap.add_argument("--mesh", default=None, help="also show this mesh, e.g. data=2,fsdp=4")
+    pod = ap.add_argument_group("pod checks (several processes: a cross-process psum and a sharded orbax "
+                                "save/restore in --workdir)")
+    pod.add_argument("--distributed", action="store_true", help="jax.distributed with JAX's cluster detection")
+    pod.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (explicit launch)")
+    pod.add_argument("--num_processes", type=int, default=None)
+    pod.add_argument("--process_id", type=int, default=None)
+    pod.add_argument("--coordinator_timeout", type=int, default=300)
+    pod.add_argument("--workdir", default=None, help="a folder every process sees (the run's work dir)")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    from cgjax import multihost
+
+    multihost.initialize(args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed,
+                         timeout_s=args.coordinator_timeout)
 
     print("cgjax doctor")
     print("versions")
@@ -244,6 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             failures += 1
             print(f"  FAIL  make_mesh({spec or ''}): {type(e).__name__}: {e}")
+
+    if jax.process_count() > 1 or args.workdir:
+        print(f"pod (process {jax.process_index()} of {jax.process_count()})")
+        for name, fn in (("psum", pod_psum), ("orbax", lambda: pod_orbax(args.workdir))):
+            try:
+                print(f"  PASS  {name}: {fn()}")
+            except Exception as e:  # noqa: BLE001 - report, keep going
+                failures += 1
+                print(f"  FAIL  {name}: {type(e).__name__}: {e}")
 
     has_torch = torch_available()
     print(f"self-test (fp32, matmul precision 'highest', atol {ATOL:g}, backend {jax.default_backend()})")

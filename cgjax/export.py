@@ -61,8 +61,9 @@ def _gating_json(gcfg, dims) -> dict[str, Any]:
 
 
 def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototypes_workdir: str | None = None,
-           llava_checkpoint: str | None = None, step: int | None = None) -> dict[str, str]:
-    """Write the PyTorch export of ``workdir`` to ``out`` (replaced whole); returns the written paths."""
+           llava_checkpoint: str | None = None, step: int | None = None, overwrite: bool = False) -> dict[str, str]:
+    """Write the PyTorch export of ``workdir`` to ``out`` (replaced whole when cgjax wrote it, or with
+    ``overwrite``; never when it holds an input); returns the written paths."""
     import torch
 
     from converters import hf_llava, openclip
@@ -70,7 +71,10 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
     from cgjax.data.schema import atomic_dir
     from cgjax.preprocess import llava_preprocess_config
 
+    from cgjax.data.schema import check_output_dir
+
     workdir = os.path.abspath(workdir)
+    check_output_dir(out, overwrite=overwrite, inputs=(workdir, stage_workdir, prototypes_workdir, llava_checkpoint))
     stage_wd = stage_workdir or find_stage_workdir(workdir)
     protos_wd = prototypes_workdir or os.path.join(workdir, "prototypes")
     tv = infer.load_trained_values(stage_wd, step=step)
@@ -83,7 +87,7 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
     ps = _load_prototypes(protos_wd)
 
     out = os.path.abspath(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=(workdir, stage_wd, protos_wd, ckpt)) as tmp:
         # the LLaVA (written atomically into tmp/llava by the converter)
         llava = hf_llava.load(ckpt)
         hf_llava.save(llava, os.path.join(tmp, "llava"), tokenizer_from=ckpt)

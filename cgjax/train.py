@@ -213,6 +213,18 @@ def ensure_demo_assets(config) -> None:
     from cgjax.data.demo_data import make_demo
 
     d = config.demo
+    root = os.path.realpath(str(d.root))
+    missing = [(field, path) for field, path in
+               [("data.dataset_json", config.data.dataset_json),
+                ("llava_checkpoint", os.path.join(config.llava_checkpoint, "config.json")),
+                *(("data.signals", p) for p in _paths(config.data.signals))]
+               if not os.path.exists(path)]
+    outside = [(f, p) for f, p in missing if not os.path.realpath(p).startswith(root + os.sep)]
+    if outside:
+        field, path = outside[0]
+        raise FileNotFoundError(f"config.{field}: {path} does not exist. The demo preset makes missing demo assets "
+                                f"only under config.demo.root ({d.root}), never elsewhere: correct the path, or move "
+                                "it under demo.root to have it generated")
     data_dir = os.path.dirname(os.path.abspath(config.data.dataset_json))
     if not os.path.exists(config.data.dataset_json):
         logging.info("demo: generating the data set in %s", data_dir)
@@ -335,7 +347,7 @@ class Trainer:
         self.stage = str(config.stage)
         if self.stage not in ("A", "B"):
             raise ValueError(f"config.stage must be 'A' or 'B', got {self.stage!r}")
-        if config.get("demo") is not None and config.demo.generate_missing:
+        if config.get("preset") == "demo" and config.get("demo") is not None and config.demo.generate_missing:
             multihost.on_primary("demo asset generation", lambda: ensure_demo_assets(config))
 
         # mesh and rules

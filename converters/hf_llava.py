@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cgjax.data.schema import atomic_dir
+from cgjax.data.schema import OVERWRITE_HELP, atomic_dir, check_output_dir
 from converters import common as C
 
 from converters.openclip import hf_clip_vision_rules
@@ -215,7 +215,7 @@ def pad_vocab_for_image_token(tensors: dict, hf_config: dict, layout: str, multi
 
 
 def save(model, out_dir: str, *, dtype=None, layout: str | None = None, tokenizer_from: str | None = None,
-         max_shard_bytes: int | None = None) -> str:
+         max_shard_bytes: int | None = None, overwrite: bool = False) -> str:
     """Write ``model`` as a HF LLaVA checkpoint directory (atomic: temp dir, then rename).
 
     ``layout``: key layout (default: the source's file layout, else ``saved``, what
@@ -233,17 +233,21 @@ def save(model, out_dir: str, *, dtype=None, layout: str | None = None, tokenize
     hf["dtype"] = str(first.dtype) if first.dtype.name != "bfloat16" else "bfloat16"
     src_dir = tokenizer_from if tokenizer_from is not None else getattr(model, "source_dir", None)
     return write_checkpoint_dir(out_dir, tensors, hf, src_dir, max_shard_bytes,
-                                image_token_id=int(hf["image_token_index"]) if padded else None)
+                                image_token_id=int(hf["image_token_index"]) if padded else None,
+                                overwrite=overwrite, inputs=(getattr(model, "source_dir", None),))
 
 
 def write_checkpoint_dir(out_dir: str, tensors: dict, config: dict, copy_from: str | None = None,
-                         max_shard_bytes: int | None = None, image_token_id: int | None = None) -> str:
+                         max_shard_bytes: int | None = None, image_token_id: int | None = None, *,
+                         overwrite: bool = False, inputs: Sequence[str | None] = ()) -> str:
     """A checkpoint directory: safetensors (sharded past ``max_shard_bytes``), ``config.json`` and
     the :data:`TOKENIZER_FILES` found in ``copy_from``; written to a temporary directory beside
     ``out_dir`` and renamed into place (nothing half-written is left on failure). With
-    ``image_token_id``, the copied tokenizer gets ``<image>`` there (:func:`add_image_token`)."""
+    ``image_token_id``, the copied tokenizer gets ``<image>`` there (:func:`add_image_token`).
+    An existing ``out_dir`` that cgjax did not write is refused unless ``overwrite``
+    (:func:`cgjax.data.schema.check_output_dir`), and never when it holds ``copy_from`` or ``inputs``."""
     out_dir = os.path.abspath(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=(copy_from, *inputs)) as tmp:
         C.save_safetensors(tensors, tmp, max_shard_bytes=max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True, default=str)
@@ -287,12 +291,13 @@ def add_image_token(tokenizer_dir: str, image_token_id: int, source: str | None 
 # ----------------------------------------------------------------------------------------------
 # orbax
 
-def save_orbax(model, out_dir: str) -> str:
-    """NNX parameter state (orbax, ``state/``) + ``config.json`` (HF form) in ``out_dir`` (atomic)."""
+def save_orbax(model, out_dir: str, *, overwrite: bool = False) -> str:
+    """NNX parameter state (orbax, ``state/``) + ``config.json`` (HF form) in ``out_dir`` (atomic;
+    an existing folder cgjax did not write is refused unless ``overwrite``)."""
     import orbax.checkpoint as ocp
 
     out_dir = os.path.abspath(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=(getattr(model, "source_dir", None),)) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.config.to_hf(), f, indent=2, sort_keys=True, default=str)
         ckptr = ocp.StandardCheckpointer()
@@ -345,13 +350,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     b.add_argument("dst")
     b.add_argument("--dtype", default=None, help="tensor dtype of the written files (default: as stored)")
     b.add_argument("--tokenizer-from", default=None, help="copy tokenizer/processor files from this directory")
+    for p in (a, b):
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
+    check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
     if args.cmd == "to-orbax":
         model = load(args.src, dtype=jnp.dtype(args.dtype))
-        print(save_orbax(model, args.dst))
+        print(save_orbax(model, args.dst, overwrite=args.overwrite))
     else:
         model = load_orbax(args.src)
-        print(save(model, args.dst, dtype=args.dtype, tokenizer_from=args.tokenizer_from))
+        print(save(model, args.dst, dtype=args.dtype, tokenizer_from=args.tokenizer_from, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import numpy as np
 
 from converters import common as C
 from converters import hf_llava
+from cgjax.data.schema import OVERWRITE_HELP, check_output_dir
 
 NEWLINE_KEYS = ("image_newline", "model.image_newline")
 _NEXT_ONLY = ("image_grid_pinpoints", "use_image_newline_parameter")
@@ -88,8 +89,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     a.add_argument("src")
     a.add_argument("dst")
     a.add_argument("--dtype", default="float32")
+    a.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
-    print(hf_llava.save_orbax(load(args.src, dtype=jnp.dtype(args.dtype)), args.dst))
+    check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
+    print(hf_llava.save_orbax(load(args.src, dtype=jnp.dtype(args.dtype)), args.dst,
+                               overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

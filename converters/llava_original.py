@@ -48,6 +48,7 @@ import numpy as np
 
 from converters import common as C
 from converters import hf_llava
+from cgjax.data.schema import OVERWRITE_HELP, check_output_dir
 
 IMAGE_TOKEN_INDEX = -200  # the original repo's placeholder id for ``<image>``
 EMBEDDED_TOWER = "model.vision_tower.vision_tower.vision_model."  # 1.6 checkpoints
@@ -276,9 +277,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     a.add_argument("--vision-tower", default=None, help="CLIP checkpoint directory (default: mm_vision_tower)")
     a.add_argument("--image-token-index", type=int, default=None, help="cgjax image token id (default: vocab_size)")
     a.add_argument("--dtype", default="float32")
+    a.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
+    check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
     model = load(args.src, args.vision_tower, dtype=jnp.dtype(args.dtype), image_token_index=args.image_token_index)
-    print(hf_llava.save_orbax(model, args.dst))
+    print(hf_llava.save_orbax(model, args.dst, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

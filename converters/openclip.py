@@ -287,16 +287,21 @@ def save_orbax(model: CLIPVisionTransformer, preprocess: PreprocessConfig, dst: 
     """Orbax checkpoint of the NNX state plus a JSON with the configs (written atomically by orbax)."""
     import orbax.checkpoint as ocp
 
+    from cgjax.data.schema import atomic_dir
+
     dst = os.path.abspath(dst)
-    if os.path.exists(dst):
-        if not force:
-            raise FileExistsError(f"{dst} already exists (pass force=True / --force to overwrite)")
-        shutil.rmtree(dst)
+    if os.path.exists(dst) and not force:
+        raise FileExistsError(f"{dst} already exists (pass force=True / --force to overwrite)")
     meta = {"model_name": model_name, "vision_config": dataclasses.asdict(model.config),
             "preprocess": dataclasses.asdict(preprocess)}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(dst, ocp.args.Composite(state=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
-                                           meta=ocp.args.JsonSave(meta)))
+    # the old folder stays until the new one is complete, then is replaced whole
+    with atomic_dir(dst, overwrite=force) as tmp:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(os.path.join(tmp, "ckpt"), ocp.args.Composite(
+                state=ocp.args.StandardSave(nnx.state(model, nnx.Param)), meta=ocp.args.JsonSave(meta)))
+        for name in os.listdir(os.path.join(tmp, "ckpt")):
+            os.rename(os.path.join(tmp, "ckpt", name), os.path.join(tmp, name))
+        os.rmdir(os.path.join(tmp, "ckpt"))
     return dst
 
 

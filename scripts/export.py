@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="work dir of scripts/demo.py (stageA/B, prototypes)")
-    p.add_argument("--out", required=True, help="output folder (replaced whole)")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export (replaced whole)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that cgjax did not write")
     p.add_argument("--stage-workdir", default=None, help="default: WORKDIR/stageB, else WORKDIR/stageA")
     p.add_argument("--prototypes-workdir", default=None, help="default: WORKDIR/prototypes")
     p.add_argument("--llava-checkpoint", default=None, help="default: the one named by the stage's concepts json")
@@ -24,7 +25,7 @@ def main(argv=None):
     from cgjax.export import export
 
     written = export(a.workdir, a.out, stage_workdir=a.stage_workdir, prototypes_workdir=a.prototypes_workdir,
-                     llava_checkpoint=a.llava_checkpoint, step=a.step)
+                     llava_checkpoint=a.llava_checkpoint, step=a.step, overwrite=a.overwrite)
     for k, v in written.items():
         print(f"{k}: {v}")
 

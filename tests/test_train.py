@@ -262,3 +262,43 @@ def test_stage_b_starts_from_stage_a(assets, run6, tmp_path):
     bad.gating.k_max = 4
     with pytest.raises(ValueError, match="concept index"):
         train.train_stage(bad, str(tmp_path / "bad"))
+
+
+def test_stage_b_in_a_stage_a_workdir_is_refused(assets, run6):
+    """Stage B pointed at Stage A's work dir would "resume" Stage A's checkpoint: refused, naming both."""
+    wd_a, _ = run6
+    before = sorted(os.listdir(wd_a))
+    with pytest.raises(ValueError, match=r"is a Stage A checkpoint; this run is Stage B"):
+        train.train_stage(config(assets, "B", num_steps=8), wd_a)
+    assert sorted(os.listdir(wd_a)) == before
+
+
+def test_demo_assets_only_under_demo_root(assets, tmp_path):
+    """A demo-preset path pointing outside demo.root is an error, never generated over the user's folder."""
+    c = _load_config("A")  # the demo preset
+    c.demo.root = str(tmp_path / "demo")
+    user = tmp_path / "models"  # "one folder too high": the user's models folder, no config.json
+    user.mkdir()
+    (user / "NOTES.txt").write_text("mine")
+    (user / "llava-1.5-7b-hf").mkdir()
+    c.llava_checkpoint = str(user)
+    with pytest.raises(FileNotFoundError, match=r"config.llava_checkpoint: .*models/config.json does not exist"):
+        train.ensure_demo_assets(c)
+    assert sorted(os.listdir(user)) == ["NOTES.txt", "llava-1.5-7b-hf"]
+    assert not os.path.exists(tmp_path / "demo")
+
+    c = _load_config("A")
+    c.demo.root = str(tmp_path / "demo")
+    c.data.signals = (str(tmp_path / "signals_typo.json"),)
+    with pytest.raises(FileNotFoundError, match=r"config.data.signals: .*signals_typo.json does not exist"):
+        train.ensure_demo_assets(c)
+    assert not os.path.exists(tmp_path / "signals_typo.json")
+
+
+def test_only_the_demo_preset_generates_assets(assets, tmp_path):
+    c = config(assets, llava_checkpoint=str(tmp_path / "nowhere"))
+    c.demo.generate_missing = True  # not the demo preset: nothing is generated, the missing path is an error
+    c.preset = "llava-1.5-7b"
+    with pytest.raises(Exception, match="nowhere"):
+        train.train_stage(c, str(tmp_path / "wd"))
+    assert not os.path.exists(tmp_path / "nowhere")

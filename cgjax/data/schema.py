@@ -286,17 +286,68 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     write_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+# Every folder cgjax writes whole carries this file; a folder without it is the user's, and is
+# never replaced unless it is empty or the caller says ``overwrite``.
+OUTPUT_MARKER = ".cgjax-output"
+OVERWRITE_HELP = ("replace an existing output folder that cgjax did not write (never one that holds the input); "
+                  "without it such a folder is refused unless empty")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
+                     inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse to replace ``out_dir`` when cgjax did not write it (no :data:`OUTPUT_MARKER`) and it
+    is not empty, unless ``overwrite``; refuse always when it is one of ``inputs`` or holds one."""
+    out = os.path.realpath(os.fspath(out_dir))
+    for src in inputs:
+        if src and _inside(os.path.realpath(os.fspath(src)), out):
+            raise ValueError(f"output {out_dir} is the input {src} or a folder above it: writing there would "
+                             "delete what is read; choose another output folder")
+    if not os.path.lexists(out):
+        return
+    if not os.path.isdir(out):
+        raise FileExistsError(f"output {out_dir} exists and is not a folder; it is left as it is")
+    entries = sorted(os.listdir(out))
+    if not entries or OUTPUT_MARKER in entries or overwrite:
+        return
+    shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+    raise FileExistsError(f"output {out_dir} already exists and was not written by cgjax (it has no "
+                          f"{OUTPUT_MARKER}; it holds {shown}); refusing to replace it: choose a new or empty "
+                          "folder, or pass --overwrite to replace it whole")
+
+
+def _remove_stale_temporaries(out_dir: str) -> None:
+    """Remove the temporary folders a killed writer of ``out_dir`` left beside it."""
+    parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
+    for entry in os.listdir(parent):
+        if entry.startswith((f".{name}.tmp-", f".{name}.old-")):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[str]:
+def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
+               inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[str]:
     """``with atomic_dir(out) as tmp:`` write into ``tmp`` (a fresh folder beside ``out``); on a
     clean exit it replaces ``out`` whole (:func:`replace_dir`), on an error it is removed, so
-    nothing half-written is ever at ``out``."""
+    nothing half-written is ever at ``out``. ``out`` is checked first (:func:`check_output_dir`)
+    and gets the :data:`OUTPUT_MARKER`; temporaries of an earlier killed writer are removed."""
+    check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_temporaries(out_dir)
     tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".tmp-")
     try:
         yield tmp
+        with open(os.path.join(tmp, OUTPUT_MARKER), "w", encoding="utf-8") as f:
+            json.dump({"written_by": "cgjax", "folder": os.path.basename(out_dir)}, f)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder the usual mode
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
