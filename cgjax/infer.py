@@ -32,6 +32,7 @@ and baseline runs compiles once.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -43,8 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
-from cgjax import text
+from cgjax import multihost, sharding, text
 from cgjax import checkpoints
 from cgjax.concepts import gating
 from cgjax.concepts.model import ConceptLlava
@@ -261,7 +263,8 @@ class Inferencer:
                  signal_temperature: float = 1.0, signal_clip: bool = True, dims: Sequence[str] | None = None,
                  images_root: str | None = None, batch_size: int = 8, max_new_tokens: int = 200,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 sentinels: tuple[str, str] = DEFAULT_SENTINELS, prompt_seed: int = 42, min_prompt_length: int = 0):
+                 sentinels: tuple[str, str] = DEFAULT_SENTINELS, prompt_seed: int = 42, min_prompt_length: int = 0,
+                 mesh: jax.sharding.Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None):
         if head is None and signals is None:
             raise ValueError("Inferencer needs a prototype head or signals")
         self.model = model
@@ -285,6 +288,8 @@ class Inferencer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._select = jax.jit(gating.select, static_argnums=1)
         self._generator = None  # a Generator over self.model, made at the first batch
+        self.mesh = mesh  # with a mesh: the weights are sharded on it, and so is each generation batch
+        self.rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
         self._encoded: dict[str, np.ndarray] = {}
         # one prompt length for every template: one compiled shape
         probes = [structured_prompt(self.dims, self.sentinels), natural_prompt(self.dims), text.STAGE_A_PROMPT,
@@ -312,6 +317,7 @@ class Inferencer:
                       dataset_json: str | None = None,
                       images_root: str | None = None, dims: Sequence[str] | None = None, step: int | None = None,
                       dtype: str = "float32", param_dtype: str | None = None, preprocess: str = "auto",
+                      mesh: jax.sharding.Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None,
                       **kwargs) -> "Inferencer":
         """Load everything from disk.
 
@@ -323,7 +329,9 @@ class Inferencer:
         ``threshold``, ``backoff_delta``, ``topk_per_dim``, ``max_concepts``, ``priority``), then,
         with ``gating_from_stage``, with what the stage exported in ``concepts_stage*.json``. Other
         keyword arguments go to the constructor (``batch_size``, ``max_new_tokens``, ``temperature``,
-        ``top_p``, ``seed``, ``sentinels``, ``prompt_seed``).
+        ``top_p``, ``seed``, ``sentinels``, ``prompt_seed``). With ``mesh`` (and the logical-axis
+        ``rules``, as training's) the LLaVA is created directly in its shardings and every generation
+        batch is sharded over the batch axes.
         """
         from transformers import AutoTokenizer
 
@@ -337,12 +345,16 @@ class Inferencer:
             g.update((tv.export_meta or {}).get("gating") or {})
         gcfg = _gating_config(tv.index, g)
         tokenizer = AutoTokenizer.from_pretrained(llava_checkpoint)
-        llava = hf_llava.load(llava_checkpoint, dtype=_dtype(param_dtype or dtype), compute_dtype=_dtype(dtype))
+        rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
+        llava = hf_llava.load_any(llava_checkpoint, dtype=_dtype(param_dtype or dtype), compute_dtype=_dtype(dtype),
+                                  mesh=mesh, rules_table=rules)
         model = ConceptLlava(llava, gcfg, rngs=nnx.Rngs(0))
         if tuple(model.concepts.values.get_value().shape) != tuple(tv.values.shape):
             raise ValueError(f"trained values {tv.values.shape} do not fit this LLaVA "
                              f"({tuple(model.concepts.values.get_value().shape)})")
         model.concepts.values.set_value(jnp.asarray(tv.values))
+        if mesh is not None:
+            sharding.shard_model(model, mesh, rules)
         pp = llava_preprocess(llava_checkpoint, llava.config, preprocess)
 
         head, sig, settings = None, None, {}
@@ -360,7 +372,7 @@ class Inferencer:
                         "defaults normalize=zscore, temperature=%s", temp)
         inf = cls(model, tokenizer, tv.index, pp, head=head, signals=sig, signal_normalize=norm or "none",
                   signal_temperature=float(temp or 1.0), signal_clip=bool(clp), dims=dims, images_root=images_root,
-                  **kwargs)
+                  mesh=mesh, rules=rules, **kwargs)
         inf.trained = tv
         log.info("inference: %s step %d (stage %s), %d concepts, gating %s; signals from %s (%s, T=%s)",
                  tv.directory, tv.step, tv.stage, tv.index.n_concepts, gcfg, "the prototype head" if head else
@@ -469,11 +481,16 @@ class Inferencer:
                 rows.append(text.Row(ids, np.full_like(ids, IGNORE_INDEX), np.zeros_like(ids), np.ones_like(ids)))
             batch = text.pad_rows(rows, L, self.pad_id, side="left")
             rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), start // B)
-            ids = self._generator(batch["input_ids"], pixels[idx_full], batch["attention_mask"],
-                                  max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                  top_p=self.top_p, eos_token_id=self.eos_id, rng=rng, pad_token_id=self.pad_id,
-                                  concept_scores=scores[idx_full], use_concepts=use_concepts)
-            ids = np.asarray(jax.device_get(ids))
+            put = self._put
+            with contextlib.ExitStack() as stack:
+                if self.mesh is not None:  # lets the model constrain activations to the batch sharding
+                    stack.enter_context(jax.set_mesh(self.mesh))
+                ids = self._generator(put(batch["input_ids"]), put(pixels[idx_full]), put(batch["attention_mask"]),
+                                      max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                      top_p=self.top_p, eos_token_id=self.eos_id, rng=rng, pad_token_id=self.pad_id,
+                                      concept_scores=put(np.asarray(scores[idx_full], np.float32)),
+                                      use_concepts=use_concepts)
+            ids = multihost.to_host(ids)  # one gather per batch (every process holds the whole answer)
             for k in range(len(idx)):
                 row = ids[k]
                 if self.eos_id is not None:
@@ -482,6 +499,15 @@ class Inferencer:
                         row = row[: hits[0] + 1]
                 out.append(row.astype(np.int32))
         return out
+
+    def _put(self, x: np.ndarray):
+        """A host batch (the same on every process) as one array sharded over the mesh's batch axes
+        (replicated where the batch does not divide them); as it is without a mesh."""
+        if self.mesh is None:
+            return x
+        x = np.asarray(x)
+        spec = sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), self.rules, self.mesh, x.shape)
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec), lambda idx: x[idx])
 
     def _prompt_row(self, prompt: str) -> np.ndarray:
         ids = self._encoded.get(prompt)
@@ -691,9 +717,13 @@ def run_inference(config) -> dict[str, str]:
     out_dir = c.output_dir or os.path.join(c.workdir, "eval")
     dims = tuple(c.data.dimensions)
     ds = read_dataset_json(c.data.dataset_json, c.data.images_root or None, dimensions=dims)
-    records = [r for r in ds.records if not c.data.split or r.split == c.data.split]
-    if c.data.split and not records:
-        raise ValueError(f"{c.data.dataset_json}: no record of split {c.data.split!r}")
+    from cgjax.data.schema import normalize_split
+
+    split = normalize_split(c.data.split) if c.data.split else ""  # "val" is "validation", as in training
+    records = [r for r in ds.records if not split or r.split == split]
+    if split and not records:
+        have = sorted({str(r.split) for r in ds.records})
+        raise ValueError(f"{c.data.dataset_json}: no record of split {split!r} (the splits there: {have})")
     if int(c.data.limit) > 0:
         records = records[: int(c.data.limit)]
     paths = [os.path.abspath(resolve_image(ds.images_root, r.image)) for r in records]
@@ -701,6 +731,9 @@ def run_inference(config) -> dict[str, str]:
     if missing:
         raise FileNotFoundError(f"{c.data.dataset_json}: {len(missing)} image(s) not found, e.g. {missing[0]}")
 
+    mesh = sharding.make_mesh(sharding.parse_mesh(c.mesh)) if c.get("mesh") else None
+    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in c.get("sharding_rules",
+                                                                                 sharding.DEFAULT_RULES))
     g = {k: c.gating[k] for k in ("threshold", "backoff_delta", "topk_per_dim", "max_concepts", "priority")}
     signals = _paths(c.signals)
     p = c.prototypes
@@ -714,7 +747,7 @@ def run_inference(config) -> dict[str, str]:
         param_dtype=c.param_dtype or None, preprocess=c.data.preprocess, batch_size=int(c.generation.batch_size),
         max_new_tokens=int(c.generation.max_new_tokens), temperature=float(c.generation.temperature),
         top_p=float(c.generation.top_p), seed=int(c.seed), sentinels=(c.prompt.sentinel_start, c.prompt.sentinel_end),
-        prompt_seed=int(c.prompt.stage_b_seed))
+        prompt_seed=int(c.prompt.stage_b_seed), mesh=mesh, rules=rules)
     log.info("inference on %d images (%s), prompts %s, baseline %s", len(paths), c.data.split or "all splits",
              c.prompt.mode, bool(c.baseline))
     res = inf.run(paths, c.prompt.mode, keys=paths, labels=[r.labels for r in records],
@@ -747,11 +780,16 @@ def run_inference(config) -> dict[str, str]:
                     meta.setdefault("saliency_llava", {})[mode] = {"path": sal_path, "stats": sal.saliency_stats(v)}
         from cgjax.data.schema import write_json_atomic
 
-        write_json_atomic(sal_path, {"grid": int(s.grid), "maps": maps}, indent=None)
+        multihost.on_primary("writing saliency.json",
+                             lambda: write_json_atomic(sal_path, {"grid": int(s.grid), "maps": maps}, indent=None))
         written["saliency"] = sal_path
-    written["reasoning"] = write_reasoning(os.path.join(out_dir, "reasoning.json"), reasoning)
-    if c.baseline:
-        written["reasoning_baseline"] = write_reasoning(os.path.join(out_dir, "reasoning_baseline.json"),
-                                                        res["baseline"])
+
+    def write_answers():  # process 0 writes; every process computed the same answers
+        written["reasoning"] = write_reasoning(os.path.join(out_dir, "reasoning.json"), reasoning)
+        if c.baseline:
+            written["reasoning_baseline"] = write_reasoning(os.path.join(out_dir, "reasoning_baseline.json"),
+                                                            res["baseline"])
+
+    multihost.on_primary("writing the answers", write_answers)
     log.info("wrote %s", written)
     return written

@@ -148,6 +148,20 @@ def _wait_for_listener(address: str, timeout_s: float) -> None:
                           f"(--coordinator_timeout; is process 0 running, and is the address right?): {last}")
 
 
+def enable_compile_cache(path: str | None) -> None:
+    """JAX's persistent compilation cache in ``path`` (local or ``gs://``): a restarted or
+    preempted run loads its compiled steps instead of compiling them again."""
+    if not path:
+        return
+    if "://" not in str(path):
+        path = os.path.abspath(path)
+        os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    logging.info("persistent compilation cache: %s", path)
+
+
 def is_primary() -> bool:
     return jax.process_index() == 0
 

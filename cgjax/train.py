@@ -340,7 +340,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         from converters import hf_llava
-        from cgjax.data.pipeline import memory_source
+        from cgjax.data.pipeline import split_sources
 
         self.config = config
         self.workdir = os.path.abspath(workdir)
@@ -364,13 +364,9 @@ class Trainer:
                   dimensions=tuple(config.data.dimensions), vocab=config.data.vocab_json or None,
                   preload=bool(config.data.preload))
         root = config.data.images_root or None
-        self.train_source = memory_source(config.data.dataset_json, root, split=config.data.train_split, **kw)
-        self.val_source = None
-        if config.data.val_split:
-            try:
-                self.val_source = memory_source(config.data.dataset_json, root, split=config.data.val_split, **kw)
-            except Exception as e:  # noqa: BLE001 - no held-out split: validation off, say so
-                logging.warning("no validation split %r (%s): validation disabled", config.data.val_split, e)
+        # one read of the data set for both splits; image files checked to exist, decoded by the loader
+        self.train_source, self.val_source = split_sources(
+            config.data.dataset_json, root, splits=(config.data.train_split, config.data.val_split), **kw)
         if self.val_source is not None and int(config.val.max_examples) > 0:
             self.val_source.indices = self.val_source.indices[: int(config.val.max_examples)]
         self.label_dims = tuple(self.train_source.data.dimensions)
@@ -380,8 +376,8 @@ class Trainer:
 
         # model
         self.tokenizer = AutoTokenizer.from_pretrained(config.llava_checkpoint)
-        llava = hf_llava.load(config.llava_checkpoint, dtype=_dtype(config.param_dtype), mesh=self.mesh,
-                              rules_table=self.rules, compute_dtype=_dtype(config.dtype))
+        llava = hf_llava.load_any(config.llava_checkpoint, dtype=_dtype(config.param_dtype), mesh=self.mesh,
+                                  rules_table=self.rules, compute_dtype=_dtype(config.dtype))
         model = ConceptLlava(llava, self.gating, rngs=nnx.Rngs(int(config.seed)))
         sharding.shard_model(model, self.mesh, self.rules)
         self.model_config = llava.config

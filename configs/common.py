@@ -116,6 +116,8 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     c.data.prefetch_batches = 2
     c.data.preprocess = "auto"  # auto: the checkpoint's preprocessor_config.json, else HF CLIP at the tower size
 
+    # JAX's persistent compilation cache (local or gs://): a relaunch after a preemption skips compiling.
+    c.compile_cache_dir = ""
     # Mesh (data, fsdp, tensor) and logical-axis rules.
     c.mesh = "data=-1"
     c.sharding_rules = DEFAULT_RULES

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from cgjax.sharding import DEFAULT_RULES
+
 PRESETS = ("demo", "llava-1.5-7b")
 
 
@@ -34,6 +36,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.workdir = "runs/infer"
     c.output_dir = ""  # "" -> workdir/eval
     c.seed = 0  # sampling RNG
+    c.compile_cache_dir = ""
+    # Mesh for the LLaVA ("" = one device; e.g. "fsdp=-1" for a 7B model over every chip) and the
+    # logical-axis rules (as training's): weights created in their shardings, batches sharded.
+    c.mesh = ""
+    c.sharding_rules = DEFAULT_RULES  # JAX's persistent compilation cache (local or gs://)
 
     c.llava_checkpoint = ""  # HF LLaVA directory (config.json, safetensors, tokenizer files)
     c.stage_workdir = ""  # Stage A/B work dir (or its checkpoints/): the trained concept values
@@ -106,4 +113,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif preset == "llava-1.5-7b":
         c.workdir = "runs/infer_llava-1.5-7b"
         c.dtype = "bfloat16"
+        c.mesh = "fsdp=-1"  # 7B in bf16 is ~14 GB: shard it over every chip
     return c

@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = "prototypes"
     c.preset = preset
     c.workdir = "runs/prototypes"
+    c.compile_cache_dir = ""  # JAX's persistent compilation cache (local or gs://)
 
     # Frozen CLIP image tower (open_clip weights converted to cgjax).
     c.clip = ml_collections.ConfigDict()

@@ -303,11 +303,33 @@ def save_orbax(model, out_dir: str, *, overwrite: bool = False) -> str:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, "state"), nnx.state(model, nnx.Param).to_pure_dict())
         ckptr.wait_until_finished()
+        src = getattr(model, "source_dir", None)  # tokenizer + preprocessing travel with the weights
+        for name in TOKENIZER_FILES if src else ():
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
     return out_dir
 
 
-def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rules_table=None):
-    """Inverse of :func:`save_orbax` -> :class:`Llava` (parameters in ``dtype`` if given, else as saved)."""
+def is_orbax_dir(path: Any) -> bool:
+    """Whether ``path`` is a params-only orbax checkpoint written by :func:`save_orbax`."""
+    return isinstance(path, (str, os.PathLike)) and os.path.isdir(os.path.join(path, "state")) \
+        and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_any(path: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *, compute_dtype=None,
+             rules_table=None):
+    """A HF checkpoint (:func:`load`) or a params-only orbax checkpoint (:func:`load_orbax`: on a
+    pod each host reads only the shards of its own devices)."""
+    if is_orbax_dir(path):
+        return load_orbax(path, dtype, mesh, rules_table, compute_dtype=compute_dtype)
+    return load(path, dtype, mesh, compute_dtype=compute_dtype, rules_table=rules_table)
+
+
+def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rules_table=None, *,
+               compute_dtype=None):
+    """Inverse of :func:`save_orbax` -> :class:`Llava` (parameters in ``dtype`` if given, else as saved;
+    ``compute_dtype`` defaults to ``dtype``). With ``mesh`` the parameters are restored directly
+    into their shardings."""
     import orbax.checkpoint as ocp
 
     from cgjax import sharding as shd
@@ -319,7 +341,8 @@ def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rul
     with open(cfg_path) as f:
         cfg = LlavaConfig.from_hf(json.load(f))
     pdt = jnp.float32 if dtype is None else dtype
-    abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=pdt, param_dtype=pdt, rngs=nnx.Rngs(0)))
+    cdt = pdt if compute_dtype is None else compute_dtype
+    abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=cdt, param_dtype=pdt, rngs=nnx.Rngs(0)))
     state = nnx.state(abstract, nnx.Param)
     if mesh is not None:
         shardings = shd.state_shardings(state, mesh, rules_table or shd.DEFAULT_RULES)
@@ -328,12 +351,14 @@ def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rul
     else:
         target = state.to_pure_dict()
     ckptr = ocp.StandardCheckpointer()
-    if dtype is None:
+    if dtype is None and mesh is None:
         restored = ckptr.restore(os.path.join(os.path.abspath(path), "state"))
     else:
         restored = ckptr.restore(os.path.join(os.path.abspath(path), "state"), target)
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(abstract, state)
+    abstract.source_dir = os.path.abspath(path)
+    abstract.source_layout = "saved"
     return abstract
 
 

@@ -27,6 +27,7 @@ def main(argv):
     from cgjax.infer import run_inference
 
     multihost.initialize_from_flags(_LAUNCH)
+    multihost.enable_compile_cache(config.get("compile_cache_dir"))
 
     written = run_inference(config)
     for name, path in written.items():

@@ -39,6 +39,7 @@ def main(argv):
     workdir = _WORKDIR.value or config.get("workdir")
     if not workdir:
         raise app.UsageError("no work directory: pass --workdir or set config.workdir")
+    multihost.enable_compile_cache(config.get("compile_cache_dir"))
     task = config.get("task")
     if task not in TASKS:
         raise app.UsageError(f"config.task={task!r} is not one of {sorted(TASKS)}")

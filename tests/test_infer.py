@@ -326,3 +326,20 @@ def test_llava_saliency_batched_equals_loop(setup, inferencer):
     maps = inf.saliency(path, ans, prompt, grid=g, scores=sc)  # HxW maps for write_report
     assert maps["llava"].shape == px.shape[1:]
     assert {k for k in maps if k.startswith("prototype/")} == {f"prototype/{d}" for d in DIMS}
+
+
+def test_sharded_inference_gives_the_same_answers(setup, run, tmp_path):
+    """config.mesh: the LLaVA created in its shardings on 8 devices (embed over fsdp, heads/mlp over
+    tensor), each batch sharded over the batch axes, the ids gathered: the same greedy answers."""
+    c, written = run
+    c8 = infer_config(setup, mesh="fsdp=4,tensor=2", output_dir=str(tmp_path))
+    c8.saliency.enabled = False
+    got = infer.run_inference(c8)
+    want = json.load(open(written["reasoning"]))
+    have = json.load(open(got["reasoning"]))
+    assert sorted(have) == sorted(want)
+    for key in want:
+        for prompt, answer in want[key].items():
+            if prompt != "__meta__":
+                assert have[key][prompt] == answer, (key, prompt)
+    assert json.load(open(got["reasoning_baseline"])) == json.load(open(written["reasoning_baseline"]))

@@ -53,10 +53,13 @@ def resolve_image(images_root: str | os.PathLike | None, image: str) -> str:
     return os.path.join(os.fspath(images_root), image)
 
 
-def check_image_file(path: str) -> str | None:
-    """None if ``path`` is a readable image, else a message saying what is wrong."""
+def check_image_file(path: str, decode: bool = True) -> str | None:
+    """None if ``path`` is a readable image (or, with ``decode=False``, an existing file), else a
+    message saying what is wrong."""
     if not os.path.exists(path):
         return f"image file not found: {path}"
+    if not decode:
+        return None
     try:
         with Image.open(path) as im:
             im.load()
@@ -78,7 +81,8 @@ def read_dataset_json(path: str | os.PathLike, images_root: str | os.PathLike | 
 
     ``images_root`` defaults to the JSON's folder (as the original). ``dimensions`` defaults to
     artist/style/genre. With ``vocabs``, a label outside its vocabulary is an error. With
-    ``check_images``, each image must exist and decode. Each bad record raises a ``DataError``
+    ``check_images``, each image must exist and decode (``"exists"``: exist only, no read: a decode
+    error then surfaces in the loader, naming the file). Each bad record raises a ``DataError``
     naming the file and row, or with ``skip_bad`` is logged, skipped and listed in ``.skipped``.
     """
     path = os.fspath(path)
@@ -100,7 +104,7 @@ def read_dataset_json(path: str | os.PathLike, images_root: str | os.PathLike | 
             else:
                 first_row[record.image] = i
             if check_images:
-                msg = check_image_file(resolve_image(images_root, record.image))
+                msg = check_image_file(resolve_image(images_root, record.image), decode=check_images != "exists")
                 if msg:
                     errs.append(DataError(path, where, msg))
         if problems.report(errs):
@@ -301,7 +305,7 @@ def read_targets_csv(path: str | os.PathLike, images_root: str | os.PathLike | N
             else:
                 first_row[row.image_path] = n
             if check_images:
-                msg = check_image_file(resolve_image(images_root, row.image_path))
+                msg = check_image_file(resolve_image(images_root, row.image_path), decode=check_images != "exists")
                 if msg:
                     errs.append(DataError(path, f"row {n} (line {start})", msg))
         if problems.report(errs):
