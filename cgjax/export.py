@@ -88,14 +88,25 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
 
     out = os.path.abspath(out)
     with atomic_dir(out, overwrite=overwrite, inputs=(workdir, stage_wd, protos_wd, ckpt)) as tmp:
-        # the LLaVA (written atomically into tmp/llava by the converter)
-        llava = hf_llava.load(ckpt)
-        hf_llava.save(llava, os.path.join(tmp, "llava"), tokenizer_from=ckpt)
+        # the LLaVA: the frozen base is exported as it is. An HF directory's files are hard-linked (or
+        # copied) and checked by hash; a params-only orbax checkpoint is converted back to HF.
+        llava_dir = os.path.join(tmp, "llava")
+        if hf_llava.is_orbax_dir(ckpt) or not glob.glob(os.path.join(ckpt, "*.safetensors")):
+            llava = hf_llava.load_any(ckpt)
+            hf_llava.save(llava, llava_dir, tokenizer_from=ckpt)
+            image_size = llava.config.vision_config.image_size
+            del llava
+        else:
+            copy_hf_checkpoint(ckpt, llava_dir)
+            with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
+                image_size = int(json.load(f)["vision_config"]["image_size"])
         # the image preprocessing cgjax trained with, as the HF image processor example.py loads
-        pp = llava_preprocess_config(ckpt, llava.config.vision_config.image_size)
-        with open(os.path.join(tmp, "llava", "preprocessor_config.json"), "w") as f:
+        pp = llava_preprocess_config(ckpt, image_size)
+        pp_path = os.path.join(llava_dir, "preprocessor_config.json")
+        if os.path.exists(pp_path):
+            os.unlink(pp_path)  # a fresh file: never write through a link into the source
+        with open(pp_path, "w") as f:
             json.dump(pp.to_hf_image_processor(), f, indent=2)
-        del llava
         # the CLIP tower of the prototypes
         os.makedirs(os.path.join(tmp, "clip"))
         clip = openclip.load(ps.clip_model_name)
@@ -136,6 +147,43 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
                "example": os.path.join(out, "example.py")}
     written.update({f"prototypes_{d}": os.path.join(out, f"prototypes_{d}_trained.pt") for d in ps.dimensions})
     return written
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def copy_hf_checkpoint(src: str, dst: str) -> dict[str, str]:
+    """The frozen HF base as it is: weight files hard-linked where ``dst`` is on the same file system
+    (else copied and checked against the source's SHA-256), small files copied. Writes
+    ``dst/SHA256SUMS`` (the weights' hashes, as ``sha256sum -c`` reads them); returns it as a dict."""
+    from converters.hf_llava import TOKENIZER_FILES
+
+    os.makedirs(dst, exist_ok=True)
+    sums = {}
+    for path in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
+        name = os.path.basename(path)
+        target = os.path.join(dst, name)
+        want = _sha256(path)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+            if _sha256(target) != want:
+                raise OSError(f"copy of {path} to {target} does not match the source's SHA-256")
+        sums[name] = want
+    for name in ("config.json", "model.safetensors.index.json", *TOKENIZER_FILES):
+        if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(dst, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    with open(os.path.join(dst, "SHA256SUMS"), "w", encoding="utf-8") as f:
+        f.writelines(f"{h}  {n}\n" for n, h in sums.items())
+    return sums
 
 
 CONCEPT_TOKENS_SOURCE = r'''"""Gated concept tokens for a HF ``LlavaForConditionalGeneration`` (exported by cgjax; PyTorch only).

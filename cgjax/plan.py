@@ -240,6 +240,32 @@ def analytic_activation_bytes(llava_cfg, *, batch_per_device: int, seq_len: int,
     return int(batch_per_device * (residuals + cache + logits + vision_transient))
 
 
+def plan_inference(params: Sequence[ParamInfo], llava_cfg, dev: DeviceSpec, amesh, b_div: int, tensor: int,
+                   batch: int, length: int, cdt) -> dict[str, Any]:
+    """Per-device memory of ``scripts/infer.py`` on this mesh (weights in their shardings, the
+    generation batch and its KV cache sharded where they divide, the last logits), and the smallest
+    ``fsdp=n`` mesh of this device that holds it when this one does not (weights split evenly: an
+    estimate)."""
+    weights = sum(per_device_bytes(p.shape, p.dtype, p.spec, amesh) for p in params)
+    weights_total = sum(p.count * np.dtype(p.dtype).itemsize for p in params)
+    kv_total = kv_cache_bytes(llava_cfg.text_config, batch, length, cdt)
+    kv_div = (b_div if batch % b_div == 0 else 1) * (tensor if llava_cfg.text_config.num_key_value_heads % tensor == 0
+                                                     else 1)
+    kv = -(-kv_total // kv_div)
+    logits = batch * llava_cfg.text_config.vocab_size * 4 * 2
+    total = weights + kv + logits
+    out = {"batch": batch, "length": length, "weights": weights, "kv_cache": kv, "logits": logits, "total": total,
+           "fits": total <= dev.hbm_bytes, "suggest": None, "suggest_total": None}
+    if not out["fits"]:
+        for n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            est = -(-weights_total // n) + -(-kv_total // (n if batch % n == 0 else 1)) + logits
+            if est <= dev.hbm_bytes:
+                out["suggest"] = f"--config.mesh=fsdp={n} ({n} x {dev.name}, about {_gib(est)} per device)"
+                out["suggest_total"] = est
+                break
+    return out
+
+
 def kv_cache_bytes(text_cfg, batch: int, length: int, dtype) -> int:
     """Keys + values ``[L, B, KV, S, hd]`` (+ the bool slot mask) of :func:`cgjax.models.llama.init_cache`."""
     per = text_cfg.num_hidden_layers * batch * length * text_cfg.num_key_value_heads * text_cfg.head_dim
@@ -280,6 +306,7 @@ class Plan:
     compile_note: str
     compile_seconds: float | None
     kv: dict[str, Any]
+    inference: dict[str, Any]
     flops: dict[str, float]
     mfu: float
     warnings: list[str]
@@ -571,6 +598,8 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
     kv = {"batch": gb, "length": gl, "dtype": str(np.dtype(cdt)), "total": kv_total, "replicated": kv_total,
           "sharded": kv_shard}
 
+    inference = plan_inference(params, llava_cfg, dev, amesh, b_div, tensor, gb, gl, cdt)
+
     # FLOPs: the trainer's accounting + attention
     counts = param_counts(nnx.state(abstract))
     n_dense = 0 if values_only else sum(p.count for p in params if p.trainable)
@@ -591,7 +620,8 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
                 n_concept_tokens=gcfg.n_tokens, text_tokens=text_tokens, prefix_len=prefix_len,
                 prefix_estimated=head_est and prefix_len > 0, n_concepts=gcfg.n_concepts, params=params,
                 memory=memory, activations_analytic=act_analytic, activations_compiled=act_compiled,
-                compiled=compiled, compile_note=compile_note, compile_seconds=secs, kv=kv, flops=flops, mfu=mfu,
+                compiled=compiled, compile_note=compile_note, compile_seconds=secs, kv=kv, inference=inference,
+                flops=flops, mfu=mfu,
                 warnings=warnings, notes=notes)
 
     total = plan.total_per_device
@@ -603,6 +633,11 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
         warnings.append(f"WARNING: {_gib(total)} per device is over JAX's default GPU preallocation "
                         f"({GPU_DEFAULT_MEM_FRACTION:.0%} of {_gib(dev.hbm_bytes)}): set "
                         f"XLA_PYTHON_CLIENT_MEM_FRACTION=.95 before launching")
+    if not inference["fits"]:
+        warnings.append(f"WARNING: inference (scripts/infer.py, batch {gb} x {gl}) does not fit on this mesh: "
+                        f"{_gib(inference['total'])} per device of {_gib(dev.hbm_bytes)}; "
+                        + (f"{inference['suggest']} holds it" if inference["suggest"] else "no fsdp mesh up to 256 "
+                           "chips holds it: lower generation.batch_size"))
     gen_total = frozen_b + train_b + kv_total
     if gen_total > dev.hbm_bytes:
         warnings.append(f"WARNING: generation (validation) does not fit: parameters + a replicated KV cache of "
@@ -698,6 +733,16 @@ def format_plan(p: Plan) -> str:
               f"{_gib(kv['total'])} in all; per device {_gib(kv['replicated'])} replicated (the trainer's "
               f"validation), {_gib(kv['sharded'])} if the batch and KV heads shard"]
 
+    inf = p.inference
+    lines += ["", f"inference (scripts/infer.py on this mesh, generation batch {inf['batch']} x {inf['length']} "
+              f"tokens), per device:",
+              f"  {'weights (in their shardings)':52}{_gib(inf['weights']):>12}",
+              f"  {'KV cache (batch and KV heads sharded where they divide)':52}{_gib(inf['kv_cache']):>12}",
+              f"  {'logits of the last position':52}{_gib(inf['logits']):>12}",
+              f"  {'total':52}{_gib(inf['total']):>12}   of {_gib(p.device.hbm_bytes)}: "
+              + ("fits" if inf["fits"] else "does NOT fit" + (f"; {inf['suggest']} holds it" if inf["suggest"]
+                                                              else ""))]
+
     f = p.flops
     lines += ["", "FLOPs per step (frozen LLaVA, trained concept values):",
               f"  matmuls {_flops(f['model'])}: forward 2*N*tokens (vision tower on its patches, projector on "
@@ -789,6 +834,7 @@ def to_json(p: Plan) -> dict:
             "activations": p.activations, "activations_source": p.activations_source,
             "activations_analytic": p.activations_analytic, "compiled": p.compiled,
             "total_per_device": p.total_per_device, "hbm": p.device.hbm_bytes, "fits": p.fits, "kv_cache": p.kv,
+            "inference": p.inference,
             "flops": p.flops, "mfu": p.mfu, "step_seconds": p.step_seconds, "warnings": p.warnings,
             "notes": p.notes}
 

@@ -210,3 +210,21 @@ def test_exported_image_processor_matches_cgjax_preprocessing(exported):
         step = (1 / 255) / min(ours_cfg.std)
         assert np.abs(theirs - ours).max() <= 1.5 * step
         assert np.abs(theirs - ours).mean() < 0.25 * step
+
+
+def test_frozen_base_is_linked_not_rewritten(exported):
+    """The HF base files are exported as they are (hard links here, one file system), each listed
+    with its SHA-256; the export's own preprocessor_config.json never writes into the source."""
+    import hashlib
+
+    src, dst = exported["ckpt"], os.path.join(exported["out"], "llava")
+    weights = sorted(os.path.basename(p) for p in glob.glob(os.path.join(src, "*.safetensors")))
+    assert weights and sorted(os.path.basename(p) for p in glob.glob(os.path.join(dst, "*.safetensors"))) == weights
+    sums = dict(reversed(line.split()) for line in open(os.path.join(dst, "SHA256SUMS")))
+    for name in weights:
+        assert os.stat(os.path.join(src, name)).st_ino == os.stat(os.path.join(dst, name)).st_ino
+        assert sums[name] == hashlib.sha256(open(os.path.join(src, name), "rb").read()).hexdigest()
+    pp = os.path.join(dst, "preprocessor_config.json")
+    src_pp = os.path.join(src, "preprocessor_config.json")
+    assert os.path.isfile(pp)
+    assert not os.path.exists(src_pp) or os.stat(src_pp).st_ino != os.stat(pp).st_ino

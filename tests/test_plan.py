@@ -134,3 +134,23 @@ def test_mesh_and_override_parsing():
     assert (config.batch_size, config.text.max_text_tokens, config.dtype) == (16, 64, "bfloat16")
     with pytest.raises(KeyError, match="no field"):
         P.apply_overrides(config, ["nope=1"])
+
+
+def test_inference_plan_llava_7b_on_one_and_two_v5e_chips():
+    """7B in bf16 with a batch-8 x 1024 KV cache: the weights (7.06e9 params x 2 B) plus the cache
+    (32 layers x 8 x 1024 x 32 KV heads x 128 x 2 (K, V) x 2 B) exceed one 16 GiB v5e; the planner
+    says so and names fsdp=2, on which the same plan fits."""
+    config = load_config("configs/stageA.py:preset=llava-1.5-7b")
+    one = P.make_plan(config, model="llava-1.5-7b", mesh="data=1", device="tpu-v5e", gen_batch=8, gen_len=1024,
+                      compile=False)
+    inf = one.inference
+    kv_want = 32 * 8 * 1024 * 32 * 128 * 2 * 2 + 8 * 1024
+    assert inf["kv_cache"] == kv_want
+    assert 7.0e9 * 2 < inf["weights"] < 7.2e9 * 2 + 2**24
+    assert not inf["fits"] and inf["suggest"].startswith("--config.mesh=fsdp=2 ")
+    assert any(w.startswith("WARNING: inference") and "fsdp=2" in w for w in one.warnings)
+    two = P.make_plan(config, model="llava-1.5-7b", mesh="fsdp=2", device="tpu-v5e", gen_batch=8, gen_len=1024,
+                      compile=False)
+    assert two.inference["fits"] and two.inference["weights"] < 0.51 * inf["weights"]
+    assert two.inference["kv_cache"] == -(-kv_want // 2)  # the batch of 8 shards over fsdp=2
+    assert "inference (scripts/infer.py" in P.format_plan(two)
