@@ -37,9 +37,8 @@ import json
 import math
 import os
 import re
-import signal
+import shutil
 import tempfile
-import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -51,7 +50,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cgjax import checkpoints, multihost, sharding, text
+from cgjax import checkpoints, multihost, persistence, sharding, text
 from cgjax.multihost import Preemption, gather_host_strings, host_data_state
 from cgjax.concepts.index import ConceptIndex, concept_index_from_vocabs, gating_config
 from cgjax.flops import param_counts, step_flops
@@ -319,20 +318,6 @@ def trainable_filter(patterns: Sequence[str]) -> Callable:
     return f
 
 
-def _write_atomic_bytes(path: str, write: Callable[[str], None]) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class Trainer:
     """Everything one stage needs: model split into trained / frozen state, mesh, data, steps."""
 
@@ -340,10 +325,10 @@ class Trainer:
         from transformers import AutoTokenizer
 
         from converters import hf_llava
-        from cgjax.data.pipeline import split_sources
+        from cgjax.data.pipeline import PackedSource, split_sources
 
         self.config = config
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = persistence.resolve(workdir)
         self.stage = str(config.stage)
         if self.stage not in ("A", "B"):
             raise ValueError(f"config.stage must be 'A' or 'B', got {self.stage!r}")
@@ -364,9 +349,13 @@ class Trainer:
                   dimensions=tuple(config.data.dimensions), vocab=config.data.vocab_json or None,
                   preload=bool(config.data.preload))
         root = config.data.images_root or None
-        # one read of the data set for both splits; image files checked to exist, decoded by the loader
-        self.train_source, self.val_source = split_sources(
-            config.data.dataset_json, root, splits=(config.data.train_split, config.data.val_split), **kw)
+        if config.data.get("packed_dir"):  # a packed ArrayRecord set (cgjax.data.tfds_builder.pack)
+            self.train_source = PackedSource(config.data.packed_dir, config.data.train_split)
+            self.val_source = PackedSource(config.data.packed_dir, config.data.val_split) if config.data.val_split \
+                else None
+        else:  # one read of the data set for both splits; image files checked to exist, decoded by the loader
+            self.train_source, self.val_source = split_sources(
+                config.data.dataset_json, root, splits=(config.data.train_split, config.data.val_split), **kw)
         if self.val_source is not None and int(config.val.max_examples) > 0:
             self.val_source.indices = self.val_source.indices[: int(config.val.max_examples)]
         self.label_dims = tuple(self.train_source.data.dimensions)
@@ -577,20 +566,21 @@ class Trainer:
     def _write_pt(self, values: np.ndarray, step: int) -> tuple[str, str]:
         import torch
 
-        base = os.path.join(self.workdir, f"concepts_stage{self.stage}")
-        _write_atomic_bytes(base + ".pt", lambda p: torch.save({int(step): {"values": torch.from_numpy(values)}}, p))
+        base = persistence.join(self.workdir, f"concepts_stage{self.stage}")
+        persistence.write_file(base + ".pt",
+                               lambda p: torch.save({int(step): {"values": torch.from_numpy(values)}}, p))
         g = self.gating
         meta = {"format": "cgjax.concept_values", "stage": self.stage, "step": int(step),
                 **self.index.to_json(), "embed_dim": int(values.shape[-1]), "dtype": str(values.dtype),
                 "gating": {"threshold": g.threshold, "backoff_delta": g.backoff_delta,
                            "topk_per_dim": g.topk_per_dim, "max_concepts": g.max_concepts,
                            "priority": [self.index.dims[i] for i in (g.priority or ())]},
-                "llava_checkpoint": os.path.abspath(self.config.llava_checkpoint)}
+                "llava_checkpoint": persistence.resolve(self.config.llava_checkpoint)}
         def write_json(p):
             with open(p, "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=2)
 
-        _write_atomic_bytes(base + ".json", write_json)
+        persistence.write_file(base + ".json", write_json)
         return base + ".pt", base + ".json"
 
 
@@ -602,7 +592,7 @@ def load_trained_model(config, workdir: str) -> ConceptLlava:
     """The model of ``config`` with the trained parameters of ``workdir``'s latest checkpoint."""
     trainer = Trainer(config, workdir)
     state = trainer.init_state()
-    mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), config, read_only=True)
+    mngr = checkpoints.manager(persistence.join(workdir, "checkpoints"), config, read_only=True)
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
@@ -612,9 +602,9 @@ def load_trained_model(config, workdir: str) -> ConceptLlava:
 
 
 def _resolve_init_dir(path: str) -> str:
-    path = os.path.abspath(path)
-    sub = os.path.join(path, "checkpoints")
-    return sub if os.path.isdir(sub) else path
+    path = persistence.resolve(path)
+    sub = persistence.join(path, "checkpoints")
+    return sub if persistence.isdir(sub) else path
 
 
 def _init_from(trainer: Trainer, state, config):
@@ -623,7 +613,7 @@ def _init_from(trainer: Trainer, state, config):
     import orbax.checkpoint as ocp
 
     directory = _resolve_init_dir(config.init_from)
-    if not os.path.isdir(directory):
+    if not persistence.isdir(directory):
         raise FileNotFoundError(f"config.init_from: {directory} is not a checkpoint directory")
     mngr = checkpoints.manager(directory, config, read_only=True)
     step = mngr.latest_step()
@@ -659,29 +649,58 @@ def _init_from(trainer: Trainer, state, config):
 
 
 class _Logs:
-    def __init__(self, workdir: str, enabled: bool, tensorboard: bool):
+    """``metrics.jsonl`` (+ TensorBoard) of process 0. A local work dir gets each row at once; on an
+    object store rows are buffered and the object rewritten at :meth:`flush` (checkpoints, the end),
+    and TensorBoard writes to a local folder uploaded at :meth:`close`. Resuming from step ``s``
+    first drops the rows past ``s`` that the interrupted run had logged, so no step appears twice."""
+
+    def __init__(self, workdir: str, enabled: bool, tensorboard: bool, resume_step: int | None = None):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb = None
-        if enabled and tensorboard:
+        self.workdir = workdir
+        self.path = persistence.join(workdir, "metrics.jsonl")
+        self.remote = persistence.is_url(workdir)
+        self.pending: list[str] = []
+        self.tb = self._tb_local = None
+        if not enabled:
+            return
+        if resume_step is not None:
+            persistence.remove_lines_after(self.path, lambda ln: not ln.strip()
+                                           or json.loads(ln).get("step", 0) <= resume_step)
+        elif persistence.exists(self.path):
+            persistence.write_text(self.path, "")  # a fresh run: no rows of an earlier one
+        if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if self.remote:
+                self._tb_local = tempfile.mkdtemp(prefix="cgjax-tensorboard-")
+            self.tb = SummaryWriter(self._tb_local or persistence.join(workdir, "tensorboard"))
+
+    def flush(self) -> None:
+        if self.pending:
+            persistence.append_lines(self.path, self.pending)
+            self.pending = []
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), "split": split, **{k: _py(v) for k, v in metrics.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        self.pending.append(json.dumps(row) + "\n")
+        if not self.remote:
+            self.flush()
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
     def close(self):
+        if not self.enabled:
+            return
+        self.flush()
         if self.tb is not None:
             self.tb.close()
+            if self._tb_local:
+                persistence.upload_tree(self._tb_local, persistence.join(self.workdir, "tensorboard"))
+                shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 def _py(v):
@@ -704,12 +723,12 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     """
     from tqdm import tqdm
 
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = persistence.resolve(workdir)
+    persistence.check_reachable(workdir, float(config.get("storage_timeout_s", 30)))  # before any compute
+    persistence.makedirs(workdir)
     tr = Trainer(config, workdir)
     is_main = jax.process_index() == 0
-    logs = _Logs(workdir, is_main, bool(config.log.tensorboard))
-    mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), config)
+    mngr = checkpoints.manager(persistence.join(workdir, "checkpoints"), config)
     num_steps = int(config.num_steps)
     state = tr.init_state()
     ds = tr.train_dataset()
@@ -729,6 +748,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
         logging.info("resumed from %s step %d", mngr.directory, latest)
     elif config.init_from:
         state, init_step = _init_from(tr, state, config)
+    logs = _Logs(workdir, is_main, bool(config.log.tensorboard), resume_step=start if latest is not None else None)
 
     def meta(step, it_state, val=None):
         # every host's grain state (orbax writes the metadata from the primary host only)
@@ -806,6 +826,8 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
                 m["s_per_step"] = dt
                 last = m
                 logs.write(done, "train", m)
+                if done % log_every == 0:
+                    logs.flush()  # an object store gets the rows every log_every steps
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
                 if is_main and (done % log_every == 0 or done == num_steps):
@@ -826,6 +848,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
                 periodic = ckpt_every > 0 and done % ckpt_every == 0 and done < num_steps  # the end saves below
                 stop = pre.stop()
                 if val_now or periodic or stop:
+                    logs.flush()
                     checkpoints.save(mngr, done, state, meta(done, it_state, val if val_now else None),
                           {"val_key_acc": val["val_key_acc"]} if val_now else None)
                     saved_step = done
@@ -848,7 +871,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
             logs.close()
 
     out: dict[str, Any] = {"stage": tr.stage, "step": done, "preempted": preempted, "history": history,
-                           "start_step": start, "checkpoint_dir": os.path.join(workdir, "checkpoints")}
+                           "start_step": start, "checkpoint_dir": persistence.join(workdir, "checkpoints")}
     if init_step is not None:
         out["init_from_step"] = init_step
     out.update({k: last[k] for k in ("loss", "loss_keys", "loss_reason", "reg") if k in last})

@@ -105,6 +105,7 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     c.data.images_root = ""  # "" -> the JSON's folder
     c.data.targets_csv = ""
     c.data.signals = ()  # signals files in any format (e.g. concept_signals_<dim>.json, a keyed file)
+    c.data.packed_dir = ""  # a packed ArrayRecord set (cgjax.data.tfds_builder.pack) instead of the files above
     c.data.vocab_json = ""  # optional vocab.json fixing label / concept names
     c.data.dimensions = ("artist", "style", "genre")
     c.data.train_split = "train"
@@ -118,6 +119,9 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
 
     # JAX's persistent compilation cache (local or gs://): a relaunch after a preemption skips compiling.
     c.compile_cache_dir = ""
+    # A work dir may be a URL (gs://bucket/run): a store that does not answer within this many
+    # seconds is an error naming the URL, before any compute.
+    c.storage_timeout_s = 30
     # Mesh (data, fsdp, tensor) and logical-axis rules.
     c.mesh = "data=-1"
     c.sharding_rules = DEFAULT_RULES

@@ -31,7 +31,6 @@ import dataclasses
 import difflib
 import json
 import os
-import shutil
 import sys
 import tempfile
 from typing import Any, NamedTuple

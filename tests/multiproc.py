@@ -38,7 +38,8 @@ def env_for(devices: int) -> dict[str, str]:
 class Launch:
     """``n`` processes of ``argv`` (+ the launch flags when ``n > 1``), started together."""
 
-    def __init__(self, argv: Sequence[str], n: int, devices: int, log_dir: str, cwd: str | None = None):
+    def __init__(self, argv: Sequence[str], n: int, devices: int, log_dir: str, cwd: str | None = None,
+                 env: dict[str, str] | None = None):
         self.n = n
         self.logs = [os.path.join(log_dir, f"process{i}.log") for i in range(n)]
         port = free_port()
@@ -48,7 +49,8 @@ class Launch:
             extra = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}",
                       "--coordinator_timeout=60"] if n > 1 else [])
             with open(self.logs[i], "w") as log:
-                self.procs.append(subprocess.Popen([sys.executable, *argv, *extra], env=env_for(devices), cwd=cwd,
+                self.procs.append(subprocess.Popen([sys.executable, *argv, *extra], env={**env_for(devices), **(env or {})},
+                                                   cwd=cwd,
                                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def wait(self, timeout: float, until: Callable[[], bool] | None = None, then: Callable[["Launch"], None] | None = None
@@ -96,24 +98,66 @@ class Launch:
             raise AssertionError(f"exit codes {codes}:\n{self.tail()}")
 
 
-def run(argv: Sequence[str], n: int, devices: int, log_dir: str, timeout: float = 300, **kw) -> Launch:
+def run(argv: Sequence[str], n: int, devices: int, log_dir: str, timeout: float = 300, cwd: str | None = None,
+        env: dict[str, str] | None = None, **kw) -> Launch:
     """Launch and wait; raises with the processes' logs when any of them fails."""
-    launch = Launch(argv, n, devices, log_dir)
+    launch = Launch(argv, n, devices, log_dir, cwd=cwd, env=env)
     launch.check(timeout, **kw)
     return launch
 
 
+def metric_rows(workdir: str) -> list[dict]:
+    """The rows of ``workdir/metrics.jsonl`` (a local folder or a URL)."""
+    from cgjax import persistence
+
+    return [json.loads(line) for line in persistence.read_text(persistence.join(workdir, "metrics.jsonl")).splitlines()
+            if line.strip()]
+
+
 def train_losses(workdir: str) -> dict[int, float]:
-    """``{step: loss}`` of the train rows of ``workdir/metrics.jsonl`` (the last row of a step wins)."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if row["split"] == "train":
-                out[int(row["step"])] = float(row["loss"])
+    """``{step: loss}`` of the train rows of ``workdir/metrics.jsonl``; a step logged twice is an error."""
+    out: dict[int, float] = {}
+    for row in metric_rows(workdir):
+        if row["split"] == "train":
+            assert int(row["step"]) not in out, f"step {row['step']} logged twice in {workdir}/metrics.jsonl"
+            out[int(row["step"])] = float(row["loss"])
     return out
 
 
 def val_rows(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == "val"]
+    return [r for r in metric_rows(workdir) if r["split"] == "val"]
+
+
+class GcsEmulator:
+    """A GCS-compatible server (``gcp-storage-emulator``, in memory) on a free localhost port, with
+    bucket ``bucket``; :attr:`env` points gcsfs and tensorstore (orbax) at it."""
+
+    def __init__(self, log_dir: str, bucket: str = "cgjax-test"):
+        self.port = free_port()
+        self.bucket = bucket
+        os.makedirs(log_dir, exist_ok=True)
+        self.log = open(os.path.join(log_dir, "gcs-emulator.log"), "w")
+        exe = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+        cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "gcp_storage_emulator"]
+        self.proc = subprocess.Popen([*cmd, "start", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--default-bucket", bucket, "--in-memory"], stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{self.port}"
+        self.env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"gcp-storage-emulator did not start on port {self.port}")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.log.close()

@@ -45,7 +45,8 @@ def stage_argv(stage: str, workdir: str, root: str, mesh: str, steps: int = N_ST
             "--config.val.max_examples=8", "--config.val.every_steps=0", "--config.val.no_concept_baseline=True",
             "--config.val.max_new_tokens=16", "--config.checkpoint.every_steps=100",
             "--config.log.progress_bar=false", "--config.log.every_steps=1", "--config.log.tensorboard=false",
-            *extra]
+            # one persistent compilation cache for every launch here: a relaunch loads its steps
+            f"--config.compile_cache_dir={os.path.join(root, 'jax_cache')}", *extra]
 
 
 def final_metrics(log_path: str) -> dict:
@@ -140,8 +141,12 @@ def test_prototypes_two_processes_equal_one(tmp_path):
         out[n] = wd
     m1, m2 = (json.load(open(os.path.join(out[n], "artifacts", "metrics.json"))) for n in (1, 2))
     assert m1["history"] == m2["history"] and len(m1["history"]) == 2
-    for name in ("concept_signals_artist.json", "concept_signals.keyed.json"):
+    for d in ("artist", "style", "genre"):  # the original's signals files, byte for byte
+        name = f"concept_signals_{d}.json"
         assert open(os.path.join(out[1], "artifacts", name)).read() == open(os.path.join(out[2], "artifacts", name)).read()
+    k1, k2 = (json.load(open(os.path.join(out[n], "artifacts", "concept_signals.keyed.json"))) for n in (1, 2))
+    k1["meta"].pop("clip_model_name"), k2["meta"].pop("clip_model_name")  # names each work dir's own tower
+    assert k1 == k2
 
 
 def test_sigterm_to_one_process_stops_both_and_resume_matches(demo_root, reference_A, tmp_path):
@@ -168,6 +173,7 @@ def test_sigterm_to_one_process_stops_both_and_resume_matches(demo_root, referen
     assert "data state of 2 process(es), this run has 1" in open(one.logs[0], errors="replace").read()
 
     multiproc.run(argv, 2, 4, wd + "_logs_resumed", timeout=400)
+    assert os.listdir(os.path.join(demo_root, "jax_cache"))  # the relaunch found the compiled steps there
     resumed = final_metrics(os.path.join(wd + "_logs_resumed", "process0.log"))
     assert resumed["start_step"] == stops[0]["step"] and resumed["step"] == N_STEPS
     a, b = multiproc.train_losses(reference_A), multiproc.train_losses(wd)
@@ -237,3 +243,76 @@ def test_cluster_without_launch_flags_is_an_error(tmp_path):
     assert out.returncode != 0
     assert "SLURM with 2 processes" in out.stderr and "--coordinator_address" in out.stderr
     assert not os.listdir(tmp_path)
+
+
+# -- a gs:// work dir, on a GCS-compatible server on localhost
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    server = multiproc.GcsEmulator(str(tmp_path_factory.mktemp("gcs")))
+    old = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)  # this process reads the bucket too
+    yield server
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def test_stageA_in_a_gs_workdir_resumes_from_the_bucket(demo_root, reference_A, gcs, tmp_path):
+    """Checkpoints, metrics.jsonl, TensorBoard and the .pt export go to the bucket; SIGTERM, then a
+    relaunch resumes from the bucket with the losses of the uninterrupted local run. Nothing is
+    written to a local ``gs:`` folder."""
+    import io
+
+    import torch
+
+    from cgjax import persistence
+
+    url = f"gs://{gcs.bucket}/runs/stageA"
+    argv = stage_argv("A", url, demo_root, "data=2,fsdp=4", N_STEPS, "--config.log.tensorboard=true")
+    cwd = str(tmp_path / "cwd")
+    os.makedirs(cwd)
+
+    def started() -> bool:
+        try:
+            return bool(multiproc.metric_rows(url))
+        except Exception:  # noqa: BLE001 - not there yet
+            return False
+
+    first = multiproc.Launch(argv, 1, 8, str(tmp_path / "logs1"), cwd=cwd, env=gcs.env)
+    first.check(400, until=started, then=lambda la: la.signal(0, signal.SIGTERM))
+    stop = final_metrics(first.logs[0])
+    assert stop["preempted"] and stop["step"] < N_STEPS
+    multiproc.run(argv, 1, 8, str(tmp_path / "logs2"), cwd=cwd, env=gcs.env, timeout=400)
+    resumed = final_metrics(os.path.join(tmp_path / "logs2", "process0.log"))
+    assert resumed["start_step"] == stop["step"] and resumed["step"] == N_STEPS
+
+    a, b = multiproc.train_losses(reference_A), multiproc.train_losses(url)
+    assert sorted(b) == list(range(1, N_STEPS + 1))
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5, atol=1e-6)
+    blob = torch.load(io.BytesIO(persistence.Path(url + "/concepts_stageA.pt").read_bytes()), weights_only=True)
+    assert_same_values(blob[N_STEPS]["values"].numpy(), pt_values(reference_A, "A"))
+    names = {p.name for p in persistence.Path(url).iterdir()}
+    assert {"checkpoints", "metrics.jsonl", "concepts_stageA.pt", "concepts_stageA.json", "tensorboard"} <= names
+    assert str(N_STEPS) in {p.name for p in persistence.Path(url + "/checkpoints").iterdir()}
+    assert os.listdir(cwd) == []  # no local ./gs:/... folder
+
+
+def test_unreachable_gs_workdir_fails_fast_naming_the_url(demo_root, tmp_path):
+    import subprocess
+    import time
+
+    dead = multiproc.free_port()
+    env = {**multiproc.env_for(1), "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{dead}",
+           "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{dead}", "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x"}
+    url = "gs://no-such-server/run"
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, *stage_argv("A", url, demo_root, "data=1"), "--config.storage_timeout_s=5"],
+                         env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
+    assert out.returncode != 0 and url in out.stderr
+    assert time.monotonic() - t0 < 60
+    assert os.listdir(tmp_path) == []

@@ -302,3 +302,17 @@ def test_only_the_demo_preset_generates_assets(assets, tmp_path):
     with pytest.raises(Exception, match="nowhere"):
         train.train_stage(c, str(tmp_path / "wd"))
     assert not os.path.exists(tmp_path / "nowhere")
+
+
+def test_packed_arrayrecord_set_trains_like_the_files(assets, run6, tmp_path):
+    """config.data.packed_dir: the same records in the same order as the image folder, so the
+    same losses step for step."""
+    from cgjax.data.tfds_builder import pack
+
+    packed = pack(assets["dataset_json"], assets["data_dir"], str(tmp_path / "packed"),
+                  targets_csv=assets["targets_csv"], signals=[assets["signals"]])
+    c = config(assets)
+    c.data.packed_dir = packed
+    c.data.dataset_json = str(tmp_path / "not-read.json")  # the packed set is all the trainer reads
+    out = train.train_stage(c, str(tmp_path / "wd"))
+    np.testing.assert_allclose(out["history"], run6[1]["history"], rtol=1e-6)

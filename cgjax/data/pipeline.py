@@ -62,6 +62,45 @@ class RecordSource:
         return self.data.vocabs
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedData:
+    """What the trainer reads of a data set besides its examples (the ``LoadedData`` fields)."""
+
+    dimensions: tuple[str, ...]
+    vocabs: dict[str, Vocabulary]
+    signal_vocabs: dict[str, Vocabulary]
+    path: str
+
+
+class PackedSource:
+    """One split of a packed tfds ArrayRecord set (``cgjax.data.tfds_builder.pack``): random access
+    from the files, nothing read at start-up beyond ``pack.json`` and ``vocab.json``."""
+
+    def __init__(self, packed_dir: str | os.PathLike, split: str):
+        from cgjax.data.schema import read_json
+        from cgjax.data.tfds_builder import load_pack_info, open_source
+
+        self.source = open_source(packed_dir, split)
+        info, vocabs = load_pack_info(packed_dir)
+        raw = read_json(os.path.join(os.fspath(packed_dir), "vocab.json"))
+        sig = {d: Vocabulary(d, names) for d, names in (raw.get("signal_concepts") or {}).items()} or dict(vocabs)
+        self.data = PackedData(tuple(info["dimensions"]), vocabs, sig, os.fspath(packed_dir))
+        self.indices = list(range(len(self.source)))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return self.source[self.indices[k]]
+
+    def __repr__(self) -> str:
+        return f"PackedSource({self.data.path!r}, n={len(self)})"
+
+    @property
+    def vocabs(self) -> dict[str, Vocabulary]:
+        return self.data.vocabs
+
+
 def split_sources(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None = None, *,
                   splits: Sequence[str | None], targets_csv: str | os.PathLike | None = None, signals: Any = None,
                   dimensions: Sequence[str] | None = None, vocab: Any = None, check_images: bool | str = "exists",

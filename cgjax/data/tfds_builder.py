@@ -74,6 +74,9 @@ class CgjaxDataset(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self, features=features_for(spec.data.dimensions, spec.data.signal_vocabs),
             description="A cgjax data set (images + labels per concept dimension + targets + signals).",
+            # the records' own order (not tfds' key-hash shuffle): a packed set feeds the trainer
+            # the same batches as the image folder it came from
+            disable_shuffling=True,
             metadata=tfds.core.MetadataDict(
                 schema_version=SCHEMA_VERSION, dimensions=list(spec.data.dimensions),
                 concepts={d: v.names for d, v in spec.data.vocabs.items()},

@@ -163,7 +163,6 @@ def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
     if not config.clip.checkpoint and not config.clip.model_name.startswith(("local-dir:", "hf-hub:")):
         raise ValueError("config.clip.checkpoint is not set (local open_clip weights; there is no hub access)")
     layout = config.layout
-    art_dir = os.path.join(workdir, layout.artifacts)
     dims = [d.strip() for d in (config.data.dimensions.split(",") if isinstance(config.data.dimensions, str)
                                 else config.data.dimensions) if d.strip()]
 
