@@ -29,12 +29,41 @@ def load_config(spec: str):
     return load_module(path).get_config(arg or None)
 
 
+def _nearest(name: str, options) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_preset(arg: str | None, presets, default: str) -> str:
+    """The preset named by a config argument (``"preset=demo"`` or a bare ``"demo"``); any other
+    key, or an unknown preset, is an error that names the nearest valid one."""
+    preset = default
+    for part in (arg or "").split(","):
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if not key:
+            continue
+        if sep and key != "preset":
+            raise ValueError(f"unknown config argument {key!r}{_nearest(key, ['preset'])}: the only key is "
+                             f"preset=NAME (one of {', '.join(presets)})")
+        preset = value if sep else key
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}{_nearest(preset, presets)}; expected one of {', '.join(presets)}")
+    return preset
+
+
 def override(config, **dotted):
-    """Set fields by dotted name: ``override(c, **{"optim.lr": 1e-3, "num_steps": 10})``."""
+    """Set existing fields by dotted name: ``override(c, **{"optim.lr": 1e-3, "num_steps": 10})``.
+    An unknown name is a ``KeyError`` that suggests the nearest field."""
     for key, value in dotted.items():
         node = config
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
+        for i, part in enumerate(parents + [leaf]):
+            if part not in node:
+                where = ".".join(parents[:i]) or "the config"
+                raise KeyError(f"config has no field {key!r}: {where} has no {part!r}{_nearest(part, node.keys())}")
+            if i < len(parents):
+                node = node[part]
         node[leaf] = value
     return config

@@ -467,7 +467,7 @@ def compile_train_step(model, config, sc, rules, mesh_shape: Mapping[str, int], 
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):  # as Trainer.train_step: activations constrained to the batch sharding
         lowered = train._train_step.lower(graphdef, sc, bool(with_reg), shardings, state, frozen_abs, batch_abs,
-                                          jax.ShapeDtypeStruct((), jnp.int32))
+                                          jax.ShapeDtypeStruct((2,), jnp.int32))
     # LLVM's optimisation level changes the machine code only, not XLA's buffer assignment (the
     # memory analysis is the same): level 0 halves the CPU compile time
     compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})

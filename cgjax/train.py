@@ -27,7 +27,8 @@ Work directory::
     tensorboard/           tensorboardX event files
 
 Resuming from the latest checkpoint gives bit-identical losses; SIGTERM saves and exits cleanly;
-a NaN/inf loss stops the run (``FloatingPointError``) leaving the last good checkpoint intact.
+a NaN/inf loss or gradient stops the run (``FloatingPointError``) without applying that step, leaving
+the last good checkpoint intact.
 """
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ def _loss_fn(params, graphdef, frozen, batch, sc: StepConfig, with_reg: bool, st
     if with_reg:
         reg = sc.reg_lambda * attention_regulariser(attn, sel.token_mask(model.gating.k_max), mask)
     loss = lm_loss + reg
-    loss = loss + jnp.where(step == nan_at, jnp.nan, 0.0)  # fault injection (config.debug.nan_at_step)
+    loss = loss + jnp.where(step == nan_at[0], jnp.nan, 0.0)  # fault injection (config.debug.nan_at_step)
     n_sel = jnp.sum(sel.valid, axis=1).astype(jnp.float32)
     return loss, {"lm_loss": lm_loss, "reg": reg, **per_seg, "concepts_per_sample": jnp.mean(n_sel)}
 
@@ -165,14 +166,20 @@ def _train_step(graphdef, sc: StepConfig, with_reg: bool, shardings: tuple, stat
     tx = make_optimizer(sc)
     grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
     (loss, aux), grads = grad_fn(state["params"], graphdef, frozen, batch, sc, with_reg, state["step"], nan_at)
+    # fault injection (config.debug.nan_grad_at_step): one gradient element of this step becomes NaN
+    grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].add(jnp.where(state["step"] == nan_at[1], jnp.nan, 0.0)),
+                         grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
            "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], state["step"])}
-    ok = jnp.isfinite(loss)  # a bad step leaves the state as it was (the host stops the run)
+    # a non-finite loss or gradient leaves the state (and the accumulated gradients) as they were;
+    # the host then stops the run
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
     leaves, treedef = jax.tree.flatten(new)
     new = jax.tree.unflatten(treedef, [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings)])
-    return new, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
+    return new, {"loss": loss, **aux, "grad_norm": grad_norm}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -404,7 +411,7 @@ class Trainer:
             reg_lambda=float(config.loss.reg_lambda), prefix_len=prefix_len,
             max_targets=int(config.text.get("max_target_tokens", 0)),
             use_concepts=bool(config.gating.use_concepts))
-        self.nan_at = int(config.debug.nan_at_step)
+        self.nan_at = (int(config.debug.nan_at_step), int(config.debug.get("nan_grad_at_step", -1)))
         self.state_shardings: tuple | None = None
 
         # preprocessing
@@ -478,7 +485,7 @@ class Trainer:
         """One step (donates ``state``), the compiled variant chosen by :meth:`with_reg`."""
         with jax.set_mesh(self.mesh):  # lets the model constrain activations to the batch sharding
             return _train_step(self.graphdef, self.sc, self.with_reg(step), self.state_shardings, state,
-                               self.frozen, batch, jnp.int32(self.nan_at))
+                               self.frozen, batch, jnp.asarray(self.nan_at, jnp.int32))
 
     def model(self, params=None) -> ConceptLlava:
         return nnx.merge(self.graphdef, self.params0 if params is None else params, self.frozen)
@@ -812,11 +819,13 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
                     batch = tr.device_batch(next(it), tr.TRAIN_KEYS)  # overlaps the device step
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 done = s + 1
-                if not math.isfinite(m["loss"]):
+                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
                     mngr.wait_until_finished()
+                    what = "loss" if not math.isfinite(m["loss"]) else "gradient (norm)"
                     raise FloatingPointError(
-                        f"stage {tr.stage}: non-finite loss {m['loss']} at step {s}; stopped. The last good checkpoint "
-                        f"is step {mngr.latest_step()} in {mngr.directory}")
+                        f"stage {tr.stage}: non-finite {what} {m['loss'] if what == 'loss' else m['grad_norm']} at "
+                        f"step {s}; stopped without applying it. The last good checkpoint is step "
+                        f"{mngr.latest_step()} in {mngr.directory}")
                 dt = time.perf_counter() - t_prev
                 if tr.with_reg(s) in variants:  # the first step of each variant compiles
                     times.append(dt)

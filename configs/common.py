@@ -18,24 +18,15 @@ from __future__ import annotations
 
 import ml_collections
 
+from cgjax.config import parse_preset
 from cgjax.sharding import DEFAULT_RULES
 
 PRESETS = ("demo", "llava-1.5-7b")
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
-    """``"preset=demo,foo=bar"`` (or a bare ``"demo"``) -> ``{"preset": "demo", "foo": "bar"}``."""
-    out = {"preset": "demo"}
-    for part in (arg or "").split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if key and sep:
-            out[key] = value.strip()
-        elif key:
-            out["preset"] = key
-    if out["preset"] not in PRESETS:
-        raise ValueError(f"unknown preset {out['preset']!r}; expected one of {PRESETS}")
-    return out
+    """``"preset=demo"`` (or a bare ``"demo"``) -> ``{"preset": "demo"}``; other keys are errors."""
+    return {"preset": parse_preset(arg, PRESETS, "demo")}
 
 
 def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -152,6 +143,7 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
 
     c.debug = ml_collections.ConfigDict()
     c.debug.nan_at_step = -1  # fault injection (tests): the loss of this step becomes NaN
+    c.debug.nan_grad_at_step = -1  # fault injection (tests): a gradient element of this step becomes NaN
 
     c.demo = ml_collections.ConfigDict()
     c.demo.generate_missing = False
@@ -190,4 +182,5 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
         c.val.max_new_tokens = 48
         if stage == "B":
             c.init_from = "runs/stageA_llava-1.5-7b"
+    c.lock()  # a mistyped field (command line or override) is an error, not a new field
     return c

@@ -15,21 +15,14 @@ from __future__ import annotations
 
 import ml_collections
 
+from cgjax.config import parse_preset
 from cgjax.sharding import DEFAULT_RULES
 
 PRESETS = ("demo", "llava-1.5-7b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = "demo"
-    for part in (arg or "").split(","):
-        key, sep, value = part.partition("=")
-        if key.strip() == "preset" and sep:
-            preset = value.strip()
-        elif key.strip() and not sep:
-            preset = key.strip()
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+    preset = parse_preset(arg, PRESETS, "demo")
     c = ml_collections.ConfigDict()
     c.task = "infer"
     c.preset = preset
@@ -114,4 +107,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.workdir = "runs/infer_llava-1.5-7b"
         c.dtype = "bfloat16"
         c.mesh = "fsdp=-1"  # 7B in bf16 is ~14 GB: shard it over every chip
+    c.lock()  # a mistyped field (command line or override) is an error, not a new field
     return c

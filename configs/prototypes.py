@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from cgjax.config import parse_preset
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = "default"
-    for part in (arg or "").split(","):
-        key, _, value = part.partition("=")
-        if key.strip() == "preset":
-            preset = value.strip()
-        elif key.strip() and not value:
-            preset = key.strip()
+    preset = parse_preset(arg, ("default", "demo", "demo_vitb32"), "default")
     c = ml_collections.ConfigDict()
     c.task = "prototypes"
     c.preset = preset
@@ -85,6 +81,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.clip.model_name = "cgjax-tiny-clip" if preset == "demo" else "ViT-B-32"
         c.clip.batch_size = 32
         c.trainer.epochs = 3
-    elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r}; expected default, demo or demo_vitb32")
+    c.lock()  # a mistyped field (command line or override) is an error, not a new field
     return c

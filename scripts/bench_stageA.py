@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = put({"input_ids": ids, "labels": labels.astype(np.int32), "segment_ids": segs,
                  "attention_mask": np.ones_like(ids), "pixel_values": pixels,
                  "scores": np.ones((B, 2), np.float32)})
-    nan_at = jnp.int32(-1)
+    nan_at = jnp.full((2,), -1, jnp.int32)  # no fault injection
 
     def jax_step():
         nonlocal state

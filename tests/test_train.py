@@ -9,6 +9,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -134,8 +135,9 @@ def test_shortcuts_equal_full_forward(assets, tmp_path):
     def both(params, frozen, batch):
         f = jax.value_and_grad(train._loss_fn, has_aux=True)
         args = (tr.graphdef, frozen, batch)
-        a = f(params, *args, tr.sc, True, 0, -1)
-        b = f(params, *args, full, True, 0, -1)
+        no_fault = jnp.full((2,), -1, jnp.int32)
+        a = f(params, *args, tr.sc, True, 0, no_fault)
+        b = f(params, *args, full, True, 0, no_fault)
         return a, b
 
     ((la, aux_a), ga), ((lb, aux_b), gb) = both(tr.params0, tr.frozen, batch)
@@ -316,3 +318,23 @@ def test_packed_arrayrecord_set_trains_like_the_files(assets, run6, tmp_path):
     c.data.dataset_json = str(tmp_path / "not-read.json")  # the packed set is all the trainer reads
     out = train.train_stage(c, str(tmp_path / "wd"))
     np.testing.assert_allclose(out["history"], run6[1]["history"], rtol=1e-6)
+
+
+def test_nan_gradient_stops_like_a_nan_loss(assets, run6, tmp_path):
+    """A NaN in the gradients (finite loss) is not applied nor accumulated: the run stops, the last
+    good checkpoint stays the latest and equals the uninterrupted run's at that step."""
+    wd = str(tmp_path)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient \(norm\) nan at step 3"):
+        train.train_stage(config(assets, **{"debug.nan_grad_at_step": 3}), wd)
+    step, values, _, steps = _checkpoint_values(wd)
+    assert step == 2 and steps == [2] and np.isfinite(values).all()
+    ref = getattr(test_sigterm_saves_and_exits, "values2", None)
+    if ref is not None:  # the same two steps as the SIGTERM run
+        np.testing.assert_array_equal(values, ref)
+    assert not os.path.exists(os.path.join(wd, "concepts_stageA.pt"))
+
+
+def test_a_mistyped_validation_split_is_an_error(assets, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown split 'validaton' \(expected one of .*'validation'"):
+        train.train_stage(config(assets, **{"data.val_split": "validaton"}), str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")

@@ -343,7 +343,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
     try:
         yield tmp
         with open(os.path.join(tmp, OUTPUT_MARKER), "w", encoding="utf-8") as f:
-            json.dump({"written_by": "cgjax", "folder": os.path.basename(out_dir)}, f)
+            json.dump({"written_by": "cgjax"}, f)
             f.write("\n")
         umask = os.umask(0)
         os.umask(umask)

@@ -202,7 +202,11 @@ def test_load_with_mesh_places_shards(src, model):
 def test_cli_orbax_round_trip(src, model, tmp_path):
     orb, back = str(tmp_path / "orbax"), str(tmp_path / "back")
     hf_llava.main(["to-orbax", src, orb])
-    assert sorted(os.listdir(orb)) == ["config.json", "state"]
+    from cgjax.data.schema import OUTPUT_MARKER
+
+    listed = set(os.listdir(orb))  # weights, config, the marker and the source's tokenizer/processor files
+    assert {"config.json", "state", OUTPUT_MARKER} <= listed
+    assert listed - {"config.json", "state", OUTPUT_MARKER} <= set(hf_llava.TOKENIZER_FILES)
     assert_same_params(hf_llava.load_orbax(orb), model)
     hf_llava.main(["to-hf", orb, back, "--tokenizer-from", src])
     a, b = (load_file(os.path.join(p, "model.safetensors")) for p in (src, back))

@@ -25,7 +25,7 @@ def test_same_seed_byte_identical_different_seed_differs(tmp_path):
     demo_data.make_demo(tmp_path / "b", n_images=16, size=32, seed=5)
     demo_data.make_demo(tmp_path / "c", n_images=16, size=32, seed=6)
     fa, fb, fc = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
-    assert len(fa) == 16 + 6 and fa == fb
+    assert len(fa) == 16 + 6 + 1 and fa == fb  # images, data files and cgjax's output marker
     assert fa["dataset.json"] != fc["dataset.json"]
     same_names = set(fa) & set(fc)
     assert sum(fa[k] != fc[k] for k in same_names if k.endswith(".png")) > 0

@@ -149,19 +149,20 @@ def test_vocabulary_order_and_file(tmp_path):
 
 
 def test_atomic_dir_replaces_whole_or_leaves_the_old(tmp_path):
-    from cgjax.data.schema import atomic_dir
+    from cgjax.data.schema import OUTPUT_MARKER, atomic_dir
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / OUTPUT_MARKER).write_text("{}")  # an earlier cgjax output: replaced without asking
     with pytest.raises(RuntimeError):
         with atomic_dir(out) as tmp:
             (tmp_path / "x").write_text("")  # outside: untouched
             open(os.path.join(tmp, "half.txt"), "w").write("half")
             raise RuntimeError("fails mid-write")
-    assert sorted(os.listdir(out)) == ["old.txt"]
+    assert sorted(os.listdir(out)) == sorted([OUTPUT_MARKER, "old.txt"])
     assert sorted(os.listdir(tmp_path)) == ["out", "x"]  # no temporary folder left behind
     with atomic_dir(out) as tmp:
         open(os.path.join(tmp, "new.txt"), "w").write("new")
-    assert sorted(os.listdir(out)) == ["new.txt"]
+    assert sorted(os.listdir(out)) == sorted([OUTPUT_MARKER, "new.txt"])
     assert sorted(os.listdir(tmp_path)) == ["out", "x"]

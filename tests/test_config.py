@@ -1,0 +1,52 @@
+"""Strict configs (cgjax.config, configs/*.py): a typo in a preset argument, a command-line field or
+an ``override`` is an error naming the nearest valid name, never a silent default or a new field."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cgjax.config import load_config, override, parse_preset
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", ["stageA.py", "stageB.py", "infer.py", "prototypes.py"])
+def test_preset_typos_are_errors(name):
+    with pytest.raises(ValueError, match=r"unknown config argument 'prest' \(did you mean 'preset'\?\)"):
+        load_config(f"{name}:prest=demo")
+    with pytest.raises(ValueError, match=r"unknown preset 'dmeo' \(did you mean 'demo'\?\)"):
+        load_config(f"{name}:preset=dmeo")
+    assert load_config(f"{name}:demo").preset == "demo"
+
+
+def test_parse_preset_defaults_and_bare_names():
+    assert parse_preset(None, ("a", "b"), "a") == "a"
+    assert parse_preset("b", ("a", "b"), "a") == "b"
+    assert parse_preset(" preset = b ", ("a", "b"), "a") == "b"
+
+
+@pytest.mark.parametrize("name", ["stageA.py", "infer.py", "prototypes.py"])
+def test_override_and_assignment_refuse_unknown_fields(name):
+    c = load_config(name)
+    with pytest.raises(KeyError, match=r"no 'workdri' \(did you mean 'workdir'\?\)"):
+        override(c, workdri="x")
+    with pytest.raises(AttributeError, match="locked"):
+        c.num_stepz = 3
+    override(c, workdir="somewhere")
+    assert c.workdir == "somewhere"
+
+
+def test_nested_override_names_the_level():
+    c = load_config("stageA.py")
+    with pytest.raises(KeyError, match=r"optim has no 'lrr' \(did you mean 'lr'\?\)"):
+        override(c, **{"optim.lrr": 0.1})
+    with pytest.raises(KeyError, match=r"the config has no 'optimm'"):
+        override(c, **{"optimm.lr": 0.1})
+
+
+def test_command_line_typo_is_an_error(tmp_path):
+    out = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/stageA.py",
+                          "--config.num_stepz=3", "--workdir", str(tmp_path / "wd")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "num_stepz" in out.stderr
+    assert not (tmp_path / "wd").exists()
