@@ -175,3 +175,18 @@ def append_lines(path: str | os.PathLike, lines: Iterable[str]) -> None:
         return
     old = read_text(path) if exists(path) else ""
     write_text(path, old + "".join(lines))
+
+
+def localize(folder: str | os.PathLike, names: Iterable[str]) -> str:
+    """``folder`` itself when local; for a URL, a local temporary folder holding those of ``names``
+    that exist there (for readers that need a local path: tokenizers, processor configs)."""
+    folder = os.fspath(folder)
+    if not is_url(folder):
+        return folder
+    local = tempfile.mkdtemp(prefix="cgjax-localized-")
+    for name in names:
+        src = Path(join(folder, name))
+        if src.exists():
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(src.read_bytes())
+    return local

@@ -371,7 +371,9 @@ class Trainer:
         self.gating = gating_config(config, self.index)
 
         # model
-        self.tokenizer = AutoTokenizer.from_pretrained(config.llava_checkpoint)
+        # tokenizer and processor files, read locally (a gs:// base is copied to a temporary folder)
+        self.base_files = persistence.localize(config.llava_checkpoint, hf_llava.TOKENIZER_FILES)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_files)
         llava = hf_llava.load_any(config.llava_checkpoint, dtype=_dtype(config.param_dtype), mesh=self.mesh,
                                   rules_table=self.rules, compute_dtype=_dtype(config.dtype))
         model = ConceptLlava(llava, self.gating, rngs=nnx.Rngs(int(config.seed)))
@@ -426,7 +428,7 @@ class Trainer:
     def _preprocess_config(self):
         from cgjax.preprocess import llava_preprocess_config
 
-        return llava_preprocess_config(self.config.llava_checkpoint, self.model_config.vision_config.image_size,
+        return llava_preprocess_config(self.base_files, self.model_config.vision_config.image_size,
                                        str(self.config.data.preprocess))
 
     def text_rows(self, with_prompt: bool = False) -> TextRows:

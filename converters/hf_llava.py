@@ -311,9 +311,11 @@ def save_orbax(model, out_dir: str, *, overwrite: bool = False) -> str:
 
 
 def is_orbax_dir(path: Any) -> bool:
-    """Whether ``path`` is a params-only orbax checkpoint written by :func:`save_orbax`."""
-    return isinstance(path, (str, os.PathLike)) and os.path.isdir(os.path.join(path, "state")) \
-        and os.path.isfile(os.path.join(path, "config.json"))
+    """Whether ``path`` (a folder or a URL) is a params-only orbax checkpoint written by :func:`save_orbax`."""
+    from cgjax import persistence
+
+    return isinstance(path, (str, os.PathLike)) and persistence.isdir(persistence.join(path, "state")) \
+        and persistence.exists(persistence.join(path, "config.json"))
 
 
 def load_any(path: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *, compute_dtype=None,
@@ -335,11 +337,13 @@ def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rul
     from cgjax import sharding as shd
     from cgjax.models.llava import Llava, LlavaConfig
 
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
+    from cgjax import persistence
+
+    path = persistence.resolve(path)  # a local folder or a URL (gs://): orbax reads either
+    cfg_path = persistence.join(path, "config.json")
+    if not persistence.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: not an orbax checkpoint written by converters.hf_llava")
-    with open(cfg_path) as f:
-        cfg = LlavaConfig.from_hf(json.load(f))
+    cfg = LlavaConfig.from_hf(json.loads(persistence.read_text(cfg_path)))
     pdt = jnp.float32 if dtype is None else dtype
     cdt = pdt if compute_dtype is None else compute_dtype
     abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=cdt, param_dtype=pdt, rngs=nnx.Rngs(0)))
@@ -352,12 +356,12 @@ def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rul
         target = state.to_pure_dict()
     ckptr = ocp.StandardCheckpointer()
     if dtype is None and mesh is None:
-        restored = ckptr.restore(os.path.join(os.path.abspath(path), "state"))
+        restored = ckptr.restore(persistence.join(path, "state"))
     else:
-        restored = ckptr.restore(os.path.join(os.path.abspath(path), "state"), target)
+        restored = ckptr.restore(persistence.join(path, "state"), target)
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(abstract, state)
-    abstract.source_dir = os.path.abspath(path)
+    abstract.source_dir = path
     abstract.source_layout = "saved"
     return abstract
 

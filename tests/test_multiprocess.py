@@ -248,20 +248,6 @@ def test_cluster_without_launch_flags_is_an_error(tmp_path):
 # -- a gs:// work dir, on a GCS-compatible server on localhost
 
 
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    server = multiproc.GcsEmulator(str(tmp_path_factory.mktemp("gcs")))
-    old = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)  # this process reads the bucket too
-    yield server
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
-
-
 def test_stageA_in_a_gs_workdir_resumes_from_the_bucket(demo_root, reference_A, gcs, tmp_path):
     """Checkpoints, metrics.jsonl, TensorBoard and the .pt export go to the bucket; SIGTERM, then a
     relaunch resumes from the bucket with the losses of the uninterrupted local run. Nothing is

@@ -212,3 +212,19 @@ def test_cli_orbax_round_trip(src, model, tmp_path):
     a, b = (load_file(os.path.join(p, "model.safetensors")) for p in (src, back))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert os.path.exists(os.path.join(back, "tokenizer_config.json"))
+
+
+def test_params_only_orbax_base_from_a_bucket(src, model, tmp_path, gcs):
+    """``to-orbax`` output uploaded to gs:// loads from the bucket (each host would read its shards)."""
+    from cgjax import persistence
+
+    orb = str(tmp_path / "orbax")
+    hf_llava.main(["to-orbax", src, orb])
+    url = f"gs://{gcs.bucket}/bases/tiny-orbax"
+    persistence.upload_tree(orb, url)
+    assert hf_llava.is_orbax_dir(url)
+    got = hf_llava.load_any(url)
+    assert got.source_dir == url
+    assert_same_params(got, model)
+    local = persistence.localize(url, hf_llava.TOKENIZER_FILES)
+    assert sorted(os.listdir(local)) == sorted(n for n in os.listdir(orb) if n in hf_llava.TOKENIZER_FILES)
