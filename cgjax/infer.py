@@ -716,7 +716,8 @@ def run_inference(config) -> dict[str, str]:
     c = config
     out_dir = c.output_dir or os.path.join(c.workdir, "eval")
     dims = tuple(c.data.dimensions)
-    ds = read_dataset_json(c.data.dataset_json, c.data.images_root or None, dimensions=dims)
+    ds = read_dataset_json(c.data.dataset_json, c.data.images_root or None, dimensions=dims,
+                           allow_outside_root=bool(c.data.allow_outside_root))
     from cgjax.data.schema import normalize_split
 
     split = normalize_split(c.data.split) if c.data.split else ""  # "val" is "validation", as in training

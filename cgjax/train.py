@@ -354,7 +354,7 @@ class Trainer:
         # data (vocabularies / concept index first: they size the model)
         kw = dict(targets_csv=config.data.targets_csv or None, signals=_paths(config.data.signals) or None,
                   dimensions=tuple(config.data.dimensions), vocab=config.data.vocab_json or None,
-                  preload=bool(config.data.preload))
+                  preload=bool(config.data.preload), allow_outside_root=bool(config.data.allow_outside_root))
         root = config.data.images_root or None
         if config.data.get("packed_dir"):  # a packed ArrayRecord set (cgjax.data.tfds_builder.pack)
             self.train_source = PackedSource(config.data.packed_dir, config.data.train_split)

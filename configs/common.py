@@ -101,6 +101,7 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     c.data.dimensions = ("artist", "style", "genre")
     c.data.train_split = "train"
     c.data.val_split = "validation"
+    c.data.allow_outside_root = False  # image paths that are absolute or climb out with '..' are refused
     c.data.preload = False  # read every image file once into memory
     c.data.blank_images = False  # zero every image (the demo's base pretraining: learn to read concept tokens)
     c.data.worker_count = 0  # grain mp_prefetch processes

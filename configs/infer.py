@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.dataset_json = ""
     c.data.images_root = ""  # "" -> the JSON's folder
     c.data.split = "test"  # records of this split ("" = all)
+    c.data.allow_outside_root = False  # image paths that are absolute or climb out with '..' are refused
     c.data.limit = 0  # > 0: the first N images
     c.data.dimensions = ("artist", "style", "genre")
     c.data.preprocess = "auto"  # auto: the checkpoint's preprocessor_config.json, else HF CLIP at the tower size

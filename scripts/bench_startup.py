@@ -76,7 +76,7 @@ def run_child(code: str, spec: dict) -> float:
     env = dict(os.environ, PYTHONPATH=code, JAX_PLATFORMS="cpu")
     t0 = time.time()
     out = subprocess.run([sys.executable, "-c", CHILD, repr(t0), json.dumps(dict(spec, code=code))], env=env,
-                         capture_output=True, text=True, timeout=1800)
+                         cwd=code, capture_output=True, text=True, timeout=1800)  # cwd: `-c` imports from it
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("STARTUP_JSON ")]
     if out.returncode or not lines:
         raise RuntimeError(f"start-up run failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -101,10 +101,11 @@ def main(argv: list[str]) -> dict:
     ensure_demo_assets(c)
     results: dict = {"label": "start-up to the first step", "sizes": sizes, "code": os.path.abspath(args.code)}
     kinds = ["files"] + (["packed"] if args.packed else [])
+    sets = {n: synthetic_set(c.demo.root, n, os.path.join(work, f"set{n}")) for n in sizes}
     for kind in kinds:
         times = {}
         for n in sizes:
-            data = synthetic_set(c.demo.root, n, os.path.join(work, f"set{n}"))
+            data = sets[n]
             spec = dict(data, demo_root=c.demo.root)
             if kind == "packed":
                 from cgjax.data.tfds_builder import pack

@@ -63,7 +63,7 @@ def load_data(dataset_json: str | os.PathLike, images_root: str | os.PathLike | 
               targets_csv: str | os.PathLike | None = None, signals: Any = None,
               dimensions: Sequence[str] | None = None,
               vocab: str | os.PathLike | Mapping[str, Vocabulary] | None = None,
-              check_images: bool = True, skip_bad: bool = False) -> LoadedData:
+              check_images: bool = True, skip_bad: bool = False, allow_outside_root: bool = False) -> LoadedData:
     """Reads and cross-checks a data set.
 
     ``vocab`` (a ``vocab.json`` path or ``{dim: Vocabulary}``) fixes the label indices; labels
@@ -79,6 +79,7 @@ def load_data(dataset_json: str | os.PathLike, images_root: str | os.PathLike | 
     if dimensions is None and vocabs is not None:
         dimensions = tuple(vocabs)
     ds = read_dataset_json(dataset_json, images_root, dimensions=dimensions, vocabs=vocabs,
+                           allow_outside_root=allow_outside_root,
                            check_images=check_images, skip_bad=skip_bad)
     problems = ProblemLog(skip_bad)
     problems.problems.extend(ds.skipped)

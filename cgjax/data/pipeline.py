@@ -104,13 +104,14 @@ class PackedSource:
 def split_sources(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None = None, *,
                   splits: Sequence[str | None], targets_csv: str | os.PathLike | None = None, signals: Any = None,
                   dimensions: Sequence[str] | None = None, vocab: Any = None, check_images: bool | str = "exists",
-                  skip_bad: bool = False, preload: bool = False) -> list[RecordSource | None]:
+                  skip_bad: bool = False, preload: bool = False,
+                  allow_outside_root: bool = False) -> list[RecordSource | None]:
     """One ``RecordSource`` per split name from ONE read of the data set (a split of "" or None:
     no source). ``check_images="exists"`` checks that each image file exists without decoding it
     (start-up stays flat in the number of images; ``scripts/validate_data.py`` decodes them all).
     A split with no records raises a ``DataError`` naming it and the splits there are."""
     data = load_data(dataset_json, images_root, targets_csv=targets_csv, signals=signals, dimensions=dimensions,
-                     vocab=vocab, check_images=check_images, skip_bad=skip_bad)
+                     vocab=vocab, check_images=check_images, skip_bad=skip_bad, allow_outside_root=allow_outside_root)
     out: list[RecordSource | None] = []
     for split in splits:
         if not split:

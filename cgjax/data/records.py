@@ -47,6 +47,12 @@ def normalize_image_path(image: str, images_root: str | os.PathLike | None = Non
     return path
 
 
+def leaves_root(image: str) -> bool:
+    """Whether a record's image path is absolute or climbs out of the images root with ``..``."""
+    norm = os.path.normpath(image.replace("\\", "/"))
+    return os.path.isabs(image) or norm == ".." or norm.startswith("../")
+
+
 def resolve_image(images_root: str | os.PathLike | None, image: str) -> str:
     if os.path.isabs(image) or images_root is None:
         return image
@@ -76,7 +82,7 @@ def read_dataset_json(path: str | os.PathLike, images_root: str | os.PathLike | 
                       dimensions: Sequence[str] | None = None,
                       vocabs: Mapping[str, Vocabulary] | None = None,
                       check_images: bool = False, skip_bad: bool = False,
-                      missing_labels: Iterable[str] = MISSING_LABELS) -> Dataset:
+                      missing_labels: Iterable[str] = MISSING_LABELS, allow_outside_root: bool = False) -> Dataset:
     """Reads a dataset JSON in the original format.
 
     ``images_root`` defaults to the JSON's folder (as the original). ``dimensions`` defaults to
@@ -96,7 +102,7 @@ def read_dataset_json(path: str | os.PathLike, images_root: str | os.PathLike | 
     records: list[Record] = []
     first_row: dict[str, int] = {}
     for i, obj in enumerate(data):
-        record, errs = _parse_record(obj, i, path, images_root, dims, vocabs, missing)
+        record, errs = _parse_record(obj, i, path, images_root, dims, vocabs, missing, allow_outside_root)
         if record is not None:
             where = f"row {i} (image {record.image!r})"
             if record.image in first_row:
@@ -133,7 +139,7 @@ def raw_image_paths(path: str | os.PathLike, images_root: str | os.PathLike | No
 
 
 def _parse_record(obj: Any, i: int, file: str, images_root: str, dims: Sequence[str],
-                  vocabs: Mapping[str, Vocabulary] | None, missing: frozenset[str]):
+                  vocabs: Mapping[str, Vocabulary] | None, missing: frozenset[str], allow_outside_root: bool = False):
     where = f"row {i}"
     errs: list[DataError] = []
     if not isinstance(obj, dict):
@@ -143,6 +149,9 @@ def _parse_record(obj: Any, i: int, file: str, images_root: str, dims: Sequence[
         return None, [DataError(file, where, "missing or empty 'image' path")]
     image = normalize_image_path(image, images_root)
     where = f"row {i} (image {image!r})"
+    if not allow_outside_root and leaves_root(image):
+        return None, [DataError(file, where, f"image path leaves the images root {images_root} (absolute or '..'): "
+                                             "refused unless --allow_outside_root (config.data.allow_outside_root)")]
     concepts = obj.get("concepts", {})
     if concepts is None:
         concepts = {}

@@ -44,7 +44,7 @@ def validate_data(dataset_json: str | os.PathLike, images_root: str | os.PathLik
                   targets_csv: str | os.PathLike | None = None, signals: Sequence[str | os.PathLike] = (), *,
                   dimensions: Sequence[str] | None = None,
                   vocab: str | os.PathLike | Mapping[str, Vocabulary] | None = None,
-                  check_images: bool = True) -> ValidationReport:
+                  check_images: bool = True, allow_outside_root: bool = False) -> ValidationReport:
     """Validates a data set; never raises for a data problem (they are all in the report)."""
     rep = ValidationReport()
     vocabs = None
@@ -57,12 +57,16 @@ def validate_data(dataset_json: str | os.PathLike, images_root: str | os.PathLik
         dimensions = dimensions or tuple(vocabs)
     try:
         ds = read_dataset_json(dataset_json, images_root, dimensions=dimensions, vocabs=vocabs,
+                               allow_outside_root=allow_outside_root,
                                check_images=check_images, skip_bad=True)
     except DataError as e:
         rep.problems.append(e)
         return rep
     rep.problems.extend(ds.skipped)
     rep.n_records = len(ds.records)
+    if not ds.records:  # nothing to train or evaluate on is not a valid data set
+        rep.problems.append(DataError(ds.path, None, "no usable records" + (" (every row has a problem above)"
+                                                                            if ds.skipped else " (the file is empty)")))
     given_vocabs = vocabs
     if vocabs is None:
         vocabs = ds.vocabularies()
@@ -144,10 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--vocab", default=None, help="a vocab.json fixing the label vocabularies")
     ap.add_argument("--no_image_check", action="store_true", help="do not open the images")
     ap.add_argument("--strict", action="store_true", help="warnings count as problems")
+    ap.add_argument("--allow_outside_root", action="store_true",
+                    help="accept image paths that are absolute or leave the images root with '..'")
     args = ap.parse_args(argv)
     dims = None if args.dimensions is None else [d.strip() for d in args.dimensions.split(",") if d.strip()]
     rep = validate_data(args.dataset_json, args.images_root, args.targets_csv, args.signals, dimensions=dims,
-                        vocab=args.vocab, check_images=not args.no_image_check)
+                        vocab=args.vocab, check_images=not args.no_image_check,
+                        allow_outside_root=args.allow_outside_root)
     for line in rep.lines():
         print(line)
     bad = len(rep.problems) + (len(rep.warnings) if args.strict else 0)

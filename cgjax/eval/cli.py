@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--report-dir", default=None, help="write report.html and concept_graph.png here")
     ap.add_argument("--gallery-n", type=int, default=12)
     ap.add_argument("--saliency-json", default=None, help="saliency.json from scripts/infer.py, drawn in the report")
+    ap.add_argument("--allow_outside_root", action="store_true",
+                    help="accept image paths that are absolute or leave the images root with '..'")
     return ap
 
 
@@ -80,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sentinels = tuple(s.strip() for s in args.sentinels.split(","))
     if len(sentinels) != 2:
         raise SystemExit(f"--sentinels needs two comma-separated markers, got {args.sentinels!r}")
-    dataset = read_dataset_json(args.dataset_json, args.images_root, dimensions=dims)
+    dataset = read_dataset_json(args.dataset_json, args.images_root, dimensions=dims,
+                                allow_outside_root=args.allow_outside_root)
     root = dataset.images_root
     reasoning = _read_reasoning(args.reasoning_json)
     baseline = _read_reasoning(args.baseline_json) if args.baseline_json else None

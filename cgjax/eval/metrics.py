@@ -403,8 +403,9 @@ def _parts(path: str) -> list[str]:
 def match_records(keys: Iterable[str], dataset: Dataset,
                   images_root: str | os.PathLike | None = None) -> tuple[dict[str, Record], list[str]]:
     """Maps reasoning.json image keys to dataset records: the record's own path, then the resolved
-    absolute path, then the longest unique path-suffix match (absolute paths of another machine).
-    Returns ``(matches, unmatched_keys)``."""
+    absolute path, then a key that ends with the record's whole relative path (absolute paths of
+    another machine); a bare file name never matches a record in a sub-folder. Two keys that match
+    one record are an error naming both. Returns ``(matches, unmatched_keys)``."""
     root = os.fspath(images_root) if images_root is not None else dataset.images_root
     by_image = {r.image: r for r in dataset.records}
     by_abs = {}
@@ -433,6 +434,8 @@ def match_records(keys: Iterable[str], dataset: Dataset,
                 n = 0
                 while n < min(len(kp), len(parts)) and kp[-1 - n] == parts[-1 - n]:
                     n += 1
+                if n < len(parts):  # the record's whole relative path must match, not just its name
+                    continue
                 if n > best_n:
                     best, best_n, tie = rec, n, False
                 elif n == best_n and n > 0:
@@ -442,6 +445,12 @@ def match_records(keys: Iterable[str], dataset: Dataset,
             unmatched.append(key)
         else:
             matches[key] = r
+    seen: dict[str, str] = {}
+    for key, r in matches.items():
+        if r.image in seen:
+            raise ValueError(f"answers {seen[r.image]!r} and {key!r} both match the record {r.image!r} of "
+                             f"{dataset.path}: each image must be answered once")
+        seen[r.image] = key
     return matches, unmatched
 
 

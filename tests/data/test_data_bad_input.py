@@ -161,3 +161,21 @@ def test_validate_cli_exit_codes(demo, small, capsys):
     with pytest.raises(SystemExit) as e:
         V.main(["--images_root", str(root)])
     assert e.value.code == 2
+
+
+def test_an_empty_data_set_fails_validation(tmp_path):
+    (tmp_path / "d.json").write_text("[]")
+    rep = V.validate_data(tmp_path / "d.json", tmp_path)
+    assert [str(p) for p in rep.problems] == [f"{tmp_path / 'd.json'}: no usable records (the file is empty)"]
+    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "validate_data.py"), "--dataset_json",
+                          str(tmp_path / "d.json")], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no usable records" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("image", ["../secret.png", "/etc/passwd", "a/../../x.png"])
+def test_image_paths_that_leave_the_root_are_refused(tmp_path, image):
+    (tmp_path / "d.json").write_text(json.dumps([{"image": image, "concepts": {"artist": "a"}}]))
+    with pytest.raises(DataError, match=r"row 0 .*leaves the images root .*--allow_outside_root"):
+        read_dataset_json(tmp_path / "d.json", tmp_path)
+    ds = read_dataset_json(tmp_path / "d.json", tmp_path, allow_outside_root=True)
+    assert len(ds.records) == 1

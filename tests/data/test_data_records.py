@@ -30,7 +30,9 @@ def _write(path, obj):
 def test_read_original_dataset_json(tmp_path):
     root = tmp_path / "dataset"
     root.mkdir()
-    ds = R.read_dataset_json(_write(root / "d.json", ORIGINAL_RECORDS), root)
+    with pytest.raises(R.DataError, match=r"row 2 .*/abs/path/rembrandt_0.jpg.*leaves the images root"):
+        R.read_dataset_json(_write(root / "d.json", ORIGINAL_RECORDS), root)  # the absolute path: refused
+    ds = R.read_dataset_json(_write(root / "d.json", ORIGINAL_RECORDS), root, allow_outside_root=True)
     assert ds.dimensions == ("artist", "style", "genre")
     assert [r.image for r in ds.records] == ["van_gogh/van_gogh_8.jpg", "monet/monet_1.jpg",
                                             "/abs/path/rembrandt_0.jpg"]

@@ -349,3 +349,14 @@ def test_cli_demo_with_lexicon(demo_reasoning, eval_demo, tmp_path):
     for d in ds.dimensions:
         assert m["comparison"]["structured"]["macro_f1"][d]["delta"] > 0
     assert json.loads((out / "lexicon.json").read_text())["format"] == "cgjax.evidence_lexicon"
+
+
+def test_match_records_needs_the_whole_relative_path_and_rejects_duplicates(tmp_path):
+    """Answers from another data set that share only file names are not scored; two answers for one
+    record are an error naming both."""
+    recs = [Record("van_gogh/1.jpg", {"artist": "v"}), Record("monet/2.jpg", {"artist": "m"})]
+    ds = Dataset(recs, ("artist",), str(tmp_path / "d.json"), str(tmp_path))
+    got, unmatched = match_records(["/other/set/cats/1.jpg", "2.jpg"], ds)
+    assert got == {} and unmatched == ["/other/set/cats/1.jpg", "2.jpg"]
+    with pytest.raises(ValueError, match=r"'van_gogh/1.jpg' and '/mnt/data/van_gogh/1.jpg' both match"):
+        match_records(["van_gogh/1.jpg", "/mnt/data/van_gogh/1.jpg"], ds)
