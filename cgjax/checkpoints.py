@@ -8,7 +8,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["manager", "abstract", "save", "restore"]
+__all__ = ["manager", "abstract", "save", "restore", "restore_latest_good"]
 
 
 def manager(directory: str, config, read_only: bool = False):
@@ -52,3 +52,39 @@ def restore(mngr, step: int, like_state):
     got = mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                          meta=ocp.args.JsonRestore()))
     return got["state"], got["meta"]
+
+
+def restore_latest_good(mngr, like_state):
+    """``(state, meta, step)`` of the newest step that restores. A step that does not (a truncated
+    or half-copied checkpoint) is renamed ``<step>.unreadable-<n>`` beside the others, with a
+    warning, and the step before it is tried; with no good step left the last error is raised."""
+    import os
+
+    from absl import logging
+
+    from cgjax import multihost, persistence
+
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        try:
+            state, meta = restore(mngr, step, like_state)
+            return state, meta, int(step)
+        except Exception as e:  # noqa: BLE001 - any failure to read a step: fall back, say why
+            if i == len(steps) - 1:
+                raise
+            logging.warning("checkpoint step %d in %s cannot be restored (%s: %s); falling back to step %d",
+                            step, mngr.directory, type(e).__name__, str(e).splitlines()[0][:300], steps[i + 1])
+
+            def set_aside(step=step):
+                src = persistence.join(str(mngr.directory), str(step))
+                n = 0
+                while persistence.exists(f"{src}.unreadable-{n}"):
+                    n += 1
+                if persistence.is_url(src):
+                    persistence.Path(src).rename(f"{src}.unreadable-{n}")
+                else:
+                    os.rename(src, f"{src}.unreadable-{n}")
+
+            multihost.on_primary("setting an unreadable checkpoint aside", set_aside)
+            mngr.reload()
+    raise FileNotFoundError(f"{mngr.directory}: no checkpoint to restore")

@@ -61,7 +61,8 @@ def _gating_json(gcfg, dims) -> dict[str, Any]:
 
 
 def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototypes_workdir: str | None = None,
-           llava_checkpoint: str | None = None, step: int | None = None, overwrite: bool = False) -> dict[str, str]:
+           llava_checkpoint: str | None = None, step: int | None = None, overwrite: bool = False,
+           accept_mismatch: bool = False) -> dict[str, str]:
     """Write the PyTorch export of ``workdir`` to ``out`` (replaced whole when cgjax wrote it, or with
     ``overwrite``; never when it holds an input); returns the written paths."""
     import torch
@@ -83,6 +84,11 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
         raise ValueError(f"{stage_wd}: its concepts_stage*.json names no llava_checkpoint; pass llava_checkpoint")
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         raise FileNotFoundError(f"LLaVA checkpoint {ckpt} (from {stage_wd}) has no config.json")
+    from cgjax import provenance
+
+    mine = {"base": {"checkpoint": ckpt, "fingerprint": provenance.base_fingerprint(ckpt)}}
+    provenance.check(provenance.read(stage_wd), mine, f"the values of {stage_wd}", keys=("base",),
+                     accept=accept_mismatch)
     gcfg = infer._gating_config(tv.index, (tv.export_meta or {}).get("gating") or {})
     ps = _load_prototypes(protos_wd)
 

@@ -318,7 +318,7 @@ class Inferencer:
                       images_root: str | None = None, dims: Sequence[str] | None = None, step: int | None = None,
                       dtype: str = "float32", param_dtype: str | None = None, preprocess: str = "auto",
                       mesh: jax.sharding.Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None,
-                      **kwargs) -> "Inferencer":
+                      accept_mismatch: bool = False, **kwargs) -> "Inferencer":
         """Load everything from disk.
 
         ``prototypes``: a prototypes work dir (``scripts/train.py --config configs/prototypes.py``:
@@ -340,6 +340,13 @@ class Inferencer:
         if prototypes is None and not signals:
             raise ValueError("give a prototypes work dir / checkpoint or signals file(s)")
         tv = load_trained_values(stage_workdir, step=step)
+        # the values answer with the base they were trained on (new data is normal, another base is not)
+        from cgjax import provenance
+
+        mine = {"base": {"checkpoint": llava_checkpoint, "fingerprint": provenance.base_fingerprint(llava_checkpoint)}}
+        for d in provenance.check(provenance.read(stage_workdir), mine, f"the values of {stage_workdir}",
+                                  keys=("base",), accept=accept_mismatch):
+            log.warning("accepted (accept_mismatch): %s", d)
         g = dict(gating or {})
         if gating_from_stage:
             g.update((tv.export_meta or {}).get("gating") or {})
@@ -748,29 +755,66 @@ def run_inference(config) -> dict[str, str]:
         param_dtype=c.param_dtype or None, preprocess=c.data.preprocess, batch_size=int(c.generation.batch_size),
         max_new_tokens=int(c.generation.max_new_tokens), temperature=float(c.generation.temperature),
         top_p=float(c.generation.top_p), seed=int(c.seed), sentinels=(c.prompt.sentinel_start, c.prompt.sentinel_end),
-        prompt_seed=int(c.prompt.stage_b_seed), mesh=mesh, rules=rules)
-    log.info("inference on %d images (%s), prompts %s, baseline %s", len(paths), c.data.split or "all splits",
-             c.prompt.mode, bool(c.baseline))
-    res = inf.run(paths, c.prompt.mode, keys=paths, labels=[r.labels for r in records],
-                  baseline=bool(c.baseline))
-    written: dict[str, str] = {}
-    reasoning = res["reasoning"]
+        prompt_seed=int(c.prompt.stage_b_seed), mesh=mesh, rules=rules, accept_mismatch=bool(c.accept_mismatch))
     s = c.saliency
-    if s.enabled and int(s.n_images) != 0:
+    want_saliency = bool(s.enabled) and int(s.n_images) != 0
+    if want_saliency:  # checked before any answer is generated
+        if s.source not in ("prototype", "llava", "both"):
+            raise ValueError(f"saliency.source {s.source!r}: expected prototype, llava or both")
+        if s.source == "llava" and s.prompt_mode not in prompt_modes(c.prompt.mode):
+            raise ValueError(f"saliency.prompt_mode {s.prompt_mode!r} is not among the prompt modes "
+                             f"{prompt_modes(c.prompt.mode)} (prompt.mode={c.prompt.mode!r})")
+
+    # answers already in reasoning.json under the same inference settings are kept, not recomputed
+    fingerprint = inference_fingerprint(c)
+    reasoning_path = os.path.join(out_dir, "reasoning.json")
+    baseline_path = os.path.join(out_dir, "reasoning_baseline.json")
+    reasoning = _answered(reasoning_path, fingerprint, paths)
+    baseline = _answered(baseline_path, fingerprint, paths) if c.baseline else {}
+    todo = [i for i, k in enumerate(paths) if k not in reasoning or (c.baseline and k not in baseline)]
+    log.info("inference on %d images (%s; %d answered before under the same settings), prompts %s, baseline %s",
+             len(todo), c.data.split or "all splits", len(paths) - len(todo), c.prompt.mode, bool(c.baseline))
+    written: dict[str, str] = {}
+
+    def write_answers():  # process 0 writes; every process computed the same answers
+        written["reasoning"] = write_reasoning(reasoning_path, reasoning)
+        if c.baseline:
+            written["reasoning_baseline"] = write_reasoning(baseline_path, baseline)
+
+    res: dict[str, dict] = {"ids": {}, "prompts": {}, "scores": {}}
+    every = max(1, int(c.get("write_every", 0)) or int(c.generation.batch_size))
+    for start in range(0, len(todo), every):
+        idx = todo[start:start + every]
+        part = inf.run([paths[i] for i in idx], c.prompt.mode, keys=[paths[i] for i in idx],
+                       labels=[records[i].labels for i in idx], baseline=bool(c.baseline))
+        for name, into in (("reasoning", reasoning), ("baseline", baseline)):
+            for k, entry in part.get(name, {}).items():
+                entry["__meta__"]["config_fingerprint"] = fingerprint
+                into[k] = entry
+        for key in res:
+            res[key].update(part[key])
+        multihost.on_primary("writing the answers so far", write_answers)  # every `write_every` images
+    reasoning = {k: reasoning[k] for k in paths}  # the data set's order
+    baseline = {k: baseline[k] for k in paths} if c.baseline else baseline
+
+    if want_saliency:
         n = len(paths) if int(s.n_images) < 0 else min(len(paths), int(s.n_images))
         mode = s.prompt_mode
         maps: dict[str, dict[str, list]] = {}
         sal_path = os.path.join(out_dir, "saliency.json")
         for k in paths[:n]:
+            if k not in res["scores"]:
+                continue  # answered by an earlier run: its saliency is in that run's saliency.json
             ans = res["ids"].get((k, mode))
             prompt = res["prompts"].get((k, mode))
-            src = s.source
-            if src in ("llava", "both") and ans is None:
-                if src == "llava":
-                    raise ValueError(f"saliency.prompt_mode {mode!r} is not among the prompt modes {c.prompt.mode!r}")
-                src = "prototype"
-            m = inf.saliency(k, ans, prompt, grid=int(s.grid), minibatch=int(s.minibatch), source=src,
-                             upsample=False, scores=res["scores"][k], key=k)
+            src = s.source if ans is not None else "prototype"
+            try:
+                m = inf.saliency(k, ans, prompt, grid=int(s.grid), minibatch=int(s.minibatch), source=src,
+                                 upsample=False, scores=res["scores"][k], key=k)
+            except Exception as e:  # noqa: BLE001 - a failed map never costs the answers
+                log.warning("saliency of %s failed (%s: %s); the answers are kept", k, type(e).__name__, e)
+                reasoning[k]["__meta__"]["saliency_error"] = f"{type(e).__name__}: {e}"
+                continue
             maps[k] = {name: v.tolist() for name, v in m.items()}
             meta = reasoning[k]["__meta__"]
             for name, v in m.items():
@@ -779,18 +823,40 @@ def run_inference(config) -> dict[str, str]:
                                                                                "stats": sal.saliency_stats(v)}
                 else:
                     meta.setdefault("saliency_llava", {})[mode] = {"path": sal_path, "stats": sal.saliency_stats(v)}
-        from cgjax.data.schema import write_json_atomic
+        if maps:
+            from cgjax.data.schema import write_json_atomic
 
-        multihost.on_primary("writing saliency.json",
-                             lambda: write_json_atomic(sal_path, {"grid": int(s.grid), "maps": maps}, indent=None))
-        written["saliency"] = sal_path
-
-    def write_answers():  # process 0 writes; every process computed the same answers
-        written["reasoning"] = write_reasoning(os.path.join(out_dir, "reasoning.json"), reasoning)
-        if c.baseline:
-            written["reasoning_baseline"] = write_reasoning(os.path.join(out_dir, "reasoning_baseline.json"),
-                                                            res["baseline"])
+            multihost.on_primary("writing saliency.json",
+                                 lambda: write_json_atomic(sal_path, {"grid": int(s.grid), "maps": maps}, indent=None))
+            written["saliency"] = sal_path
 
     multihost.on_primary("writing the answers", write_answers)
     log.info("wrote %s", written)
     return written
+
+
+def inference_fingerprint(config) -> str:
+    """A hash of the settings that decide the answers (model, values, signals, gating, prompts,
+    generation): answers written under the same fingerprint are reused by a rerun."""
+    import hashlib
+
+    c = config
+    keys = {"llava_checkpoint": c.llava_checkpoint, "stage_workdir": c.stage_workdir, "step": int(c.step),
+            "dtype": c.dtype, "param_dtype": c.param_dtype, "prototypes": c.prototypes.to_dict(),
+            "signals": _paths(c.signals), "gating": c.gating.to_dict(), "prompt": c.prompt.to_dict(),
+            "generation": c.generation.to_dict(), "seed": int(c.seed), "preprocess": c.data.preprocess}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _answered(path: str, fingerprint: str, keys: Sequence[str]) -> dict[str, Any]:
+    """The entries of an earlier ``reasoning.json`` for ``keys`` written under ``fingerprint``."""
+    if not os.path.exists(path):
+        return {}
+    from cgjax.data.schema import read_json
+
+    old = read_json(path)
+    if not isinstance(old, dict):
+        return {}
+    wanted = set(keys)
+    return {k: e for k, e in old.items() if k in wanted and isinstance(e, dict)
+            and (e.get("__meta__") or {}).get("config_fingerprint") == fingerprint}

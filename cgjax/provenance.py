@@ -31,6 +31,16 @@ def _hash_files(paths: Iterable[str], h) -> None:
         h.update(persistence.Path(p).read_bytes() if persistence.is_url(p) else open(p, "rb").read())
 
 
+def _walk(path, rel: str = ""):
+    """``(relative name, size)`` of every file under an epath folder (``rglob`` is not on GCS)."""
+    for p in sorted(path.iterdir(), key=lambda q: q.name):
+        name = f"{rel}{p.name}"
+        if p.is_dir():
+            yield from _walk(p, name + "/")
+        else:
+            yield name, p.stat().length
+
+
 def base_fingerprint(checkpoint: str) -> str:
     """``sha256(config.json + [(weight file, size)])`` of an HF or params-only orbax checkpoint."""
     h = hashlib.sha256()
@@ -38,11 +48,11 @@ def base_fingerprint(checkpoint: str) -> str:
     cfg = root / "config.json"
     h.update(cfg.read_bytes() if cfg.exists() else b"")
     entries = []
-    for p in sorted(root.rglob("*")):
-        name = str(p.relative_to(root))
-        if name.endswith((".safetensors", ".bin", ".index.json")) or name.startswith("state"):
-            if p.is_file():
-                entries.append((name, p.stat().length if hasattr(p.stat(), "length") else os.path.getsize(p)))
+    for p in sorted(root.iterdir(), key=lambda q: q.name) if root.exists() else ():
+        if p.is_dir() and p.name == "state":  # a params-only orbax checkpoint
+            entries += [(f"state/{n}", size) for n, size in _walk(p)]
+        elif p.name.endswith((".safetensors", ".bin", ".index.json")):
+            entries.append((p.name, p.stat().length))
     h.update(json.dumps(entries).encode())
     return h.hexdigest()[:16]
 

@@ -51,7 +51,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cgjax import checkpoints, multihost, persistence, sharding, text
+from cgjax import checkpoints, multihost, persistence, provenance, sharding, text
 from cgjax.multihost import Preemption, gather_host_strings, host_data_state
 from cgjax.concepts.index import ConceptIndex, concept_index_from_vocabs, gating_config
 from cgjax.flops import param_counts, step_flops
@@ -743,9 +743,16 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     ds = tr.train_dataset()
     it = iter(ds)
     start, init_step = 0, None
+    accept = bool(config.get("accept_mismatch", False))
+    mine = provenance.record(config, tr.stage)
     latest = mngr.latest_step() if config.checkpoint.resume else None
     if latest is not None:
-        state, meta = checkpoints.restore(mngr, latest, state)
+        # the work dir's stage, base and data must be this run's (a Stage B config in a Stage A work
+        # dir, another LLaVA, another data set): refused, naming both sides
+        for d in provenance.check(provenance.read(workdir), mine, f"work dir {workdir}",
+                                  keys=("stage", "base", "data"), accept=accept):
+            logging.warning("accepted (config.accept_mismatch): %s", d)
+        state, meta, latest = checkpoints.restore_latest_good(mngr, state)  # a truncated latest: the one before
         if meta.get("stage", tr.stage) != tr.stage:
             raise ValueError(f"{mngr.directory} step {latest} is a Stage {meta['stage']} checkpoint; this run is "
                              f"Stage {tr.stage}: use another work dir (Stage {tr.stage} starts from Stage "
@@ -756,7 +763,13 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
         start = int(latest)
         logging.info("resumed from %s step %d", mngr.directory, latest)
     elif config.init_from:
+        init_dir = persistence.resolve(config.init_from)
+        for d in provenance.check(provenance.read(init_dir), mine, f"config.init_from {init_dir}",
+                                  keys=("base", "data"), accept=accept):
+            logging.warning("accepted (config.accept_mismatch): %s", d)
         state, init_step = _init_from(tr, state, config)
+    if latest is None:  # a fresh run records what it trains on
+        multihost.on_primary("writing provenance.json", lambda: provenance.write(workdir, mine))
     logs = _Logs(workdir, is_main, bool(config.log.tensorboard), resume_step=start if latest is not None else None)
 
     def meta(step, it_state, val=None):

@@ -47,6 +47,9 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     c.param_dtype = "float32"  # storage dtype of the frozen LLaVA weights (the concept values stay fp32)
     # Stage hand-off: Stage B starts from Stage A's final checkpoint (a work dir or its checkpoints/ dir).
     c.init_from = ""
+    # Resume / init_from refuse a work dir trained on another base checkpoint or data set (and resume
+    # another stage); True accepts the mismatch with a warning.
+    c.accept_mismatch = False
     c.init_optimizer = False  # also take the optimizer state from init_from (the original kept it)
     # What trains: regexes over "/"-joined parameter paths (big_vision style); the rest is frozen
     # and has no optimizer state.

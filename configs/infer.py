@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.llava_checkpoint = ""  # HF LLaVA directory (config.json, safetensors, tokenizer files)
     c.stage_workdir = ""  # Stage A/B work dir (or its checkpoints/): the trained concept values
+    c.accept_mismatch = False  # True: answer with a base other than the one the values were trained on
     c.step = -1  # checkpoint step; -1 = latest
     c.dtype = "float32"  # compute dtype of LLaVA: float32 | bfloat16
     c.param_dtype = ""  # "" = dtype
@@ -79,6 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.generation = ml_collections.ConfigDict()
     c.generation.batch_size = 8  # fixed batch (the last one padded)
+    # reasoning.json is rewritten (atomically) every this many images (0 = every generation batch);
+    # a rerun keeps the answers written under the same settings and answers only the rest
+    c.write_every = 0
     c.generation.max_new_tokens = 200  # the original's max_reason_tokens
     c.generation.temperature = 0.0  # 0 = greedy; the original sampled at 0.2
     c.generation.top_p = 0.7  # the original's nucleus (used when temperature > 0)

@@ -17,6 +17,8 @@ def main(argv=None):
     p.add_argument("--workdir", required=True, help="work dir of scripts/demo.py (stageA/B, prototypes)")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export (replaced whole)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that cgjax did not write")
+    p.add_argument("--accept_mismatch", action="store_true",
+                   help="export with a LLaVA other than the one the values were trained on")
     p.add_argument("--stage-workdir", default=None, help="default: WORKDIR/stageB, else WORKDIR/stageA")
     p.add_argument("--prototypes-workdir", default=None, help="default: WORKDIR/prototypes")
     p.add_argument("--llava-checkpoint", default=None, help="default: the one named by the stage's concepts json")
@@ -25,7 +27,8 @@ def main(argv=None):
     from cgjax.export import export
 
     written = export(a.workdir, a.out, stage_workdir=a.stage_workdir, prototypes_workdir=a.prototypes_workdir,
-                     llava_checkpoint=a.llava_checkpoint, step=a.step, overwrite=a.overwrite)
+                     llava_checkpoint=a.llava_checkpoint, step=a.step, overwrite=a.overwrite,
+                     accept_mismatch=a.accept_mismatch)
     for k, v in written.items():
         print(f"{k}: {v}")
 

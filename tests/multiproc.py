@@ -161,3 +161,30 @@ class GcsEmulator:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.log.close()
+
+
+N_STEPS = 12
+
+
+def demo_assets(root: str) -> str:
+    """The demo preset's assets (48 images: 34 train, 7 val, 7 test, a tiny LLaVA) under ``root``."""
+    from cgjax.config import load_config
+    from cgjax.train import ensure_demo_assets
+
+    cfg = load_config(os.path.join(ROOT, "configs", "stageA.py:preset=demo"))
+    cfg.demo.root = root
+    cfg.demo.n_images = 48
+    ensure_demo_assets(cfg)
+    return root
+
+
+def stage_argv(stage: str, workdir: str, root: str, mesh: str, steps: int = N_STEPS, *extra: str) -> list[str]:
+    """``scripts/train.py`` on the demo preset with the assets of :func:`demo_assets`."""
+    return [TRAIN, "--config", os.path.join(ROOT, "configs", f"stage{stage}.py:preset=demo"),
+            "--workdir", workdir, f"--config.demo.root={root}", "--config.demo.n_images=48",
+            f"--config.num_steps={steps}", "--config.batch_size=8", f"--config.mesh={mesh}",
+            "--config.val.max_examples=8", "--config.val.every_steps=0", "--config.val.no_concept_baseline=True",
+            "--config.val.max_new_tokens=16", "--config.checkpoint.every_steps=100",
+            "--config.log.progress_bar=false", "--config.log.every_steps=1", "--config.log.tensorboard=false",
+            # one persistent compilation cache for every launch here: a relaunch loads its steps
+            f"--config.compile_cache_dir={os.path.join(root, 'jax_cache')}", *extra]

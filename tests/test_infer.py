@@ -202,7 +202,7 @@ def test_baseline_equals_plain_llava(setup, run):
             ids = ids[: hits[0] + 1] if hits.size else ids
             want = tok.decode(ids.tolist(), skip_special_tokens=True).strip()
             assert base[key][prompt] == want
-            assert base[key]["__meta__"] == {"activation": {}}
+            assert base[key]["__meta__"] == {"activation": {}, "config_fingerprint": infer.inference_fingerprint(c)}
             differs += concept[key][prompt] != want
     assert differs > 0  # the concept tokens change some answer
 
@@ -343,3 +343,38 @@ def test_sharded_inference_gives_the_same_answers(setup, run, tmp_path):
             if prompt != "__meta__":
                 assert have[key][prompt] == answer, (key, prompt)
     assert json.load(open(got["reasoning_baseline"])) == json.load(open(written["reasoning_baseline"]))
+
+
+def test_a_rerun_keeps_the_answers_already_written(setup, run, tmp_path, monkeypatch):
+    """reasoning.json is written every write_every images; a rerun with the same settings answers
+    only the images not yet there and ends with the same file as one uninterrupted run."""
+    c, written = run
+    first = infer_config(setup, output_dir=str(tmp_path), write_every=1, **{"data.limit": 1})
+    first.saliency.enabled = False
+    infer.run_inference(first)
+    assert len(json.load(open(tmp_path / "reasoning.json"))) == 1
+    asked = []
+    real_run = infer.Inferencer.run
+    monkeypatch.setattr(infer.Inferencer, "run", lambda self, images, *a, **kw: (asked.extend(images),
+                                                                                  real_run(self, images, *a, **kw))[1])
+    again = infer_config(setup, output_dir=str(tmp_path), write_every=1)
+    again.saliency.enabled = False
+    infer.run_inference(again)
+    assert asked == setup["test_paths"][1:]
+    got, want = json.load(open(tmp_path / "reasoning.json")), json.load(open(written["reasoning"]))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert {p: a for p, a in got[k].items() if p != "__meta__"} == \
+            {p: a for p, a in want[k].items() if p != "__meta__"}
+
+
+def test_saliency_settings_are_checked_before_any_answer(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(infer.Inferencer, "run", lambda *a, **k: pytest.fail("generated before the check"))
+    c = infer_config(setup, output_dir=str(tmp_path), **{"prompt.mode": "structured"})
+    c.saliency.source, c.saliency.prompt_mode = "llava", "natural"
+    with pytest.raises(ValueError, match="saliency.prompt_mode 'natural' is not among the prompt modes"):
+        infer.run_inference(c)
+    c.saliency.source = "llavaa"
+    with pytest.raises(ValueError, match="saliency.source 'llavaa'"):
+        infer.run_inference(c)
+    assert not os.path.exists(tmp_path / "reasoning.json")

@@ -27,26 +27,11 @@ N_STEPS = 12
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     """The demo assets (48 images: 34 train, 7 val, 7 test), built once by one process."""
-    from cgjax.config import load_module
-    from cgjax.train import ensure_demo_assets
-
-    root = str(tmp_path_factory.mktemp("demo_assets"))
-    cfg = load_module(os.path.join(ROOT, "configs", "stageA.py")).get_config("demo")
-    cfg.demo.root = root
-    cfg.demo.n_images = 48
-    ensure_demo_assets(cfg)
-    return root
+    return multiproc.demo_assets(str(tmp_path_factory.mktemp("demo_assets")))
 
 
-def stage_argv(stage: str, workdir: str, root: str, mesh: str, steps: int = N_STEPS, *extra: str) -> list[str]:
-    return [multiproc.TRAIN, "--config", os.path.join(ROOT, "configs", f"stage{stage}.py:preset=demo"),
-            "--workdir", workdir, f"--config.demo.root={root}", "--config.demo.n_images=48",
-            f"--config.num_steps={steps}", "--config.batch_size=8", f"--config.mesh={mesh}",
-            "--config.val.max_examples=8", "--config.val.every_steps=0", "--config.val.no_concept_baseline=True",
-            "--config.val.max_new_tokens=16", "--config.checkpoint.every_steps=100",
-            "--config.log.progress_bar=false", "--config.log.every_steps=1", "--config.log.tensorboard=false",
-            # one persistent compilation cache for every launch here: a relaunch loads its steps
-            f"--config.compile_cache_dir={os.path.join(root, 'jax_cache')}", *extra]
+def stage_argv(*args, **kw):
+    return multiproc.stage_argv(*args, **kw)
 
 
 def final_metrics(log_path: str) -> dict:

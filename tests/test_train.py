@@ -270,7 +270,7 @@ def test_stage_b_in_a_stage_a_workdir_is_refused(assets, run6):
     """Stage B pointed at Stage A's work dir would "resume" Stage A's checkpoint: refused, naming both."""
     wd_a, _ = run6
     before = sorted(os.listdir(wd_a))
-    with pytest.raises(ValueError, match=r"is a Stage A checkpoint; this run is Stage B"):
+    with pytest.raises(ValueError, match=r"stage: work dir .* is Stage A, this run is Stage B"):
         train.train_stage(config(assets, "B", num_steps=8), wd_a)
     assert sorted(os.listdir(wd_a)) == before
 
@@ -338,3 +338,51 @@ def test_a_mistyped_validation_split_is_an_error(assets, tmp_path):
     with pytest.raises(ValueError, match=r"unknown split 'validaton' \(expected one of .*'validation'"):
         train.train_stage(config(assets, **{"data.val_split": "validaton"}), str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(assets, run6, tmp_path, caplog):
+    """The latest step's array data cut in half (a copy or a save killed mid-write): resume warns,
+    sets it aside, restores the step before it and continues with the uninterrupted losses."""
+    import shutil
+
+    wd = str(tmp_path / "wd")
+    shutil.copytree(run6[0], wd)
+    data = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(wd, "checkpoints", "6", "state")) for f in fs]
+    biggest = max(data, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+    out = train.train_stage(config(assets, num_steps=8), wd)
+    assert out["start_step"] == 4 and out["step"] == 8
+    np.testing.assert_array_equal(out["history"][:2], run6[1]["history"][4:6])
+    assert "cannot be restored" in caplog.text and "falling back to step 4" in caplog.text
+    assert any(n.startswith("6.unreadable-") for n in os.listdir(os.path.join(wd, "checkpoints")))
+
+
+def test_resume_and_init_from_refuse_another_base_or_data_set(assets, run6, tmp_path):
+    """provenance.json: a work dir trained on one LLaVA or data set is not resumed, nor used as
+    init_from, with another; the refusal names both sides, accept_mismatch lets it through."""
+    import shutil
+
+    from cgjax import provenance
+
+    prov = provenance.read(run6[0])
+    assert prov["stage"] == "A" and prov["base"]["fingerprint"] == provenance.base_fingerprint(assets["ckpt"])
+    other_base = str(tmp_path / "other_llava")
+    shutil.copytree(assets["ckpt"], other_base)
+    cfg = json.load(open(os.path.join(other_base, "config.json")))
+    cfg["text_config"]["rms_norm_eps"] = 1e-5  # another model, same shapes
+    json.dump(cfg, open(os.path.join(other_base, "config.json"), "w"))
+    wd = str(tmp_path / "wd")
+    shutil.copytree(run6[0], wd)
+    with pytest.raises(provenance.ProvenanceError, match=r"base checkpoint: work dir .* was trained on .*llava.* "
+                                                         r"\(fingerprint [0-9a-f]+\), this run has .*other_llava"):
+        train.train_stage(config(assets, num_steps=8, llava_checkpoint=other_base), wd)
+    other_data = str(tmp_path / "dataset.json")  # the same records, one split renamed: another data set
+    records = json.load(open(assets["dataset_json"]))
+    records[0]["split"] = "test" if records[0].get("split") != "test" else "train"
+    json.dump(records, open(other_data, "w"))
+    with pytest.raises(provenance.ProvenanceError, match=r"data set: config.init_from .* was trained on"):
+        train.train_stage(config(assets, "B", num_steps=1, init_from=run6[0], **{"data.dataset_json": other_data}),
+                          str(tmp_path / "b"))
+    out = train.train_stage(config(assets, num_steps=7, llava_checkpoint=other_base, accept_mismatch=True), wd)
+    assert out["start_step"] == 6
