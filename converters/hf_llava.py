@@ -359,6 +359,15 @@ def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rul
         restored = ckptr.restore(persistence.join(path, "state"))
     else:
         restored = ckptr.restore(persistence.join(path, "state"), target)
+    want = dict(jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+    bad = [(jax.tree_util.keystr(k), tuple(np.shape(got[k])) if k in got else None, tuple(v.shape))
+           for k, v in want.items() if k not in got or tuple(np.shape(got[k])) != tuple(v.shape)]
+    bad += [(jax.tree_util.keystr(k), tuple(np.shape(v)), None) for k, v in got.items() if k not in want]
+    if bad:
+        shown = "; ".join(f"{k}: {s} in the state, {w} by config.json" for k, s, w in bad[:5])
+        raise ValueError(f"{cfg_path} does not match the saved state in {persistence.join(path, 'state')} "
+                         f"({len(bad)} parameter(s)): {shown}")
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(abstract, state)
     abstract.source_dir = path

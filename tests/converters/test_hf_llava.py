@@ -228,3 +228,16 @@ def test_params_only_orbax_base_from_a_bucket(src, model, tmp_path, gcs):
     assert_same_params(got, model)
     local = persistence.localize(url, hf_llava.TOKENIZER_FILES)
     assert sorted(os.listdir(local)) == sorted(n for n in os.listdir(orb) if n in hf_llava.TOKENIZER_FILES)
+
+
+def test_to_hf_refuses_a_config_that_does_not_match_the_state(src, tmp_path):
+    """A config.json with one layer fewer than the saved state: an error naming the parameter, and
+    no HF checkpoint written (it would load in transformers with a layer missing)."""
+    orb, back = str(tmp_path / "orbax"), str(tmp_path / "back")
+    hf_llava.main(["to-orbax", src, orb])
+    cfg = json.load(open(os.path.join(orb, "config.json")))
+    cfg["text_config"]["num_hidden_layers"] -= 1
+    json.dump(cfg, open(os.path.join(orb, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"config.json does not match the saved state .*layers"):
+        hf_llava.main(["to-hf", orb, back])
+    assert not os.path.exists(back)
