@@ -259,6 +259,8 @@ def read_signals_csv(path: str | os.PathLike, *, vocab: Vocabulary | None = None
         raise DataError(path, None, "file not found") from None
     except csv.Error as e:
         raise DataError(path, None, f"CSV error: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, None, f"not UTF-8 text: {e}") from None
     if not rows:
         raise DataError(path, "header", "empty file (no header)")
     header = [h.strip() for h in rows[0]]
@@ -425,9 +427,12 @@ def signals_format(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if path.lower().endswith(".csv"):
         return "csv"
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-    return "keyed" if head.startswith("{") else "original_json"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+    except FileNotFoundError:
+        raise DataError(path, None, "file not found") from None
+    return "keyed" if head.startswith(b"{") else "original_json"
 
 
 def read_signals(path: str | os.PathLike, records: Dataset | Sequence[Record] | Sequence[str] | None = None, *,
