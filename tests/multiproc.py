@@ -163,7 +163,7 @@ class GcsEmulator:
         self.log.close()
 
 
-N_STEPS = 12
+N_STEPS = 8
 
 
 def demo_assets(root: str) -> str:
@@ -183,8 +183,8 @@ def stage_argv(stage: str, workdir: str, root: str, mesh: str, steps: int = N_ST
     return [TRAIN, "--config", os.path.join(ROOT, "configs", f"stage{stage}.py:preset=demo"),
             "--workdir", workdir, f"--config.demo.root={root}", "--config.demo.n_images=48",
             f"--config.num_steps={steps}", "--config.batch_size=8", f"--config.mesh={mesh}",
-            "--config.val.max_examples=8", "--config.val.every_steps=0", "--config.val.no_concept_baseline=True",
-            "--config.val.max_new_tokens=16", "--config.checkpoint.every_steps=100",
+            "--config.val.max_examples=4", "--config.val.every_steps=0", "--config.val.no_concept_baseline=True",
+            "--config.val.max_new_tokens=8", "--config.checkpoint.every_steps=100",
             "--config.log.progress_bar=false", "--config.log.every_steps=1", "--config.log.tensorboard=false",
             # one persistent compilation cache for every launch here: a relaunch loads its steps
             f"--config.compile_cache_dir={os.path.join(root, 'jax_cache')}", *extra]

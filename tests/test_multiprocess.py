@@ -21,7 +21,7 @@ from cgjax import multihost
 pytestmark = pytest.mark.slow
 
 ROOT = multiproc.ROOT
-N_STEPS = 12
+N_STEPS = multiproc.N_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_sigterm_to_one_process_stops_both_and_resume_matches(demo_root, referen
     checkpoint is refused (each process's data position is its own), and the 2-process relaunch
     continues with the losses of the uninterrupted run."""
     wd = str(tmp_path / "run")
-    argv = stage_argv("A", wd, demo_root, "data=2,fsdp=4")
+    argv = stage_argv("A", wd, demo_root, "data=2,fsdp=4", N_STEPS, "--config.val.at_end=false")
     metrics = os.path.join(wd, "metrics.jsonl")
 
     def started() -> bool:
@@ -244,7 +244,8 @@ def test_stageA_in_a_gs_workdir_resumes_from_the_bucket(demo_root, reference_A, 
     from cgjax import persistence
 
     url = f"gs://{gcs.bucket}/runs/stageA"
-    argv = stage_argv("A", url, demo_root, "data=2,fsdp=4", N_STEPS, "--config.log.tensorboard=true")
+    argv = stage_argv("A", url, demo_root, "data=2,fsdp=4", N_STEPS, "--config.log.tensorboard=true",
+                      "--config.val.at_end=false")
     cwd = str(tmp_path / "cwd")
     os.makedirs(cwd)
 
