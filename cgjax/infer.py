@@ -173,8 +173,9 @@ def load_trained_values(stage_workdir: str, index: ConceptIndex | None = None,
     cands += sorted(glob.glob(os.path.join(workdir, "concepts_stage*.json")))
     for p in cands:
         if os.path.isfile(p):
-            with open(p, encoding="utf-8") as f:
-                export_meta = json.load(f)
+            from cgjax.data.schema import read_json
+
+            export_meta = read_json(p)  # a corrupt file: a DataError naming it
             break
     return TrainedValues(values, theirs, step, stage, directory, export_meta)
 

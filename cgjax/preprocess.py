@@ -187,15 +187,15 @@ def llava_preprocess_config(llava_checkpoint: str, vision_image_size: Any, mode:
     """How cgjax preprocesses a LLaVA checkpoint's images (training, inference, export): its
     ``preprocessor_config.json`` (``mode="auto"``), else HF CLIP preprocessing at the tower's
     ``vision_image_size`` (``mode="hf"`` forces that)."""
-    import json
     import os
 
     if mode not in ("auto", "hf"):
         raise ValueError(f"preprocess mode must be auto or hf, got {mode!r}")
     path = os.path.join(llava_checkpoint, "preprocessor_config.json")
     if mode == "auto" and os.path.exists(path):
-        with open(path) as f:
-            return PreprocessConfig.from_hf_image_processor(json.load(f))
+        from cgjax.data.schema import read_json
+
+        return PreprocessConfig.from_hf_image_processor(read_json(path))  # a corrupt file: a DataError naming it
     size = vision_image_size
     return PreprocessConfig(size=tuple(size) if not isinstance(size, int) else size, convention="hf")
 

@@ -132,8 +132,9 @@ def _config_dict(src: Any) -> tuple[dict, str | None]:
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: no config.json next to the checkpoint {path!r}")
-    with open(cfg_path) as f:
-        return json.load(f), folder
+    from cgjax.data.schema import read_json
+
+    return read_json(cfg_path), folder  # a corrupt config.json: a DataError naming it
 
 
 def load(path_or_torch_model: Any, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,

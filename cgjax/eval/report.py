@@ -63,6 +63,7 @@ def _fmt(x: Any, signed: bool = False) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+    """Header cells are escaped here; body cells arrive as HTML, every text in them escaped by the caller."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -424,7 +425,7 @@ def _summary_table(metrics: Mapping[str, Any], dims: Sequence[str]) -> str:
         b = metrics.get(m)
         if not isinstance(b, Mapping):
             continue
-        row = [m, _fmt(b.get("n")), _fmt(b.get("multi_label_all_correct")), _fmt(b.get("coverage")),
+        row = [html.escape(m), _fmt(b.get("n")), _fmt(b.get("multi_label_all_correct")), _fmt(b.get("coverage")),
                _fmt(b.get("json_parse_rate"))]
         for d in dims:
             row += [_fmt((b.get(k) or {}).get(d)) for k in ("accuracy", "macro_f1", "weighted_f1", "coherence")]
@@ -436,7 +437,8 @@ def _comparison_table(metrics: Mapping[str, Any], baseline: Mapping[str, Any]) -
     rows = []
     for mode, metric, dim, c, b, delta in comparison_rows(compare(metrics, baseline)):
         cls = "" if delta is None or delta == 0 else ("pos" if delta > 0 else "neg")
-        rows.append([mode, metric, dim, _fmt(c), _fmt(b), f'<span class="{cls}">{_fmt(delta, True)}</span>'])
+        rows.append([html.escape(str(mode)), html.escape(str(metric)), html.escape(str(dim)), _fmt(c), _fmt(b),
+                     f'<span class="{cls}">{_fmt(delta, True)}</span>'])
     return _table(["mode", "metric", "dimension", "concept model", "baseline", "delta"], rows)
 
 

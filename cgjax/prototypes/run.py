@@ -62,8 +62,11 @@ def make_clip(config: Any, out_dir: str) -> tuple[str, str]:
 
     marker = os.path.join(out_dir, "clip.json")
     if os.path.exists(marker):
-        with open(marker) as fh:
-            m = json.load(fh)
+        from cgjax.data.schema import DataError, read_json
+
+        m = read_json(marker)  # a corrupt file: a DataError naming it
+        if not isinstance(m, dict) or not {"model_name", "checkpoint"} <= set(m):
+            raise DataError(marker, None, "expected {\"model_name\": ..., \"checkpoint\": ...}")
         if os.path.exists(m["checkpoint"]):
             return m["model_name"], m["checkpoint"]
     if config.clip.model_name in ("", "cgjax-tiny-clip"):

@@ -383,8 +383,17 @@ class PrototypeTrainer:
                 raise ValueError(f"{feats.shape[0]} embeddings for {labels.shape[0]} labels")
             batches = epoch_batches(labels.shape[0], cfg.batch_size, cfg.seed, epoch, cfg.drop_last)
             if len(batches):
-                state, terms = self._epoch_fn(state, feats, y, jnp.asarray(batches, jnp.int32), self.mask, k)
+                new_state, terms = self._epoch_fn(state, feats, y, jnp.asarray(batches, jnp.int32), self.mask, k)
                 terms = jax.device_get(terms)
+                bad = [name for name in ("loss",) if not np.isfinite(terms[name][terms["active"]]).all()]
+                bad += [name for name in ("protos", "ema") if not np.isfinite(np.asarray(new_state[name])).all()]
+                if bad:  # the same guard as the concept stages: nothing non-finite is kept or saved
+                    last = mngr.latest_step() if mngr is not None else None
+                    if mngr is not None:
+                        mngr.close()
+                    raise FloatingPointError(f"prototype training: non-finite {', '.join(bad)} in epoch {epoch + 1}; "
+                                             f"stopped. The last good checkpoint is epoch {last} in {ckpt_dir}")
+                state = new_state
             else:
                 terms = None
             state = dict(state, epoch=jnp.asarray(epoch + 1, jnp.int32))

@@ -79,3 +79,19 @@ def test_a_corrupt_file_reads_or_names_itself(files, tmp_path, kind, how):
     finally:
         shutil.rmtree(str(tmp_path), ignore_errors=True)
         os.makedirs(str(tmp_path), exist_ok=True)
+
+
+def test_corrupt_sidecar_files_name_themselves(tmp_path):
+    """concepts_stage*.json, a checkpoint's config.json and preprocessor_config.json, clip.json."""
+    from converters import hf_llava
+    from cgjax.preprocess import llava_preprocess_config
+    from cgjax.prototypes.run import make_clip
+
+    for name in ("config.json", "preprocessor_config.json", "clip.json"):
+        (tmp_path / name).write_text('{"vision_config": ')
+    with pytest.raises(DataError, match=f"{tmp_path / 'config.json'}: line 1 column"):
+        hf_llava._config_dict(str(tmp_path))
+    with pytest.raises(DataError, match="preprocessor_config.json: line 1"):
+        llava_preprocess_config(str(tmp_path), 32)
+    with pytest.raises(DataError, match="clip.json: line 1"):
+        make_clip(None, str(tmp_path))

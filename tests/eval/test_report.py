@@ -117,3 +117,16 @@ def test_concept_graph_png(demo_reasoning, tmp_path, layout):
     assert Image.open(empty).format == "PNG"
     with pytest.raises(ValueError):
         draw_concept_graph(demo_reasoning["reasoning"], tmp_path / "bad.png", layout="hexagonal")
+
+
+def test_every_table_cell_is_escaped():
+    """Dimension and mode names come from the user's data: markup in them is shown, not run."""
+    from cgjax.eval.report import _comparison_table, _summary_table
+
+    d = "<img src=x onerror=alert(1)>"
+    c = {"dimensions": [d], "natural": {"accuracy": {d: 0.8}, "macro_f1": {d: 0.7}, "n": 3,
+                                        "multi_label_all_correct": 0.5, "coverage": 0.4}}
+    b = {"dimensions": [d], "natural": {"accuracy": {d: 0.5}, "macro_f1": {d: 0.2}, "n": 3,
+                                        "multi_label_all_correct": 0.1, "coverage": 0.4}}
+    for html_text in (_comparison_table(c, b), _summary_table(c, [d])):
+        assert "<img" not in html_text and "&lt;img src=x onerror=alert(1)&gt;" in html_text

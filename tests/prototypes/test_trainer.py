@@ -152,3 +152,18 @@ def test_resume_equals_uninterrupted(tmp_path, hard):
     t3 = PrototypeTrainer(cfg, ["a", "b"], p, mask, {"idx_to_concept": {"a": list("VWXYZ"), "b": list("pqr")}})
     with pytest.raises(ValueError, match="idx_to_concept"):
         t3.train(f, y, ckpt_dir=str(tmp_path / "part"))
+
+
+def test_non_finite_epoch_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A NaN embedding in epoch 2 (a corrupt image's features): the run stops before saving it;
+    epoch 1's checkpoint stays the latest, with finite prototypes."""
+    f, y, p, mask = _train_data()
+    bad = f.copy()
+    bad[3] = np.nan
+    cfg = TrainerConfig(epochs=2, negatives_k=2)
+    tr = PrototypeTrainer(cfg, ["a", "b"], p, mask, {"idx_to_concept": {"a": list("vwxyz"), "b": list("pqr")}})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss.* in epoch 2.*last good checkpoint is epoch 1"):
+        tr.train(lambda epoch: f if epoch == 0 else bad, y, ckpt_dir=str(tmp_path / "ck"))
+    t2 = PrototypeTrainer(cfg, ["a", "b"], p, mask, {"idx_to_concept": {"a": list("vwxyz"), "b": list("pqr")}})
+    state, _ = t2.restore(t2._manager(str(tmp_path / "ck")))
+    assert int(state["epoch"]) == 1 and np.isfinite(np.asarray(state["protos"])).all()
