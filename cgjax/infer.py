@@ -17,9 +17,9 @@ schema (indent 4, sorted keys, written atomically)::
 
 Prompt modes: ``structured`` (the original's JSON prompt; keys = the data set's dimensions +
 ``evidence``; sentinels configurable), ``natural`` (the original's prose prompt), ``stageA``
-(``text.STAGE_A_PROMPT``), ``stageB`` (``text.stage_b_prompt`` of the image's labels and the
-seed, as in training; an image without labels hashes empty labels), ``both`` = structured +
-natural, ``all`` = the four; or a comma-separated list.
+(``text.STAGE_A_PROMPT``), ``stageB`` (one of the original's Stage B variants, chosen by the md5 of
+the image's key (its path) and the seed: never from its labels, so the question does not carry the
+answer), ``both`` = structured + natural, ``all`` = the four; or a comma-separated list.
 
 Signals: from the prototype head (CLIP tower + prototypes), post-processed exactly as the exported
 training signals (the export's ``normalize`` / ``temperature`` / ``clip``, read from the keyed
@@ -392,7 +392,8 @@ class Inferencer:
         """Prompt ids (image block included), ending at ``ASSISTANT:``."""
         return text.encode(self.tokenizer, prompt, self.model.n_image_block, self.image_token_id).input_ids
 
-    def prompt(self, mode: str, labels: Mapping[str, str | None] | None = None) -> str:
+    def prompt(self, mode: str, key: str = "") -> str:
+        """The prompt of ``mode`` for the image ``key``; nothing about the image's labels."""
         if mode == "structured":
             return structured_prompt(self.dims, self.sentinels)
         if mode == "natural":
@@ -400,8 +401,7 @@ class Inferencer:
         if mode == "stageA":
             return text.STAGE_A_PROMPT
         if mode == "stageB":
-            labels = labels or {}
-            return text.stage_b_prompt([labels.get(d) or "" for d in self.dims], self.prompt_seed)
+            return text.stage_b_prompt_for_image(key, self.prompt_seed)
         raise ValueError(f"unknown prompt mode {mode!r}")
 
     # -- images and signals ----------------------------------------------------------------------
@@ -530,25 +530,24 @@ class Inferencer:
 
     # -- answering -------------------------------------------------------------------------------
     def run(self, images: Sequence[Any], prompt_mode: str | Sequence[str] = "both", *,
-            keys: Sequence[str] | None = None, labels: Sequence[Mapping[str, str | None]] | None = None, scores: Any = None,
+            keys: Sequence[str] | None = None, scores: Any = None,
             concepts: bool = True, baseline: bool = False, chunk: int = 0) -> dict[str, Any]:
         """Answer ``images`` (paths or PIL images). Returns ``{"reasoning": {key: entry},
         "baseline": {key: entry} (with ``baseline``), "ids": {(key, mode): generated ids},
         "prompts": {(key, mode): prompt}, "scores": {key: [n_concepts]}}``. ``scores`` overrides
-        the signals (``[N, n_concepts]``); ``labels`` feed the Stage B prompt hash; images are
+        the signals (``[N, n_concepts]``); the Stage B prompt is chosen from each key; images are
         processed ``chunk`` at a time (default: the batch size)."""
         modes = prompt_modes(prompt_mode)
         images = list(images)
         keys = list(keys) if keys is not None else [image_key(im, i) for i, im in enumerate(images)]
         if len(set(keys)) != len(keys):
             raise ValueError("image keys must be unique")
-        labels = list(labels) if labels is not None else [{} for _ in images]
         out: dict[str, Any] = {"reasoning": {}, "ids": {}, "prompts": {}, "scores": {}}
         if baseline:
             out["baseline"] = {}
         chunk = int(chunk) if chunk and chunk > 0 else self.batch_size
         for c0 in range(0, len(images), chunk):
-            ims, ks, labs = images[c0:c0 + chunk], keys[c0:c0 + chunk], labels[c0:c0 + chunk]
+            ims, ks = images[c0:c0 + chunk], keys[c0:c0 + chunk]
             px = self.pixels(ims)
             sc = (np.asarray(scores[c0:c0 + chunk], np.float32) if scores is not None else self.scores(ims, ks))
             if sc.shape != (len(ims), self.index.n_concepts):
@@ -561,7 +560,7 @@ class Inferencer:
                 if baseline:
                     out["baseline"][k] = {"__meta__": {"activation": {}}}
             for mode in modes:
-                prompts = [self.prompt(mode, lab) for lab in labs]
+                prompts = [self.prompt(mode, k) for k in ks]
                 for k, p in zip(ks, prompts):
                     out["prompts"][(k, mode)] = p
                 runs = ([("reasoning", True)] if concepts else []) + ([("baseline", False)] if baseline else [])
@@ -574,13 +573,12 @@ class Inferencer:
         return out
 
     def answer(self, images: Sequence[Any], prompt_mode: str | Sequence[str] = "both", *, use_concepts: bool = True,
-               keys: Sequence[str] | None = None, labels: Sequence[Mapping[str, str | None]] | None = None,
-               scores: Any = None) -> list[dict]:
+               keys: Sequence[str] | None = None, scores: Any = None) -> list[dict]:
         """One reasoning.json entry per image (``{"__meta__": ..., prompt: answer}``), in order;
         ``use_concepts=False``: the no-concept baseline (``"activation": {}``)."""
         images = list(images)
         keys = list(keys) if keys is not None else [image_key(im, i) for i, im in enumerate(images)]
-        res = self.run(images, prompt_mode, keys=keys, labels=labels, scores=scores, concepts=use_concepts,
+        res = self.run(images, prompt_mode, keys=keys, scores=scores, concepts=use_concepts,
                        baseline=not use_concepts)
         table = res["reasoning"] if use_concepts else res["baseline"]
         return [table[k] for k in keys]
@@ -787,7 +785,7 @@ def run_inference(config) -> dict[str, str]:
     for start in range(0, len(todo), every):
         idx = todo[start:start + every]
         part = inf.run([paths[i] for i in idx], c.prompt.mode, keys=[paths[i] for i in idx],
-                       labels=[records[i].labels for i in idx], baseline=bool(c.baseline))
+                       baseline=bool(c.baseline))  # no labels: the prompts never depend on them
         for name, into in (("reasoning", reasoning), ("baseline", baseline)):
             for k, entry in part.get(name, {}).items():
                 entry["__meta__"]["config_fingerprint"] = fingerprint

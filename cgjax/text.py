@@ -44,6 +44,13 @@ def stage_b_prompt(labels: Sequence[str], seed: int, weights: Sequence[float] = 
     return STAGE_B_PROMPTS[int(min(np.searchsorted(cum, u, side="left"), len(STAGE_B_PROMPTS) - 1))]
 
 
+def stage_b_prompt_for_image(image_path: str, seed: int, weights: Sequence[float] = STAGE_B_WEIGHTS) -> str:
+    """The Stage B prompt for answering an image (inference, validation generation): the
+    original's md5 choice over the image's path instead of its labels, so the question never
+    carries the answer. Training rows keep :func:`stage_b_prompt` (the original's targets)."""
+    return stage_b_prompt([str(image_path)], seed, weights)
+
+
 def conversation(prompt: str) -> tuple[str, str]:
     """Text before and after ``<image>`` of the ``llava_v1`` prompt (ends with ``ASSISTANT:``)."""
     return f"{SYSTEM} USER: ", f"\n{prompt} ASSISTANT:"

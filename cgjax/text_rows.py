@@ -67,7 +67,9 @@ class TextRows:
                 reason = text.truncate_tokens(self.tokenizer, ex["target_reason"].strip(), self.max_reason_tokens)
             row = text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id, keys, reason,
                               add_eos=self.add_eos)
-            prompt_row = (text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id)
+            # the generation prompt never depends on the labels (Stage B: chosen from the image path)
+            ask = prompt if self.stage == "A" else text.stage_b_prompt_for_image(ex["image_path"], self.prompt_seed)
+            prompt_row = (text.encode(self.tokenizer, ask, self.n_image_block, self.image_token_id)
                           if self.with_prompt else None)
         if len(row.input_ids) > self.length:
             raise ValueError(f"image {ex['image_path']!r}: its row has {len(row.input_ids) - self.n_image_block} text "

@@ -222,16 +222,15 @@ def test_answer_stage_prompts_and_pil(setup, inferencer):
     from PIL import Image
 
     paths = setup["test_paths"][:2]
-    labels = [r.labels for r in setup["test"][:2]]
     pil = Image.open(paths[1]).convert("RGB")
-    entries = inferencer.answer([paths[0], pil], "stageA,stageB", labels=labels)
+    entries = inferencer.answer([paths[0], pil], "stageA,stageB", keys=paths)
     assert len(entries) == 2
-    for entry, lab in zip(entries, labels):
-        want_b = text.stage_b_prompt([lab[d] for d in DIMS], 42)
+    for entry, key in zip(entries, paths):
+        want_b = text.stage_b_prompt_for_image(key, 42)  # from the image's path, never its labels
         assert set(entry) == {"__meta__", text.STAGE_A_PROMPT, want_b}
         assert set(entry["__meta__"]["activation"]) == set(DIMS)
     # a PIL image and its file give the same signals and answers
-    again = inferencer.answer([paths[1]], "stageA", labels=labels[1:])[0]
+    again = inferencer.answer([paths[1]], "stageA")[0]
     assert again[text.STAGE_A_PROMPT] == entries[1][text.STAGE_A_PROMPT]
     assert again["__meta__"] == entries[1]["__meta__"]
     base = inferencer.answer([paths[0]], "structured", use_concepts=False)[0]
@@ -378,3 +377,26 @@ def test_saliency_settings_are_checked_before_any_answer(setup, tmp_path, monkey
     with pytest.raises(ValueError, match="saliency.source 'llavaa'"):
         infer.run_inference(c)
     assert not os.path.exists(tmp_path / "reasoning.json")
+
+
+def test_answers_do_not_depend_on_the_ground_truth(setup, tmp_path):
+    """The ground-truth labels of the test records permuted: every generated answer (Stage B
+    prompts included) is byte-identical."""
+    import random
+
+    records = json.load(open(setup["dataset_json"]))
+    test = [i for i, r in enumerate(records) if r.get("split") == "test"]
+    labels = [records[i].get("concepts") for i in test]
+    random.Random(0).shuffle(labels)
+    labels = labels[1:] + labels[:1]  # every record gets another's labels
+    for i, lab in zip(test, labels):
+        records[i]["concepts"] = lab
+    permuted = tmp_path / "dataset.json"
+    json.dump(records, open(permuted, "w"))
+    got = {}
+    for name, dataset_json in (("true", setup["dataset_json"]), ("permuted", str(permuted))):
+        c = infer_config(setup, output_dir=str(tmp_path / name), **{"prompt.mode": "stageB,structured",
+                                                                    "data.dataset_json": dataset_json})
+        c.saliency.enabled = False
+        got[name] = open(infer.run_inference(c)["reasoning"]).read()
+    assert got["true"] == got["permuted"]
