@@ -218,10 +218,14 @@ def test_sigterm_saves_and_exits(assets, run6, tmp_path):
     test_sigterm_saves_and_exits.values2 = values
 
 
-def test_nan_loss_stops_with_last_good_checkpoint(assets, tmp_path):
+@pytest.mark.parametrize("fault, message", [("debug.nan_at_step", r"non-finite loss nan at step 3"),
+                                             ("debug.nan_grad_at_step", r"non-finite gradient \(norm\) nan at step 3")])
+def test_nan_loss_or_gradient_stops_with_last_good_checkpoint(assets, tmp_path, fault, message):
+    """A NaN loss, or a NaN in the gradients with a finite loss, is not applied nor accumulated:
+    the run stops, and the last good checkpoint stays the latest (the uninterrupted run's step 2)."""
     wd = str(tmp_path)
-    with pytest.raises(FloatingPointError, match="step 3"):
-        train.train_stage(config(assets, **{"debug.nan_at_step": 3}), wd)
+    with pytest.raises(FloatingPointError, match=message):
+        train.train_stage(config(assets, **{fault: 3}), wd)
     step, values, _, steps = _checkpoint_values(wd)
     assert step == 2 and steps == [2] and np.isfinite(values).all()
     ref = getattr(test_sigterm_saves_and_exits, "values2", None)
@@ -318,20 +322,6 @@ def test_packed_arrayrecord_set_trains_like_the_files(assets, run6, tmp_path):
     c.data.dataset_json = str(tmp_path / "not-read.json")  # the packed set is all the trainer reads
     out = train.train_stage(c, str(tmp_path / "wd"))
     np.testing.assert_allclose(out["history"], run6[1]["history"], rtol=1e-6)
-
-
-def test_nan_gradient_stops_like_a_nan_loss(assets, run6, tmp_path):
-    """A NaN in the gradients (finite loss) is not applied nor accumulated: the run stops, the last
-    good checkpoint stays the latest and equals the uninterrupted run's at that step."""
-    wd = str(tmp_path)
-    with pytest.raises(FloatingPointError, match=r"non-finite gradient \(norm\) nan at step 3"):
-        train.train_stage(config(assets, **{"debug.nan_grad_at_step": 3}), wd)
-    step, values, _, steps = _checkpoint_values(wd)
-    assert step == 2 and steps == [2] and np.isfinite(values).all()
-    ref = getattr(test_sigterm_saves_and_exits, "values2", None)
-    if ref is not None:  # the same two steps as the SIGTERM run
-        np.testing.assert_array_equal(values, ref)
-    assert not os.path.exists(os.path.join(wd, "concepts_stageA.pt"))
 
 
 def test_a_mistyped_validation_split_is_an_error(assets, tmp_path):
