@@ -20,7 +20,7 @@ import numpy as np
 from cgjax.data.records import (check_image_file, raw_image_paths, read_dataset_json, read_targets_csv,
                                 resolve_image)
 from cgjax.data.schema import (DataError, Dataset, ProblemLog, Record, TargetRow, Vocabulary, load_vocab,
-                               log)
+                               log, read_input_bytes)
 from cgjax.data.signals import Signals, read_signals, signals_format
 
 
@@ -141,8 +141,7 @@ def read_image_bytes(path: str, check: bool = True) -> bytes:
         msg = check_image_file(path)
         if msg:
             raise DataError(path, None, msg)
-    with open(path, "rb") as f:
-        return f.read()
+    return read_input_bytes(path)  # a local file or a URL (gs://)
 
 
 def make_example(data: LoadedData, i: int, image_bytes: bytes | None = None) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from PIL import Image
 
 from cgjax.data.schema import (DEFAULT_DIMENSIONS, MISSING_LABELS, SCHEMA_VERSION, UNKNOWN, DataError,
                                Dataset, ProblemLog, Record, TargetRow, Targets, Vocabulary, normalize_label,
-                               normalize_split, read_json, write_atomic, write_json_atomic)
+                               input_dir, input_exists, normalize_split, read_input_bytes, read_json,
+                               write_atomic, write_json_atomic)
 
 TARGET_COLUMNS = ("target_keys", "target_reason")
 _RECORD_KEYS = ("image", "concepts", "title", "date", "split", "schema_version")
@@ -62,12 +63,12 @@ def resolve_image(images_root: str | os.PathLike | None, image: str) -> str:
 def check_image_file(path: str, decode: bool = True) -> str | None:
     """None if ``path`` is a readable image (or, with ``decode=False``, an existing file), else a
     message saying what is wrong."""
-    if not os.path.exists(path):
+    if not input_exists(path):
         return f"image file not found: {path}"
     if not decode:
         return None
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(read_input_bytes(path))) as im:
             im.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         return f"unreadable image {path}: {type(e).__name__}: {e}"
@@ -92,7 +93,7 @@ def read_dataset_json(path: str | os.PathLike, images_root: str | os.PathLike | 
     naming the file and row, or with ``skip_bad`` is logged, skipped and listed in ``.skipped``.
     """
     path = os.fspath(path)
-    images_root = os.path.dirname(os.path.abspath(path)) if images_root is None else os.fspath(images_root)
+    images_root = input_dir(path) if images_root is None else os.fspath(images_root)
     dims = tuple(DEFAULT_DIMENSIONS if dimensions is None else dimensions)
     missing = frozenset(missing_labels)
     data = read_json(path)
@@ -125,7 +126,7 @@ def raw_image_paths(path: str | os.PathLike, images_root: str | os.PathLike | No
     bad records are skipped.
     """
     path = os.fspath(path)
-    images_root = os.path.dirname(os.path.abspath(path)) if images_root is None else os.fspath(images_root)
+    images_root = input_dir(path) if images_root is None else os.fspath(images_root)
     data = read_json(path)
     if not isinstance(data, list):
         raise DataError(path, None, f"expected a JSON list of records, got {type(data).__name__}")
@@ -265,10 +266,9 @@ def read_targets_csv(path: str | os.PathLike, images_root: str | os.PathLike | N
     and a well-formed ``target_keys`` block; ``target_reason`` may be empty or absent.
     """
     path = os.fspath(path)
-    images_root = os.path.dirname(os.path.abspath(path)) if images_root is None else os.fspath(images_root)
+    images_root = input_dir(path) if images_root is None else os.fspath(images_root)
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
+        text = read_input_bytes(path).decode("utf-8-sig")
     except FileNotFoundError:
         raise DataError(path, None, "file not found") from None
     except UnicodeDecodeError as e:

@@ -247,10 +247,35 @@ def check_schema_version(obj: Mapping[str, Any], file: str | None) -> None:
 # file helpers
 
 
+def read_input_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of an input file on a local disk or at a URL (``gs://...``, through etils.epath)."""
+    path = os.fspath(path)
+    if "://" in path:
+        from cgjax import persistence
+
+        return persistence.Path(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def input_exists(path: str | os.PathLike) -> bool:
+    path = os.fspath(path)
+    if "://" in path:
+        from cgjax import persistence
+
+        return persistence.exists(path)
+    return os.path.exists(path)
+
+
+def input_dir(path: str | os.PathLike) -> str:
+    """The folder of an input file (its URL prefix for ``gs://...``): the default images root."""
+    path = os.fspath(path)
+    return path.rsplit("/", 1)[0] if "://" in path else os.path.dirname(os.path.abspath(path))
+
+
 def read_json(path: str | os.PathLike) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_input_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         raise DataError(path, None, "file not found") from None
     except json.JSONDecodeError as e:

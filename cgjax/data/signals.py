@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cgjax.data.schema import (DEFAULT_DIMENSIONS, SCHEMA_VERSION, UNKNOWN, DataError, Dataset, ProblemLog,
-                               Record, Vocabulary, check_schema_version, read_json, write_atomic,
+                               Record, Vocabulary, check_schema_version, input_exists, read_input_bytes,
+                               read_json, write_atomic,
                                write_json_atomic)
 from cgjax.data.records import normalize_image_path
 
@@ -253,8 +254,7 @@ def read_signals_csv(path: str | os.PathLike, *, vocab: Vocabulary | None = None
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.reader(f))
+        rows = list(csv.reader(io.StringIO(read_input_bytes(path).decode("utf-8-sig"), newline="")))
     except FileNotFoundError:
         raise DataError(path, None, "file not found") from None
     except csv.Error as e:
@@ -428,8 +428,7 @@ def signals_format(path: str | os.PathLike) -> str:
     if path.lower().endswith(".csv"):
         return "csv"
     try:
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
+        head = read_input_bytes(path)[:4096].lstrip()
     except FileNotFoundError:
         raise DataError(path, None, "file not found") from None
     return "keyed" if head.startswith(b"{") else "original_json"
@@ -443,7 +442,7 @@ def read_signals(path: str | os.PathLike, records: Dataset | Sequence[Record] | 
     ``images_root`` (default: the ``Dataset``'s) normalises the image paths of CSV / keyed files.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not input_exists(path):
         raise DataError(path, None, "file not found")
     fmt = signals_format(path)
     root = images_root if images_root is not None else (records.images_root if isinstance(records, Dataset) else None)

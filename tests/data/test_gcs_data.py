@@ -1,0 +1,52 @@
+"""A data set in a bucket (``gs://``, on the local GCS-compatible server): the dataset JSON, targets
+CSV, signals and images read from it give the same records, examples and batches as the folder."""
+import os
+
+import numpy as np
+
+from cgjax import persistence
+from cgjax.data.examples import load_data, make_example
+from cgjax.data.pipeline import image_dataset, split_sources
+from cgjax.data.schema import DataError
+
+DIMS = ("artist", "style", "genre")
+
+
+def test_a_data_set_in_a_bucket_reads_like_the_folder(demo, gcs, tmp_path):
+    from cgjax import train
+
+    signals = str(tmp_path / "signals.keyed.json")
+    train.write_label_signals(demo["dataset_json"], demo["images_root"], signals, dims=DIMS)
+    url = f"gs://{gcs.bucket}/data/demo"
+    persistence.upload_tree(demo["dir"], url)
+    persistence.upload_tree(str(tmp_path), url + "/sig")
+    rel = os.path.relpath(demo["dataset_json"], demo["dir"])
+    root_rel = os.path.relpath(demo["images_root"], demo["dir"])
+    kw = dict(dimensions=DIMS)
+    local = load_data(demo["dataset_json"], demo["images_root"], targets_csv=demo["targets_csv"], signals=signals, **kw)
+    remote = load_data(f"{url}/{rel}", f"{url}/{root_rel}", targets_csv=f"{url}/{os.path.basename(demo['targets_csv'])}",
+                       signals=url + "/sig/signals.keyed.json", **kw)
+    assert [r.image for r in remote.records] == [r.image for r in local.records]
+    assert remote.targets == local.targets
+    np.testing.assert_array_equal(remote.signals.scores["artist"], local.signals.scores["artist"])
+    for i in (0, 5):
+        a, b = make_example(local, i), make_example(remote, i)
+        assert a["image"] == b["image"] and a["labels"] == b["labels"]
+    src_l, = split_sources(demo["dataset_json"], demo["images_root"], splits=("train",), **kw)
+    src_r, = split_sources(f"{url}/{rel}", f"{url}/{root_rel}", splits=("train",), **kw)
+    from cgjax.preprocess import PreprocessConfig
+
+    cfg = PreprocessConfig(size=32)
+    bl = next(iter(image_dataset(src_l, cfg, 4, shuffle=False, shard_index=0, shard_count=1)))
+    br = next(iter(image_dataset(src_r, cfg, 4, shuffle=False, shard_index=0, shard_count=1)))
+    np.testing.assert_array_equal(bl["pixel_values"], br["pixel_values"])
+
+
+def test_a_missing_object_is_named(gcs):
+    url = f"gs://{gcs.bucket}/nothing/dataset.json"
+    try:
+        load_data(url, dimensions=DIMS)
+    except DataError as e:
+        assert url in str(e) and "not found" in str(e)
+    else:
+        raise AssertionError("no error for a missing object")
