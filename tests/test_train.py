@@ -113,9 +113,12 @@ def test_text_rows_and_collate(assets):
     assert (a["segment_ids"] == SEGMENT_REASON).sum() == 0
     n_reason = int((b["segment_ids"] == SEGMENT_REASON).sum())
     assert 1 < n_reason <= 10 + 2  # "\n" + at most 10 reason tokens + EOS
-    want = text.stage_b_prompt(["teodor-lindqvist", "Impasto_Dabs", "landscape"], 42)
-    np.testing.assert_array_equal(b["prompt_ids"][b["prompt_mask"] > 0],
-                                  text.encode(tok, want, 7, img).input_ids)  # the hashed Stage B prompt
+    # the generation prompt (validation) is chosen from the image path, never from the labels
+    want = text.stage_b_prompt_for_image("x.png", 42)
+    np.testing.assert_array_equal(b["prompt_ids"][b["prompt_mask"] > 0], text.encode(tok, want, 7, img).input_ids)
+    relabelled = dict(ex, labels={"artist": 0, "style": 0, "genre": 0})
+    np.testing.assert_array_equal(train.TextRows(stage="B", with_prompt=True, **kw)(relabelled)["prompt_ids"],
+                                  b["prompt_ids"])
     assert b["prompt_mask"][0] == 0 and b["prompt_mask"][-1] == 1  # left padded inference prompt
     batch = train.Collate(3)([a, a])
     assert batch["input_ids"].shape == (3, 200) and batch["valid"].tolist() == [1, 1, 0]
