@@ -352,7 +352,10 @@ class Inferencer:
         if gating_from_stage:
             g.update((tv.export_meta or {}).get("gating") or {})
         gcfg = _gating_config(tv.index, g)
-        tokenizer = AutoTokenizer.from_pretrained(llava_checkpoint)
+        from cgjax import persistence
+
+        base_files = persistence.localize(llava_checkpoint, hf_llava.TOKENIZER_FILES)  # local for a gs:// base
+        tokenizer = AutoTokenizer.from_pretrained(base_files)
         rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
         llava = hf_llava.load_any(llava_checkpoint, dtype=_dtype(param_dtype or dtype), compute_dtype=_dtype(dtype),
                                   mesh=mesh, rules_table=rules)
@@ -363,7 +366,7 @@ class Inferencer:
         model.concepts.values.set_value(jnp.asarray(tv.values))
         if mesh is not None:
             sharding.shard_model(model, mesh, rules)
-        pp = llava_preprocess(llava_checkpoint, llava.config, preprocess)
+        pp = llava_preprocess(base_files, llava.config, preprocess)
 
         head, sig, settings = None, None, {}
         if signals:
@@ -738,6 +741,14 @@ def run_inference(config) -> dict[str, str]:
     if missing:
         raise FileNotFoundError(f"{c.data.dataset_json}: {len(missing)} image(s) not found, e.g. {missing[0]}")
 
+    s = c.saliency
+    want_saliency = bool(s.enabled) and int(s.n_images) != 0
+    if want_saliency:  # checked before the model is loaded
+        if s.source not in ("prototype", "llava", "both"):
+            raise ValueError(f"saliency.source {s.source!r}: expected prototype, llava or both")
+        if s.source == "llava" and s.prompt_mode not in prompt_modes(c.prompt.mode):
+            raise ValueError(f"saliency.prompt_mode {s.prompt_mode!r} is not among the prompt modes "
+                             f"{prompt_modes(c.prompt.mode)} (prompt.mode={c.prompt.mode!r})")
     mesh = sharding.make_mesh(sharding.parse_mesh(c.mesh)) if c.get("mesh") else None
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in c.get("sharding_rules",
                                                                                  sharding.DEFAULT_RULES))
@@ -755,14 +766,6 @@ def run_inference(config) -> dict[str, str]:
         max_new_tokens=int(c.generation.max_new_tokens), temperature=float(c.generation.temperature),
         top_p=float(c.generation.top_p), seed=int(c.seed), sentinels=(c.prompt.sentinel_start, c.prompt.sentinel_end),
         prompt_seed=int(c.prompt.stage_b_seed), mesh=mesh, rules=rules, accept_mismatch=bool(c.accept_mismatch))
-    s = c.saliency
-    want_saliency = bool(s.enabled) and int(s.n_images) != 0
-    if want_saliency:  # checked before any answer is generated
-        if s.source not in ("prototype", "llava", "both"):
-            raise ValueError(f"saliency.source {s.source!r}: expected prototype, llava or both")
-        if s.source == "llava" and s.prompt_mode not in prompt_modes(c.prompt.mode):
-            raise ValueError(f"saliency.prompt_mode {s.prompt_mode!r} is not among the prompt modes "
-                             f"{prompt_modes(c.prompt.mode)} (prompt.mode={c.prompt.mode!r})")
 
     # answers already in reasoning.json under the same inference settings are kept, not recomputed
     fingerprint = inference_fingerprint(c)

@@ -89,7 +89,8 @@ def write_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.replace(tmp, path)
         else:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_bytes(open(tmp, "rb").read())
+            with open(tmp, "rb") as f:
+                Path(path).write_bytes(f.read())
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -115,7 +116,8 @@ def upload_tree(local_dir: str, dest: str | os.PathLike) -> None:
             target = join(dest, *(p for p in rel.split(os.sep) if p not in ("", ".")), name)
             if is_url(dest):
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
-                Path(target).write_bytes(open(os.path.join(root, name), "rb").read())
+                with open(os.path.join(root, name), "rb") as f:
+                    Path(target).write_bytes(f.read())
             else:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 shutil.copyfile(os.path.join(root, name), target)
@@ -154,7 +156,7 @@ def check_reachable(path: str | os.PathLike, timeout_s: float = 20.0, *, write: 
         raise OSError(f"{path}: cannot be opened for writing: {type(e).__name__}: {e}") from e
 
 
-def remove_lines_after(path: str | os.PathLike, keep: Callable[[str], bool]) -> None:
+def keep_lines(path: str | os.PathLike, keep: Callable[[str], bool]) -> None:
     """Rewrite a line file keeping the lines ``keep(line)`` accepts (absent file: nothing)."""
     if not exists(path):
         return

@@ -26,9 +26,11 @@ class ProvenanceError(ValueError):
 
 
 def _hash_files(paths: Iterable[str], h) -> None:
+    from cgjax.data.schema import read_input_bytes
+
     for p in paths:
         h.update(os.path.basename(p).encode())
-        h.update(persistence.Path(p).read_bytes() if persistence.is_url(p) else open(p, "rb").read())
+        h.update(read_input_bytes(p))
 
 
 def _walk(path, rel: str = ""):

@@ -585,11 +585,7 @@ class Trainer:
                            "topk_per_dim": g.topk_per_dim, "max_concepts": g.max_concepts,
                            "priority": [self.index.dims[i] for i in (g.priority or ())]},
                 "llava_checkpoint": persistence.resolve(self.config.llava_checkpoint)}
-        def write_json(p):
-            with open(p, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2)
-
-        persistence.write_file(base + ".json", write_json)
+        persistence.write_text(base + ".json", json.dumps(meta, indent=2))
         return base + ".pt", base + ".json"
 
 
@@ -608,6 +604,17 @@ def load_trained_model(config, workdir: str) -> ConceptLlava:
     got, _ = checkpoints.restore(mngr, step, state)
     mngr.close()
     return trainer.model(got["params"])
+
+
+def _has_checkpoints(directory: str, config) -> bool:
+    """Whether ``directory`` holds a checkpoint step (read-only: nothing is created)."""
+    if not persistence.isdir(directory):
+        return False
+    mngr = checkpoints.manager(directory, config, read_only=True)
+    try:
+        return mngr.latest_step() is not None
+    finally:
+        mngr.close()
 
 
 def _resolve_init_dir(path: str) -> str:
@@ -659,9 +666,10 @@ def _init_from(trainer: Trainer, state, config):
 
 class _Logs:
     """``metrics.jsonl`` (+ TensorBoard) of process 0. A local work dir gets each row at once; on an
-    object store rows are buffered and the object rewritten at :meth:`flush` (checkpoints, the end),
-    and TensorBoard writes to a local folder uploaded at :meth:`close`. Resuming from step ``s``
-    first drops the rows past ``s`` that the interrupted run had logged, so no step appears twice."""
+    object store rows are buffered and the object rewritten at :meth:`flush` (every
+    ``log.every_steps``, before a checkpoint, at the end), and TensorBoard writes to a local folder
+    uploaded at :meth:`close`. Resuming from step ``s`` first drops the rows past ``s`` that the
+    interrupted run had logged (and a row a kill cut in half), so no step appears twice."""
 
     def __init__(self, workdir: str, enabled: bool, tensorboard: bool, resume_step: int | None = None):
         self.enabled = enabled
@@ -673,8 +681,7 @@ class _Logs:
         if not enabled:
             return
         if resume_step is not None:
-            persistence.remove_lines_after(self.path, lambda ln: not ln.strip()
-                                           or json.loads(ln).get("step", 0) <= resume_step)
+            persistence.keep_lines(self.path, lambda ln: _row_step(ln) is not None and _row_step(ln) <= resume_step)
         elif persistence.exists(self.path):
             persistence.write_text(self.path, "")  # a fresh run: no rows of an earlier one
         if tensorboard:
@@ -712,6 +719,14 @@ class _Logs:
                 shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
+def _row_step(line: str) -> int | None:
+    """The step of a ``metrics.jsonl`` line; None for a blank or cut-off one."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
+
+
 def _py(v):
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
@@ -735,6 +750,21 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     workdir = persistence.resolve(workdir)
     persistence.check_reachable(workdir, float(config.get("storage_timeout_s", 30)))  # before any compute
     persistence.makedirs(workdir)
+    # hand-offs are checked before the (possibly 14 GB) model is loaded: the work dir's stage, base
+    # and data must be this run's (a Stage B config in a Stage A work dir, another LLaVA, another
+    # data set), init_from's base and data too; each refusal names both sides
+    accept = bool(config.get("accept_mismatch", False))
+    stage = str(config.stage)
+    resuming = bool(config.checkpoint.resume) and _has_checkpoints(persistence.join(workdir, "checkpoints"), config)
+    if resuming:
+        for d in provenance.check(provenance.read(workdir), provenance.record(config, stage), f"work dir {workdir}",
+                                  keys=("stage", "base", "data"), accept=accept):
+            logging.warning("accepted (config.accept_mismatch): %s", d)
+    elif config.init_from:
+        init_dir = persistence.resolve(config.init_from)
+        for d in provenance.check(provenance.read(init_dir), provenance.record(config, stage),
+                                  f"config.init_from {init_dir}", keys=("base", "data"), accept=accept):
+            logging.warning("accepted (config.accept_mismatch): %s", d)
     tr = Trainer(config, workdir)
     is_main = jax.process_index() == 0
     mngr = checkpoints.manager(persistence.join(workdir, "checkpoints"), config)
@@ -743,17 +773,10 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     ds = tr.train_dataset()
     it = iter(ds)
     start, init_step = 0, None
-    accept = bool(config.get("accept_mismatch", False))
-    mine = provenance.record(config, tr.stage)
     latest = mngr.latest_step() if config.checkpoint.resume else None
     if latest is not None:
-        # the work dir's stage, base and data must be this run's (a Stage B config in a Stage A work
-        # dir, another LLaVA, another data set): refused, naming both sides
-        for d in provenance.check(provenance.read(workdir), mine, f"work dir {workdir}",
-                                  keys=("stage", "base", "data"), accept=accept):
-            logging.warning("accepted (config.accept_mismatch): %s", d)
         state, meta, latest = checkpoints.restore_latest_good(mngr, state)  # a truncated latest: the one before
-        if meta.get("stage", tr.stage) != tr.stage:
+        if meta.get("stage", tr.stage) != tr.stage:  # a work dir from before provenance.json
             raise ValueError(f"{mngr.directory} step {latest} is a Stage {meta['stage']} checkpoint; this run is "
                              f"Stage {tr.stage}: use another work dir (Stage {tr.stage} starts from Stage "
                              f"{meta['stage']} with config.init_from={workdir})")
@@ -763,12 +786,9 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
         start = int(latest)
         logging.info("resumed from %s step %d", mngr.directory, latest)
     elif config.init_from:
-        init_dir = persistence.resolve(config.init_from)
-        for d in provenance.check(provenance.read(init_dir), mine, f"config.init_from {init_dir}",
-                                  keys=("base", "data"), accept=accept):
-            logging.warning("accepted (config.accept_mismatch): %s", d)
         state, init_step = _init_from(tr, state, config)
-    if latest is None:  # a fresh run records what it trains on
+    if latest is None:  # a fresh run records what it trains on (after the demo assets exist)
+        mine = provenance.record(config, tr.stage)
         multihost.on_primary("writing provenance.json", lambda: provenance.write(workdir, mine))
     logs = _Logs(workdir, is_main, bool(config.log.tensorboard), resume_step=start if latest is not None else None)
 

@@ -342,6 +342,15 @@ def test_sharded_inference_gives_the_same_answers(setup, run, tmp_path):
             if prompt != "__meta__":
                 assert have[key][prompt] == answer, (key, prompt)
     assert json.load(open(got["reasoning_baseline"])) == json.load(open(written["reasoning_baseline"]))
+    # and the weights really were sharded: an embedding holds a quarter of its rows per device
+    from cgjax import sharding
+
+    inf = infer.Inferencer.from_workdirs(setup["ckpt"], setup["stage_wd"], prototypes=setup["protos_wd"],
+                                         clip_batch_size=8, batch_size=4, max_new_tokens=MAX_NEW,
+                                         mesh=sharding.make_mesh({"fsdp": 4, "tensor": 2}))
+    emb = inf.model.llava.language_model.embed_tokens.embedding.get_value()
+    assert len(emb.sharding.device_set) == 8 and not emb.sharding.is_fully_replicated
+    assert emb.addressable_shards[0].data.size < emb.size
 
 
 def test_a_rerun_keeps_the_answers_already_written(setup, run, tmp_path, monkeypatch):
@@ -368,7 +377,8 @@ def test_a_rerun_keeps_the_answers_already_written(setup, run, tmp_path, monkeyp
 
 
 def test_saliency_settings_are_checked_before_any_answer(setup, tmp_path, monkeypatch):
-    monkeypatch.setattr(infer.Inferencer, "run", lambda *a, **k: pytest.fail("generated before the check"))
+    monkeypatch.setattr(infer.Inferencer, "from_workdirs",
+                        classmethod(lambda *a, **k: pytest.fail("the model was loaded before the check")))
     c = infer_config(setup, output_dir=str(tmp_path), **{"prompt.mode": "structured"})
     c.saliency.source, c.saliency.prompt_mode = "llava", "natural"
     with pytest.raises(ValueError, match="saliency.prompt_mode 'natural' is not among the prompt modes"):

@@ -379,3 +379,15 @@ def test_resume_and_init_from_refuse_another_base_or_data_set(assets, run6, tmp_
                           str(tmp_path / "b"))
     out = train.train_stage(config(assets, num_steps=7, llava_checkpoint=other_base, accept_mismatch=True), wd)
     assert out["start_step"] == 6
+
+
+def test_resumed_logs_drop_later_and_cut_off_rows(tmp_path):
+    """A kill -9 can leave rows past the last checkpoint and a half-written last row: the resumed
+    run's metrics.jsonl keeps only the complete rows up to the resumed step."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "split": "train"}\n{"step": 2, "split": "train"}\n'
+                    '{"step": 3, "split": "train"}\n{"step": 4, "spl')
+    logs = train._Logs(str(tmp_path), True, False, resume_step=2)
+    logs.write(3, "train", {"loss": 1.0})
+    logs.close()
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3]

@@ -285,26 +285,19 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes, *, newline: str | None = None) -> None:
-    """Writes ``data`` to a temporary file beside ``path`` and renames it into place."""
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
+    """Writes ``data`` atomically (:func:`cgjax.persistence.write_file`: a temporary beside ``path``
+    renamed into place, or one whole upload for a URL), with the user's umask."""
+    from cgjax import persistence
+
+    def write(tmp: str) -> None:
         if isinstance(data, bytes):
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
         else:
-            with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+            with open(tmp, "w", encoding="utf-8", newline=newline) as f:
                 f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    persistence.write_file(path, write)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
