@@ -352,6 +352,9 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
     clean exit it replaces ``out`` whole (:func:`replace_dir`), on an error it is removed, so
     nothing half-written is ever at ``out``. ``out`` is checked first (:func:`check_output_dir`)
     and gets the :data:`OUTPUT_MARKER`; temporaries of an earlier killed writer are removed."""
+    if "://" in os.fspath(out_dir):  # never a local "gs:" folder
+        raise ValueError(f"{out_dir}: whole output folders are written to a local disk; write it there and copy it "
+                         "to the bucket (e.g. gcloud storage cp -r)")
     check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)

@@ -105,3 +105,11 @@ def test_export_into_its_own_workdir_is_refused(tmp_path):
         with pytest.raises(ValueError, match="is the input"):
             export(str(work), str(out), overwrite=True)
     assert os.listdir(work) == ["keep.txt"]
+
+
+def test_a_url_output_folder_is_refused_not_made_local(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="gs://bucket/out: whole output folders are written to a local disk"):
+        with atomic_dir("gs://bucket/out"):
+            pass
+    assert os.listdir(tmp_path) == []
