@@ -1,6 +1,7 @@
 """Loading ``ml_collections`` config files (``configs/*.py``) outside of absl flags."""
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 
@@ -30,8 +31,6 @@ def load_config(spec: str):
 
 
 def _nearest(name: str, options) -> str:
-    import difflib
-
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -67,3 +66,13 @@ def override(config, **dotted):
                 node = node[part]
         node[leaf] = value
     return config
+
+
+def config_paths(x) -> list[str]:
+    """A path field as a list: a path, a comma-separated string or a sequence of paths
+    (ml_collections references resolved); empty for None."""
+    if x is None:
+        return []
+    if isinstance(x, str):
+        return [p.strip() for p in x.split(",") if p.strip()]
+    return [str(p.get() if hasattr(p, "get") and not isinstance(p, str) else p) for p in x]

@@ -9,10 +9,25 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import time
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from cgjax import text
+from cgjax.config import load_config, override
+from cgjax.data.demo_data import ARTISTS, GENRES, STYLES, make_demo, render_painting
+from cgjax.data.schema import atomic_dir
+from cgjax.eval import cli
+from cgjax.infer import run_inference
+from cgjax.prototypes.run import train_prototypes as run_stage
+from cgjax.train import load_trained_model, train_stage
+from converters import hf_llava, openclip
+from converters.tiny_clip import make_openclip_checkpoint
+from converters.tiny_llava import make_llava_checkpoint
+from converters.tiny_tokenizer import train_tokenizer
 
 # Tiny model sizes for the demo: small enough for 2 CPU cores, big enough to learn the task.
 CLIP_DEMO = dict(width=128, layers=3, heads=4, patch=8, image_size=64, embed_dim=64, act="gelu")
@@ -30,15 +45,11 @@ def _log(msg: str) -> None:
 
 def make_data(workdir: str, n_images: int = 240, size: int = 64, seed: int = 0) -> dict[str, str]:
     """Generate the demo data set into ``workdir/data`` (original formats)."""
-    from cgjax.data.demo_data import make_demo
-
     return make_demo(os.path.join(workdir, "data"), n_images=n_images, size=size, seed=seed)
 
 
 def make_clip(workdir: str, seed: int = 0) -> str:
     """A tiny random open_clip model saved in the hub layout; returns its ``local-dir:`` name."""
-    from converters.tiny_clip import make_openclip_checkpoint
-
     out = os.path.join(workdir, "checkpoints", "clip")
     name, _ = make_openclip_checkpoint(out, name="cgjax-demo-clip", seed=seed, **CLIP_DEMO)
     return f"local-dir:{os.path.join(out, name + '-hub')}"
@@ -57,15 +68,11 @@ def pretrain_clip(workdir: str, clip_name: str, seed: int = 0, n_images: int = 1
         return clip_name
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1 to pretrain the CLIP tower, got {n_images}")
-    import shutil
 
-    import open_clip
-    import torch
-    from PIL import Image
-    from safetensors.torch import save_file
+    import open_clip  # optional [torch] extra
+    import torch  # optional [torch] extra
+    from safetensors.torch import save_file  # optional [torch] extra
 
-    from cgjax.data.demo_data import ARTISTS, GENRES, STYLES, render_painting
-    from cgjax.data.schema import atomic_dir
 
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(clip_name)
@@ -112,9 +119,6 @@ def tokenizer_corpus(targets_csv: str) -> list[str]:
 
 def make_llava(workdir: str, targets_csv: str, vocab_size: int = 1024, seed: int = 0) -> str:
     """A tiny random HF LLaVA with a locally trained tokenizer, saved with ``save_pretrained``."""
-    from converters.tiny_llava import make_llava_checkpoint
-    from converters.tiny_tokenizer import train_tokenizer
-
     tok = train_tokenizer(tokenizer_corpus(targets_csv), vocab_size=vocab_size)
     out = os.path.join(workdir, "checkpoints", "llava-base")
     make_llava_checkpoint(out, size="tiny", seed=seed, vocab_size=len(tok),
@@ -125,12 +129,10 @@ def make_llava(workdir: str, targets_csv: str, vocab_size: int = 1024, seed: int
 
 def check_conversion(clip_name: str, llava_dir: str) -> dict[str, float]:
     """Convert both checkpoints to cgjax and report the largest difference from PyTorch."""
-    import numpy as np
-    import open_clip
-    import torch
-    import transformers
+    import open_clip  # optional [torch] extra
+    import torch  # optional [torch] extra
+    import transformers  # optional [torch] extra
 
-    from converters import hf_llava, openclip
 
     clip = openclip.load(clip_name)
     torch_clip = open_clip.create_model(clip_name).eval()  # loads the weights of the local-dir folder
@@ -151,9 +153,6 @@ def check_conversion(clip_name: str, llava_dir: str) -> dict[str, float]:
 
 def train_prototypes(workdir: str, clip_name: str, paths: dict[str, str]) -> dict[str, Any]:
     """Prototype head on the demo set (configs/prototypes.py, preset demo) + signal export."""
-    from cgjax.config import load_config
-    from cgjax.prototypes.run import train_prototypes as run_stage
-
     config = load_config("prototypes.py:preset=demo")
     config.preset = "custom"  # the data and the tower are given: nothing to generate
     config.clip.model_name = clip_name
@@ -165,8 +164,6 @@ def train_prototypes(workdir: str, clip_name: str, paths: dict[str, str]) -> dic
 def stage_config(stage: str, llava_dir: str, paths: dict[str, str], signals: str, **overrides):
     """``configs/stage{A,B}.py:preset=demo`` pointed at the demo's own data, signals and checkpoint;
     ``overrides`` are dotted field names (``**{"optim.lr": 1e-3}``)."""
-    from cgjax.config import load_config, override
-
     config = load_config(f"stage{stage}.py:preset=demo")
     config.demo.generate_missing = False
     config.llava_checkpoint = llava_dir
@@ -184,9 +181,6 @@ def pretrain_base(workdir: str, llava_dir: str, paths: dict[str, str], signals: 
     images. It learns the answer format, the label vocabulary and to read concept tokens, but
     nothing about the images themselves: the no-concept baseline stays at chance, and what the
     concept stages add is measurable. Returns the pretrained HF checkpoint directory."""
-    from converters import hf_llava
-    from cgjax.train import load_trained_model, train_stage
-
     run_dir = os.path.join(workdir, "pretrain")
     config = stage_config("B", llava_dir, paths, signals, **{
         "trainable": (".*",), "num_steps": steps, "grad_accum": 1, "batch_size": 8, "optim.lr": 3e-3,
@@ -203,8 +197,6 @@ def pretrain_base(workdir: str, llava_dir: str, paths: dict[str, str], signals: 
 
 def train_concepts(workdir: str, llava_dir: str, paths: dict[str, str], signals: str, steps: int) -> dict[str, Any]:
     """Stage A (keys) then Stage B (keys + reason, from Stage A's final checkpoint): values only."""
-    from cgjax.train import train_stage
-
     stage_a = os.path.join(workdir, "stageA")
     a = train_stage(stage_config("A", llava_dir, paths, signals, num_steps=steps,
                                  **{"val.no_concept_baseline": True}), stage_a)
@@ -217,10 +209,6 @@ def train_concepts(workdir: str, llava_dir: str, paths: dict[str, str], signals:
 def evaluate(workdir: str, llava_dir: str, paths: dict[str, str], n_images: int = 0) -> dict[str, Any]:
     """Inference on the test split (concept model and no-concept baseline, with saliency), then
     metrics and the HTML report in ``workdir/eval``."""
-    from cgjax.config import load_config
-    from cgjax.eval import cli
-    from cgjax.infer import run_inference
-
     config = load_config("infer.py:preset=demo")
     config.workdir = workdir  # the preset's paths follow the demo layout under workdir
     config.llava_checkpoint = llava_dir

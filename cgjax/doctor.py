@@ -22,12 +22,28 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
 import traceback
 from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cgjax import multihost, sharding
+from cgjax.models.llava import Llava, LlavaConfig
+from cgjax.plan import tiny_llava_hf_config
+from converters import hf_llava, openclip as oc
+from converters.tiny_clip import make_openclip_checkpoint
+from converters.tiny_llava import make_llava_model
 
 ATOL = 1e-4
 
@@ -79,8 +95,6 @@ def torch_available() -> bool:
 
 
 def _tiny_inputs(cfg, batch: int = 2, text: int = 6, seed: int = 0):
-    import numpy as np
-
     rs = np.random.RandomState(seed)
     n = cfg.num_image_tokens
     ids = rs.randint(3, cfg.image_token_id, (batch, n + text))
@@ -94,14 +108,6 @@ def _tiny_inputs(cfg, batch: int = 2, text: int = 6, seed: int = 0):
 def check_jax() -> float:
     """Tiny random LLaVA (cgjax only): prefill of all but the last token + one decode step against
     the full forward's logits."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from cgjax.models.llava import Llava, LlavaConfig
-    from cgjax.plan import tiny_llava_hf_config
-
     cfg = LlavaConfig.from_hf(tiny_llava_hf_config("tiny"))
     # random values straight into the abstract model (eager initialisation compiles op by op: slow)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0))))
@@ -132,13 +138,8 @@ def check_jax() -> float:
 
 def check_llava() -> float:
     """HF tiny random LLaVA -> ``converters.hf_llava.load`` (live model) -> logits vs PyTorch."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
+    import torch  # optional [torch] extra
 
-    from converters import hf_llava
-    from converters.tiny_llava import make_llava_model
 
     hf = make_llava_model("tiny", seed=0)
     model = hf_llava.load(hf)
@@ -155,14 +156,9 @@ def check_llava() -> float:
 
 def check_clip() -> float:
     """Tiny random open_clip ViT -> ``converters.openclip.load`` (live model) -> ``encode_image`` vs PyTorch."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import open_clip
-    import torch
+    import open_clip  # optional [torch] extra
+    import torch  # optional [torch] extra
 
-    from converters import openclip as oc
-    from converters.tiny_clip import make_openclip_checkpoint
 
     root = logging.getLogger()
     level = root.level
@@ -199,13 +195,6 @@ CHECKS: tuple[tuple[str, str, Callable[[], float], bool], ...] = (
 
 def pod_psum() -> str:
     """A sum over every device of every process: device i holds i + 1."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from cgjax import sharding
-
     mesh = sharding.make_mesh({"data": -1})
     n = mesh.devices.size
     spec = NamedSharding(mesh, PartitionSpec("data"))
@@ -219,15 +208,6 @@ def pod_psum() -> str:
 
 def pod_orbax(workdir: str | None) -> str:
     """A sharded array saved by every process into ``workdir`` and restored into its sharding."""
-    import os
-
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from cgjax import multihost, sharding
-
     if not workdir:
         if jax.process_count() > 1:
             raise ValueError("--workdir is required with several processes (a folder every process sees)")
@@ -245,8 +225,6 @@ def pod_orbax(workdir: str | None) -> str:
     ok = multihost.to_host(got)
     multihost.barrier("doctor_orbax_restored")
     if multihost.is_primary():
-        import shutil
-
         shutil.rmtree(path, ignore_errors=True)
     if not np.array_equal(ok, want):
         raise AssertionError("the restored array differs from the saved one")
@@ -267,7 +245,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     pod.add_argument("--coordinator_timeout", type=int, default=300)
     pod.add_argument("--workdir", default=None, help="a folder every process sees (the run's work dir)")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from cgjax import multihost
 
     multihost.initialize(args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed,
                          timeout_s=args.coordinator_timeout)
@@ -277,9 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label, v in versions():
         print(f"  {label:15} {v}")
 
-    import jax
 
-    from cgjax import sharding
 
     failures = 0
     print("devices")

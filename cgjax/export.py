@@ -20,12 +20,22 @@ temporary folder beside ``OUT`` and renamed into place.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
 from typing import Any
 
 import numpy as np
+
+from cgjax import infer, persistence, provenance
+from cgjax.concepts.gating import GatingConfig
+from cgjax.concepts.index import ConceptIndex, gating_config_from_fields
+from cgjax.data.schema import atomic_dir, check_output_dir
+from cgjax.preprocess import llava_preprocess_config
+from cgjax.prototypes import io as pio
+from converters import hf_llava, openclip
+from converters.hf_llava import TOKENIZER_FILES
 
 __all__ = ["export", "find_stage_workdir", "CONCEPT_TOKENS_SOURCE", "EXAMPLE_SOURCE"]
 
@@ -42,8 +52,6 @@ def find_stage_workdir(workdir: str) -> str:
 
 
 def _load_prototypes(protos_wd: str):
-    from cgjax.prototypes import io as pio
-
     pts = sorted(glob.glob(os.path.join(protos_wd, "artifacts", "prototypes_*_trained.pt")))
     if pts:
         return pio.load_many(pts)
@@ -65,14 +73,9 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
            accept_mismatch: bool = False) -> dict[str, str]:
     """Write the PyTorch export of ``workdir`` to ``out`` (replaced whole when cgjax wrote it, or with
     ``overwrite``; never when it holds an input); returns the written paths."""
-    import torch
+    import torch  # optional [torch] extra
 
-    from converters import hf_llava, openclip
-    from cgjax import infer
-    from cgjax.data.schema import atomic_dir
-    from cgjax.preprocess import llava_preprocess_config
 
-    from cgjax.data.schema import check_output_dir
 
     workdir = os.path.abspath(workdir)
     check_output_dir(out, overwrite=overwrite, inputs=(workdir, stage_workdir, prototypes_workdir, llava_checkpoint))
@@ -84,12 +87,11 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
         raise ValueError(f"{stage_wd}: its concepts_stage*.json names no llava_checkpoint; pass llava_checkpoint")
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         raise FileNotFoundError(f"LLaVA checkpoint {ckpt} (from {stage_wd}) has no config.json")
-    from cgjax import provenance
 
     mine = {"base": {"checkpoint": ckpt, "fingerprint": provenance.base_fingerprint(ckpt)}}
     provenance.check(provenance.read(stage_wd), mine, f"the values of {stage_wd}", keys=("base",),
                      accept=accept_mismatch)
-    gcfg = infer._gating_config(tv.index, (tv.export_meta or {}).get("gating") or {})
+    gcfg = gating_config_from_fields(tv.index, (tv.export_meta or {}).get("gating") or {})
     ps = _load_prototypes(protos_wd)
 
     out = os.path.abspath(out)
@@ -121,7 +123,6 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
             json.dump({"clip_model_name": ps.clip_model_name, "keys": "visual.* (load_state_dict(sd, strict=False))"},
                       f, indent=2)
         # prototypes, one original-format file per dimension
-        from cgjax.prototypes import io as pio
 
         for d in ps.dimensions:
             pio.save_pt(ps, os.path.join(tmp, f"prototypes_{d}_trained.pt"), [d])
@@ -156,8 +157,6 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
 
 
 def _sha256(path: str) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -169,8 +168,6 @@ def copy_hf_checkpoint(src: str, dst: str) -> dict[str, str]:
     """The frozen HF base as it is: weight files hard-linked where ``dst`` is on the same file system
     (else copied and checked against the source's SHA-256), small files copied. Writes
     ``dst/SHA256SUMS`` (the weights' hashes, as ``sha256sum -c`` reads them); returns it as a dict."""
-    from converters.hf_llava import TOKENIZER_FILES
-
     os.makedirs(dst, exist_ok=True)
     sums = {}
     for path in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
@@ -403,3 +400,22 @@ def main():
 if __name__ == "__main__":
     main()
 '''
+
+
+def write_values_pt(workdir: str, stage: str, step: int, values: np.ndarray, index: ConceptIndex,
+                    gating: GatingConfig, llava_checkpoint: str) -> tuple[str, str]:
+    """``concepts_stage{A,B}.pt`` in ``workdir`` (the original's ``{step: {"values": Tensor}}``,
+    ``torch.load(weights_only=True)``) and ``concepts_stage{A,B}.json``, its metadata (dimensions,
+    concept names, ranges, K_max, gating, base); both written atomically. Returns the two paths."""
+    import torch  # optional [torch] extra
+
+    base = persistence.join(workdir, f"concepts_stage{stage}")
+    persistence.write_file(base + ".pt", lambda p: torch.save({int(step): {"values": torch.from_numpy(values)}}, p))
+    meta = {"format": "cgjax.concept_values", "stage": stage, "step": int(step),
+            **index.to_json(), "embed_dim": int(values.shape[-1]), "dtype": str(values.dtype),
+            "gating": {"threshold": gating.threshold, "backoff_delta": gating.backoff_delta,
+                       "topk_per_dim": gating.topk_per_dim, "max_concepts": gating.max_concepts,
+                       "priority": [index.dims[i] for i in (gating.priority or ())]},
+            "llava_checkpoint": persistence.resolve(llava_checkpoint)}
+    persistence.write_text(base + ".json", json.dumps(meta, indent=2))
+    return base + ".pt", base + ".json"

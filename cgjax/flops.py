@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -122,9 +124,6 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> dict[str, float]:
     """This machine's measured fp32 matmul throughput (FLOP/s): the best of ``repeats`` timed
     ``n x n @ n x n`` products in JAX (default device) and in PyTorch (if installed). ``peak`` is
     the higher of the two: the denominator of the benchmarks' MFU."""
-    import jax
-    import jax.numpy as jnp
-
     rs = np.random.default_rng(0)
     a_np = rs.standard_normal((n, n), dtype=np.float32)
     b_np = rs.standard_normal((n, n), dtype=np.float32)
@@ -143,7 +142,7 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> dict[str, float]:
     a, b = jnp.asarray(a_np), jnp.asarray(b_np)
     out = {"jax": best(lambda: mm(a, b).block_until_ready())}
     try:
-        import torch
+        import torch  # optional [torch] extra
     except ImportError:
         pass
     else:

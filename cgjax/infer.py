@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -45,13 +46,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
+from PIL import Image
 
-from cgjax import multihost, sharding, text
-from cgjax import checkpoints
+from cgjax import checkpoints, multihost, persistence, provenance, sharding, text
 from cgjax.concepts import gating
+from cgjax.concepts.index import ConceptIndex, gating_config_from_fields
 from cgjax.concepts.model import ConceptLlava
+from cgjax.data.records import normalize_image_path, raw_image_paths, read_dataset_json, resolve_image
+from cgjax.data.schema import normalize_split, read_json, write_atomic, write_json_atomic
+from cgjax.data.signals import read_signals
+from cgjax.eval import saliency as sal
+from cgjax.generate import Generator
 from cgjax.losses import IGNORE_INDEX
-from cgjax.concepts.index import ConceptIndex, gating_config
+from cgjax.preprocess import llava_preprocess_config, preprocess_image
+from cgjax.prototypes import io as pio
+from cgjax.prototypes.calibrate import postprocess
+from converters import hf_llava, openclip
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +71,6 @@ __all__ = ["Inferencer", "run_inference", "load_trained_values", "TrainedValues"
 
 DEFAULT_SENTINELS = ("<BEGIN_JSON>", "<END_JSON>")
 PROMPT_MODES = ("structured", "natural", "stageA", "stageB")
-DEFAULT_GATING = {"threshold": 0.75, "backoff_delta": 0.05, "topk_per_dim": 2, "max_concepts": 3,
-                  "priority": "artist,style,genre"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,11 +139,7 @@ def load_trained_values(stage_workdir: str, index: ConceptIndex | None = None,
     """The trained ``concepts.values`` of a Stage A/B work dir (or its ``checkpoints/``), from the
     latest step (or ``step``), restored the way ``cgjax.train`` hands Stage A to Stage B. With
     ``index``, the checkpoint's concept index must equal it."""
-    import orbax.checkpoint as ocp
-
-    from cgjax import train
-
-    directory = train._resolve_init_dir(stage_workdir)
+    directory = checkpoints.stage_dir(stage_workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"stage work dir {stage_workdir}: {directory} is not a checkpoint directory")
     mngr = checkpoints.manager(directory, None, read_only=True)
@@ -145,16 +149,14 @@ def load_trained_values(stage_workdir: str, index: ConceptIndex | None = None,
         if step is None or int(step) not in mngr.all_steps():
             raise FileNotFoundError(f"{directory}: no checkpoint step {step} (steps: {list(mngr.all_steps())})")
         step = int(step)
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = checkpoints.read_meta(mngr, step)
         theirs = ConceptIndex.from_json(meta["concept_index"])
         if index is not None and theirs != index:
             raise ValueError(f"{directory} step {step}: its concept index {theirs.to_json()} differs from "
                              f"{index.to_json()}")
-        tree = mngr.item_metadata(step)["state"]
-        tree = getattr(tree, "tree", tree)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        got = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(checkpoints.abstract(tree, lambda x: device))))["state"]
+        got = checkpoints.restore_state(mngr, step, checkpoints.abstract(checkpoints.saved_tree(mngr, step),
+                                                                         lambda x: device))
     finally:
         mngr.close()
     params = got["params"]
@@ -173,26 +175,9 @@ def load_trained_values(stage_workdir: str, index: ConceptIndex | None = None,
     cands += sorted(glob.glob(os.path.join(workdir, "concepts_stage*.json")))
     for p in cands:
         if os.path.isfile(p):
-            from cgjax.data.schema import read_json
-
             export_meta = read_json(p)  # a corrupt file: a DataError naming it
             break
     return TrainedValues(values, theirs, step, stage, directory, export_meta)
-
-
-def _gating_config(index: ConceptIndex, gating_fields: Mapping[str, Any]) -> gating.GatingConfig:
-    import ml_collections
-
-    g = dict(DEFAULT_GATING)
-    g.update({k: v for k, v in dict(gating_fields).items() if v is not None})
-    pri = g["priority"]
-    g["priority"] = ",".join(pri) if isinstance(pri, (list, tuple)) else str(pri or "")
-    if int(g.get("k_max", index.k_max)) != index.k_max:
-        raise ValueError(f"gating.k_max={g['k_max']} but the trained values have K_max {index.k_max}")
-    g["k_max"] = index.k_max
-    cfg = ml_collections.ConfigDict({"gating": {k: g[k] for k in ("k_max", "threshold", "backoff_delta",
-                                                                   "topk_per_dim", "max_concepts", "priority")}})
-    return gating_config(cfg, index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,14 +192,10 @@ def _dtype(name: Any):
 
 def llava_preprocess(llava_checkpoint: str, model_config: Any, mode: str = "auto"):
     """The LLaVA checkpoint's preprocessing (:func:`cgjax.preprocess.llava_preprocess_config`)."""
-    from cgjax.preprocess import llava_preprocess_config
-
     return llava_preprocess_config(llava_checkpoint, model_config.vision_config.image_size, mode)
 
 
 def _open(image: Any):
-    from PIL import Image
-
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as im:
             return im.convert("RGB")
@@ -334,15 +315,13 @@ class Inferencer:
         ``rules``, as training's) the LLaVA is created directly in its shardings and every generation
         batch is sharded over the batch axes.
         """
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # optional [torch] extra
 
-        from converters import hf_llava
 
         if prototypes is None and not signals:
             raise ValueError("give a prototypes work dir / checkpoint or signals file(s)")
         tv = load_trained_values(stage_workdir, step=step)
         # the values answer with the base they were trained on (new data is normal, another base is not)
-        from cgjax import provenance
 
         mine = {"base": {"checkpoint": llava_checkpoint, "fingerprint": provenance.base_fingerprint(llava_checkpoint)}}
         for d in provenance.check(provenance.read(stage_workdir), mine, f"the values of {stage_workdir}",
@@ -351,8 +330,7 @@ class Inferencer:
         g = dict(gating or {})
         if gating_from_stage:
             g.update((tv.export_meta or {}).get("gating") or {})
-        gcfg = _gating_config(tv.index, g)
-        from cgjax import persistence
+        gcfg = gating_config_from_fields(tv.index, g)
 
         base_files = persistence.localize(llava_checkpoint, hf_llava.TOKENIZER_FILES)  # local for a gs:// base
         tokenizer = AutoTokenizer.from_pretrained(base_files)
@@ -410,8 +388,6 @@ class Inferencer:
     # -- images and signals ----------------------------------------------------------------------
     def pixels(self, images: Sequence[Any]) -> np.ndarray:
         """LLaVA-preprocessed ``[N, 3, H, W]``."""
-        from cgjax.preprocess import preprocess_image
-
         if not len(images):
             h, w = self.preprocess.size
             return np.zeros((0, 3, h, w), np.float32)
@@ -419,8 +395,6 @@ class Inferencer:
 
     def head_pixels(self, images: Sequence[Any]) -> np.ndarray:
         """The prototype head's preprocessing ``[N, 3, H, W]`` (as its signal export)."""
-        from cgjax.preprocess import preprocess_image
-
         return np.stack([preprocess_image(_open(im), self.head.preprocess_cfg) for im in images]).astype(np.float32)
 
     def scores(self, images: Sequence[Any], keys: Sequence[str] | None = None) -> np.ndarray:
@@ -428,7 +402,6 @@ class Inferencer:
         if self.signals is not None:
             keys = list(keys) if keys is not None else [image_key(im, i) for i, im in enumerate(images)]
             return np.stack([self._signal_row(k) for k in keys]) if keys else np.zeros((0, self.index.n_concepts))
-        from cgjax.prototypes.calibrate import postprocess
 
         if not len(images):
             return np.zeros((0, self.index.n_concepts), np.float32)
@@ -476,8 +449,6 @@ class Inferencer:
     def generate_ids(self, pixels: np.ndarray, prompts: Sequence[str], scores: np.ndarray,
                      use_concepts: bool = True) -> list[np.ndarray]:
         """Generated ids per row (cut after the first EOS, which is kept), in fixed batches."""
-        from cgjax.generate import Generator
-
         if self._generator is None or self._generator.model is not self.model:
             self._generator = Generator(self.model)  # on a CPU: the layers laid out once for all batches
         n = len(prompts)
@@ -595,8 +566,6 @@ class Inferencer:
         head) and ``llava`` for the answer ``answer_ids`` to ``prompt`` (default: the structured
         prompt; generated here when not given), concept tokens on. ``source``: prototype, llava
         or both. Maps are ``H x W`` (``upsample=False``: ``grid x grid``)."""
-        from cgjax.eval import saliency as sal
-
         if source not in ("prototype", "llava", "both"):
             raise ValueError(f"saliency source must be prototype, llava or both, got {source!r}")
         k = key or image_key(image, 0)
@@ -631,8 +600,6 @@ def _find_row(paths: Sequence[str], key: str, images_root: str | None) -> int | 
     if key in index:
         return index[key]
     if images_root:
-        from cgjax.data.records import normalize_image_path
-
         rel = os.path.relpath(os.path.abspath(key), os.path.abspath(images_root)).replace(os.sep, "/")
         rel = normalize_image_path(rel, images_root)
         if rel in index:
@@ -645,9 +612,6 @@ def _find_row(paths: Sequence[str], key: str, images_root: str | None) -> int | 
 
 def read_signals_files(paths: Any, dataset_json: str | None = None, images_root: str | None = None):
     """Merge signals files (any format); the original list JSON aligns with ``dataset_json``'s rows."""
-    from cgjax.data.records import raw_image_paths
-    from cgjax.data.signals import read_signals
-
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     root = images_root or (os.path.dirname(os.path.abspath(dataset_json)) if dataset_json else None)
     raw = raw_image_paths(dataset_json, root) if dataset_json else None
@@ -661,9 +625,6 @@ def read_signals_files(paths: Any, dataset_json: str | None = None, images_root:
 def load_head(prototypes: Any, clip_model_name: str | None = None, clip_checkpoint: str | None = None,
               batch_size: int = 32):
     """``(PrototypeHead, export settings)`` from a prototypes work dir or checkpoint(s)."""
-    from cgjax.prototypes import io as pio
-    from cgjax.prototypes.head import PrototypeHead
-
     settings: dict[str, Any] = {}
     if isinstance(prototypes, (list, tuple)):
         ps = pio.load_many(prototypes)
@@ -681,7 +642,7 @@ def load_head(prototypes: Any, clip_model_name: str | None = None, clip_checkpoi
         else:
             ps = pio.load_prototypes(p)
     name = clip_model_name or ps.clip_model_name
-    head = PrototypeHead.from_openclip(name, clip_checkpoint or None, batch_size=batch_size)
+    head = openclip.load_head(name, clip_checkpoint or None, batch_size=batch_size)
     head.load_prototypes(ps)
     return head, settings
 
@@ -692,8 +653,6 @@ def load_head(prototypes: Any, clip_model_name: str | None = None, clip_checkpoi
 
 def write_reasoning(path: str, reasoning: Mapping[str, Any]) -> str:
     """The original's ``json.dump(indent=4, sort_keys=True)``, written atomically."""
-    from cgjax.data.schema import write_atomic
-
     write_atomic(path, json.dumps(reasoning, indent=4, sort_keys=True))
     return path
 
@@ -719,15 +678,11 @@ def run_inference(config) -> dict[str, str]:
     Returns ``{"reasoning": path, "reasoning_baseline": path (if baseline), "saliency": path (if
     saliency)}``.
     """
-    from cgjax.data.records import read_dataset_json, resolve_image
-    from cgjax.eval import saliency as sal
-
     c = config
     out_dir = c.output_dir or os.path.join(c.workdir, "eval")
     dims = tuple(c.data.dimensions)
     ds = read_dataset_json(c.data.dataset_json, c.data.images_root or None, dimensions=dims,
                            allow_outside_root=bool(c.data.allow_outside_root))
-    from cgjax.data.schema import normalize_split
 
     split = normalize_split(c.data.split) if c.data.split else ""  # "val" is "validation", as in training
     records = [r for r in ds.records if not split or r.split == split]
@@ -826,8 +781,6 @@ def run_inference(config) -> dict[str, str]:
                 else:
                     meta.setdefault("saliency_llava", {})[mode] = {"path": sal_path, "stats": sal.saliency_stats(v)}
         if maps:
-            from cgjax.data.schema import write_json_atomic
-
             multihost.on_primary("writing saliency.json",
                                  lambda: write_json_atomic(sal_path, {"grid": int(s.grid), "maps": maps}, indent=None))
             written["saliency"] = sal_path
@@ -840,8 +793,6 @@ def run_inference(config) -> dict[str, str]:
 def inference_fingerprint(config) -> str:
     """A hash of the settings that decide the answers (model, values, signals, gating, prompts,
     generation): answers written under the same fingerprint are reused by a rerun."""
-    import hashlib
-
     c = config
     keys = {"llava_checkpoint": c.llava_checkpoint, "stage_workdir": c.stage_workdir, "step": int(c.step),
             "dtype": c.dtype, "param_dtype": c.param_dtype, "prototypes": c.prototypes.to_dict(),
@@ -854,7 +805,6 @@ def _answered(path: str, fingerprint: str, keys: Sequence[str]) -> dict[str, Any
     """The entries of an earlier ``reasoning.json`` for ``keys`` written under ``fingerprint``."""
     if not os.path.exists(path):
         return {}
-    from cgjax.data.schema import read_json
 
     old = read_json(path)
     if not isinstance(old, dict):

@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
+import time
 from typing import Any, Callable, Mapping, TypeVar
 
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
+from jax._src import distributed
+from jax.experimental import multihost_utils
 
 T = TypeVar("T")
 
@@ -49,8 +53,6 @@ def cluster_environment(environ: Mapping[str, str] | None = None) -> str | None:
 def is_initialized() -> bool:
     """Whether ``jax.distributed`` is up (checked without starting the backend)."""
     try:
-        from jax._src import distributed
-
         return distributed.global_state.client is not None
     except Exception:  # noqa: BLE001 - private API moved: fall back on the process count
         return jax.process_count() > 1
@@ -117,8 +119,6 @@ def _host_port(address: str) -> tuple[str, int]:
 
 def _check_bindable(address: str) -> None:
     """Process 0 starts the coordinator on ``address``'s port: fail clearly if it is taken."""
-    import socket
-
     _, port = _host_port(address)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -131,9 +131,6 @@ def _check_bindable(address: str) -> None:
 
 def _wait_for_listener(address: str, timeout_s: float) -> None:
     """Wait until something accepts connections on ``address``; a clear error after ``timeout_s``."""
-    import socket
-    import time
-
     host, port = _host_port(address)
     deadline = time.monotonic() + float(timeout_s)
     last: Exception | None = None
@@ -169,8 +166,6 @@ def is_primary() -> bool:
 def barrier(name: str) -> None:
     """Every process waits here until all have arrived (no-op with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -178,7 +173,6 @@ def all_true(flag: bool) -> list[bool]:
     """``flag`` of every process, in process order (a collective: every process must call it)."""
     if jax.process_count() == 1:
         return [bool(flag)]
-    from jax.experimental import multihost_utils
 
     return [bool(x) for x in np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).reshape(-1)]
 
@@ -208,8 +202,6 @@ def to_host(x: Any) -> np.ndarray:
     A collective when ``x`` is not fully addressable: every process must call it.
     """
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
@@ -218,7 +210,6 @@ def gather_host_strings(text: str) -> list[str]:
     """``text`` of every process, in process order (two collectives: lengths, then padded bytes)."""
     if jax.process_count() == 1:
         return [text]
-    from jax.experimental import multihost_utils
 
     data = np.frombuffer(text.encode("utf-8"), np.uint8)
     lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
@@ -275,8 +266,6 @@ class Preemption:
 
 def define_flags() -> dict[str, Any]:
     """The launch flags every multi-process script takes (absl): call once at module level."""
-    from absl import flags
-
     return {
         "distributed": flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with JAX's own "
                                          "cluster detection (TPU pod, SLURM, Open MPI)."),

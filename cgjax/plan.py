@@ -8,7 +8,7 @@ would run out of memory (``--strict``: exit status 1).
 
 Nothing real is allocated: the model is built with ``nnx.eval_shape`` (shapes and dtypes only) and
 every per-device size comes from the shapes and the config's logical-axis rules. Activations come
-from XLA's memory analysis of the trainer's own compiled step (``cgjax.train._train_step``
+from XLA's memory analysis of the trainer's own compiled step (``cgjax.steps.train_step``
 lowered on abstract arguments) on stand-in CPU devices (``scripts/plan.py`` asks for as many as the
 mesh has); where that is not possible (too few devices, ``--no-compile``) an analytic estimate is
 used, and the output says which. The CPU compiler's buffer assignment is a stand-in for the
@@ -31,10 +31,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from cgjax import sharding
+from cgjax import sharding, text
 from cgjax.concepts.index import ConceptIndex, gating_config
+from cgjax.concepts.model import ConceptLlava
+from cgjax.config import load_config
 from cgjax.flops import attention_flops, param_counts, step_flops
+from cgjax.models.llava import Llava, LLAVA_PRESETS, LlavaConfig
+from cgjax.sharding import canonical_sharding
+from cgjax.steps import (StepConfig, dtype_from_name, make_optimizer, path_str, prefix_length, train_step,
+                         trainable_filter)
+from converters.tiny_llava import SIZES
 
 GiB = 2**30
 
@@ -80,8 +88,6 @@ ESTIMATED_PROMPT_HEAD = 35
 
 def tiny_llava_hf_config(size: str = "tiny") -> dict:
     """The HF config dict of ``converters.tiny_llava``'s random LLaVA of ``size`` (no torch needed)."""
-    from converters.tiny_llava import SIZES
-
     if size not in SIZES:
         raise ValueError(f"unknown tiny LLaVA size {size!r}; expected one of {sorted(SIZES)}")
     spec = SIZES[size]
@@ -96,8 +102,6 @@ def resolve_model(config, model: str | None = None):
     """-> ``(LlavaConfig, description)``. ``model``: a ``LLAVA_PRESETS`` name, ``tiny``/``small``
     (``converters.tiny_llava``), or an HF directory / ``config.json``. Default: the config's
     ``llava_checkpoint`` if its ``config.json`` exists, else the preset named like ``config.preset``."""
-    from cgjax.models.llava import LLAVA_PRESETS, LlavaConfig
-
     def from_path(p: str):
         path = os.path.join(p, "config.json") if os.path.isdir(p) else p
         with open(path) as f:
@@ -136,21 +140,10 @@ def parse_concepts(text: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(dims), tuple(sizes)
 
 
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[str(name)]
-
-
 def abstract_concept_llava(llava_cfg, gating_cfg, dtype=jnp.float32, param_dtype=jnp.float32):
     """A shape-only :class:`~cgjax.concepts.model.ConceptLlava` (``nnx.eval_shape``: no arrays)."""
-    from cgjax.concepts.model import ConceptLlava
-    from cgjax.models.llava import Llava
-
     return nnx.eval_shape(lambda: ConceptLlava(Llava(llava_cfg, dtype=dtype, param_dtype=param_dtype,
                                                      rngs=nnx.Rngs(0)), gating_cfg, rngs=nnx.Rngs(0)))
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(p, "key", p)) for p in path)
 
 
 def module_of(path: str) -> str:
@@ -204,13 +197,11 @@ class ParamInfo:
 
 
 def param_table(model, trainable_patterns: Sequence[str], rules, mesh) -> list[ParamInfo]:
-    from cgjax.train import trainable_filter
-
     filt = trainable_filter(tuple(trainable_patterns))
     out = []
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         v = var.get_value()
-        out.append(ParamInfo(_path_str(path), tuple(np.shape(v)), np.dtype(v.dtype), bool(filt(path, var)),
+        out.append(ParamInfo(path_str(path), tuple(np.shape(v)), np.dtype(v.dtype), bool(filt(path, var)),
                              _var_spec(var, rules, mesh)))
     return out
 
@@ -361,30 +352,13 @@ class Plan:
         return self.total_per_device <= self.device.hbm_bytes
 
 
-def _step_config(config, prefix_len: int):
-    """The trainer's :class:`~cgjax.train.StepConfig` for ``config`` (same fields as ``Trainer``)."""
-    from cgjax.train import StepConfig
-
-    return StepConfig(
-        lr=float(config.optim.lr), weight_decay=float(config.optim.weight_decay),
-        clip_norm=float(config.optim.clip_norm), b1=float(config.optim.b1), b2=float(config.optim.b2),
-        eps=float(config.optim.eps), schedule=str(config.optim.schedule),
-        warmup_updates=int(config.optim.warmup_updates),
-        decay_updates=int(config.optim.decay_updates) or max(1, int(config.num_steps) // max(1, int(config.grad_accum))),
-        end_lr_fraction=float(config.optim.end_lr_fraction), grad_accum=int(config.grad_accum),
-        segment_weights=(0.0, float(config.loss.w_keys), float(config.loss.w_reason)),
-        reg_lambda=float(config.loss.reg_lambda), prefix_len=int(prefix_len),
-        use_concepts=bool(config.gating.use_concepts))
-
-
 def _prompt_head_len(config, llava_cfg) -> tuple[int, bool]:
     """Tokens before ``<image>`` with the checkpoint's tokenizer, else an estimate (``True``)."""
     ckpt = str(config.get("llava_checkpoint", "") or "")
     if ckpt and any(os.path.exists(os.path.join(ckpt, f)) for f in ("tokenizer.json", "tokenizer.model")):
         try:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # optional [torch] extra
 
-            from cgjax import text
 
             tok = AutoTokenizer.from_pretrained(ckpt)
             probe = text.encode(tok, text.STAGE_A_PROMPT, 1, llava_cfg.image_token_id, "x")
@@ -429,27 +403,23 @@ def compile_train_step(model, config, sc, rules, mesh_shape: Mapping[str, int], 
     visible devices; -> ``(memory_analysis stats dict, seconds)``. With ``probe_rows`` (the
     differentiated length), ``stats["global_batch_tensor"]`` names a per-device tensor that still
     has the global batch on its rows axis (the partitioner did not shard the batch there), or ""."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from cgjax import train
-
     n = int(np.prod(list(mesh_shape.values())))
     devices = jax.devices()
     if len(devices) < n:
         raise RuntimeError(f"the mesh needs {n} devices and {len(devices)} are visible "
                            f"(scripts/plan.py asks for {n} CPU stand-ins before importing jax)")
     mesh = sharding.make_mesh(dict(mesh_shape), devices[:n])
-    filt = train.trainable_filter(tuple(config.trainable))
+    filt = trainable_filter(tuple(config.trainable))
     graphdef, trainable, frozen = nnx.split(model, filt, ...)
 
     def placed(state):
         shard = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=train._canonical(s, mesh)),
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=canonical_sharding(s, mesh)),
                             nnx.to_pure_dict(state), shard)
 
     params, frozen_abs = placed(trainable), placed(frozen)
-    replicated = train._canonical(NamedSharding(mesh, PartitionSpec()), mesh)
-    opt = jax.eval_shape(train.make_optimizer(sc).init, params)
+    replicated = canonical_sharding(NamedSharding(mesh, PartitionSpec()), mesh)
+    opt = jax.eval_shape(make_optimizer(sc).init, params)
     like = {(x.shape, x.dtype): x.sharding for x in jax.tree.leaves(params)}
     opt = _abstract_tree(opt, lambda x: like.get((x.shape, x.dtype), replicated))
     state = {"params": params, "opt_state": opt, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
@@ -466,7 +436,7 @@ def compile_train_step(model, config, sc, rules, mesh_shape: Mapping[str, int], 
         batch_abs[k] = jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):  # as Trainer.train_step: activations constrained to the batch sharding
-        lowered = train._train_step.lower(graphdef, sc, bool(with_reg), shardings, state, frozen_abs, batch_abs,
+        lowered = train_step.lower(graphdef, sc, bool(with_reg), shardings, state, frozen_abs, batch_abs,
                                           jax.ShapeDtypeStruct((2,), jnp.int32))
     # LLVM's optimisation level changes the machine code only, not XLA's buffer assignment (the
     # memory analysis is the same): level 0 halves the CPU compile time
@@ -493,10 +463,6 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
               concepts: str = DEFAULT_CONCEPTS, mfu: float = 0.4, gen_batch: int | None = None,
               gen_len: int | None = None, compile: bool = True) -> Plan:  # noqa: A002 - the natural name
     """Everything :func:`format_plan` prints, from shapes only (see the module docstring)."""
-    from jax.sharding import AbstractMesh
-
-    from cgjax import train
-
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; expected one of {sorted(DEVICES)}")
     if not 0 < mfu <= 1:
@@ -515,7 +481,7 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
     names = tuple(tuple(f"{d}_{i}" for i in range(n)) for d, n in zip(dims, sizes))
     index = ConceptIndex(dims, names, int(config.gating.k_max))
     gcfg = gating_config(config, index)
-    cdt, pdt = _dtype(config.dtype), _dtype(config.param_dtype)
+    cdt, pdt = dtype_from_name(config.dtype), dtype_from_name(config.param_dtype)
     abstract = abstract_concept_llava(llava_cfg, gcfg, cdt, pdt)
     params = param_table(abstract, tuple(config.trainable), rules, amesh)
     if not any(p.trainable for p in params):
@@ -524,9 +490,8 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
     n_img = llava_cfg.num_image_tokens
     text_tokens = int(config.text.max_text_tokens)
     seq_len = text_tokens + n_img + gcfg.n_tokens
-    values_only = all(p.path.startswith("concepts/") for p in params if p.trainable)
     head, head_est = _prompt_head_len(config, llava_cfg)
-    prefix_len = head + n_img if values_only else 0
+    prefix_len = prefix_length([p.path for p in params if p.trainable], head, n_img)
     diff_len = seq_len - prefix_len
     batch = int(config.batch_size)
     bspec = sharding.logical_to_spec(("batch",), rules, amesh)  # the rule, before the divisibility check
@@ -540,8 +505,8 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
     train_b = sum(per_device_bytes(p.shape, p.dtype, p.spec, amesh) for p in params if p.trainable)
     tparams = {p.path: jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params if p.trainable}
     spec_of = {(p.shape, np.dtype(p.dtype)): p.spec for p in params if p.trainable}
-    sc = _step_config(config, prefix_len)
-    opt = jax.eval_shape(train.make_optimizer(sc).init, tparams)
+    sc = StepConfig.from_config(config, prefix_len)
+    opt = jax.eval_shape(make_optimizer(sc).init, tparams)
     opt_b = sum(per_device_bytes(x.shape, x.dtype, spec_of.get((tuple(x.shape), np.dtype(x.dtype)), ()), amesh)
                 for x in jax.tree.leaves(opt))
     v = llava_cfg.vision_config
@@ -602,9 +567,9 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
 
     # FLOPs: the trainer's accounting + attention
     counts = param_counts(nnx.state(abstract))
-    n_dense = 0 if values_only else sum(p.count for p in params if p.trainable)
+    n_dense = 0 if prefix_len else sum(p.count for p in params if p.trainable)
     t = llava_cfg.text_config
-    max_targets = int(config.text.get("max_target_tokens", 0))
+    max_targets = sc.max_targets
     model_flops = step_flops(counts, batch, seq_len, n_img, v.grid[0] * v.grid[1], n_dense,
                              head_params=0 if t.tie_word_embeddings else t.hidden_size * t.vocab_size,
                              diff_len=diff_len, logit_positions=max_targets or None)
@@ -818,8 +783,6 @@ def mesh_devices_needed(argv: Sequence[str]) -> int:
     args, _ = build_parser().parse_known_args(list(argv))
     mesh = args.mesh
     if mesh is None:
-        from cgjax.config import load_config
-
         mesh = str(load_config(args.config).mesh)
     sizes = [int(s) for s in (sharding.parse_mesh(mesh) or {"data": -1}).values()]
     if -1 in sizes:
@@ -840,8 +803,6 @@ def to_json(p: Plan) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cgjax.config import load_config
-
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     config = load_config(args.config)
     apply_overrides(config, args.set)

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from cgjax.data.schema import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -187,14 +190,10 @@ def llava_preprocess_config(llava_checkpoint: str, vision_image_size: Any, mode:
     """How cgjax preprocesses a LLaVA checkpoint's images (training, inference, export): its
     ``preprocessor_config.json`` (``mode="auto"``), else HF CLIP preprocessing at the tower's
     ``vision_image_size`` (``mode="hf"`` forces that)."""
-    import os
-
     if mode not in ("auto", "hf"):
         raise ValueError(f"preprocess mode must be auto or hf, got {mode!r}")
     path = os.path.join(llava_checkpoint, "preprocessor_config.json")
     if mode == "auto" and os.path.exists(path):
-        from cgjax.data.schema import read_json
-
         return PreprocessConfig.from_hf_image_processor(read_json(path))  # a corrupt file: a DataError naming it
     size = vision_image_size
     return PreprocessConfig(size=tuple(size) if not isinstance(size, int) else size, convention="hf")

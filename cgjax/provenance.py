@@ -17,6 +17,7 @@ import os
 from typing import Any, Iterable
 
 from cgjax import persistence
+from cgjax.data.schema import read_input_bytes
 
 FILE = "provenance.json"
 
@@ -26,8 +27,6 @@ class ProvenanceError(ValueError):
 
 
 def _hash_files(paths: Iterable[str], h) -> None:
-    from cgjax.data.schema import read_input_bytes
-
     for p in paths:
         h.update(os.path.basename(p).encode())
         h.update(read_input_bytes(p))

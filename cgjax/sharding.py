@@ -145,3 +145,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Sequence[tuple[st
     if mesh is None or mesh.empty or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules, mesh, x.shape))
+
+
+def canonical_sharding(s, mesh) -> NamedSharding:
+    """``s`` as a NamedSharding on ``mesh`` without mesh axes of size 1 (jit outputs drop them)."""
+    if not isinstance(s, NamedSharding):
+        return NamedSharding(mesh, PartitionSpec())
+    spec = []
+    for e in s.spec:
+        axes = tuple(a for a in ((e,) if isinstance(e, str) else (e or ())) if s.mesh.shape[a] > 1)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return NamedSharding(s.mesh, PartitionSpec(*spec))

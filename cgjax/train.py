@@ -1,20 +1,13 @@
 """Staged training of the gated concept tokens (Stage A: key lines; Stage B: keys + reasoning).
 
 ``train_stage(config, workdir) -> dict`` (``scripts/train.py --config configs/stageA.py``) runs one
-stage: a frozen LLaVA (HF checkpoint converted on load) wrapped in
-:class:`~cgjax.concepts.model.ConceptLlava`, data through the grain pipeline with the text rows
-built here, segment-weighted CE plus the attention regulariser every ``attn_reg_interval`` steps,
-AdamW + global-norm clipping + gradient accumulation (``optax.MultiSteps``) on the parameters the
-``config.trainable`` regexes select (frozen ones get no optimizer state).
-
-The hot loop is a plain ``jax.jit`` function over ``nnx.split`` state (graphdef static), donating
-the train state ``{"params", "opt_state", "step", "rng"}``; two compiled variants (with and
-without the regulariser), picked on the host by step number. Two exact shortcuts: when only the
-concept values train, the prefix before the concept slots (prompt head and image tokens, which
-cannot depend on the values) is encoded into a KV cache under ``stop_gradient`` and only the rest
-(concept slots and text) is differentiated; and only the supervised positions (at most
-``config.text.max_target_tokens`` per row, checked) are projected to logits. The loss and the
-gradient equal a full forward's (tested); the work skipped is work whose result is zero or unused.
+stage: the loop's orchestration. :class:`Trainer` sets the stage up -- a frozen LLaVA (HF or
+params-only orbax checkpoint) wrapped in :class:`~cgjax.concepts.model.ConceptLlava`, split into
+trained and frozen state by the ``config.trainable`` regexes, the mesh, the data through the grain
+pipeline with :class:`~cgjax.text_rows.TextRows`, and validation. The compiled steps and their
+settings are :mod:`cgjax.steps`; checkpoint layout and restore :mod:`cgjax.checkpoints`;
+preemption and multi-host state :mod:`cgjax.multihost`; ``metrics.jsonl``/TensorBoard
+:mod:`cgjax.metrics_log`; the ``.pt`` export :func:`cgjax.export.write_values_pt`.
 
 Work directory::
 
@@ -25,6 +18,7 @@ Work directory::
     concepts_stage{A,B}.json  its metadata: dimensions, concept names, ranges, K_max (the original had none)
     metrics.jsonl          one JSON line per train step and per validation
     tensorboard/           tensorboardX event files
+    provenance.json        stage, base and data fingerprints, the resolved config
 
 Resuming from the latest checkpoint gives bit-identical losses; SIGTERM saves and exits cleanly;
 a NaN/inf loss or gradient stops the run (``FloatingPointError``) without applying that step, leaving
@@ -32,307 +26,49 @@ the last good checkpoint intact.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import math
-import os
-import re
-import shutil
-import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from cgjax import checkpoints, multihost, persistence, provenance, sharding, text
-from cgjax.multihost import Preemption, gather_host_strings, host_data_state
 from cgjax.concepts.index import ConceptIndex, concept_index_from_vocabs, gating_config
+from cgjax.concepts.model import ConceptLlava
+from cgjax.config import config_paths
+from cgjax.data.pipeline import PackedSource, image_dataset, split_sources
+from cgjax.demo_assets import ensure_demo_assets
+from cgjax.export import write_values_pt
 from cgjax.flops import param_counts, step_flops
-from cgjax.concepts.model import ConceptLlava, attention_regulariser
-from cgjax.generate import generate
-from cgjax.losses import IGNORE_INDEX, SEGMENT_KEYS, SEGMENT_REASON, segment_weighted_loss, token_cross_entropy
+from cgjax.metrics_log import MetricsLog
+from cgjax.multihost import Preemption, gather_host_strings, host_data_state
+from cgjax.preprocess import llava_preprocess_config
+from cgjax.sharding import canonical_sharding
+from cgjax.steps import (StepConfig, dtype_from_name, eval_step, greedy_generate, lr_schedule, make_optimizer,
+                         path_str, prefix_length, train_step, trainable_filter)
 from cgjax.text_rows import Collate, TextRows, parse_key_lines
+from converters import hf_llava
 
-__all__ = ["train_stage", "Trainer", "ConceptIndex", "StepConfig", "TextRows", "Collate", "make_optimizer",
-           "parse_key_lines", "greedy_generate", "load_trained_model", "step_flops", "ensure_demo_assets",
-           "write_label_signals", "concept_index_from_vocabs", "gating_config"]
-
-
-# ----------------------------------------------------------------------------------------------
-# optimizer and the compiled steps
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """Static (hashable) hyper-parameters of the compiled steps."""
-
-    lr: float = 1.0
-    weight_decay: float = 1e-4
-    clip_norm: float = 0.05
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    schedule: str = "constant"
-    warmup_updates: int = 0
-    decay_updates: int = 0
-    end_lr_fraction: float = 0.0
-    grad_accum: int = 4
-    segment_weights: tuple[float, float, float] = (0.0, 1.0, 0.0)
-    reg_lambda: float = 0.0075
-    prefix_len: int = 0  # > 0: positions [0, prefix_len) are encoded without gradient (values-only training)
-    max_targets: int = 0  # > 0: logits only at the (at most this many) supervised positions of each row
-    use_concepts: bool = True
-
-
-def lr_schedule(sc: StepConfig) -> optax.Schedule:
-    if sc.schedule == "constant":
-        return optax.constant_schedule(sc.lr)
-    if sc.schedule == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, sc.lr, max(sc.warmup_updates, 0),
-                                                  max(sc.decay_updates, sc.warmup_updates + 1),
-                                                  end_value=sc.lr * sc.end_lr_fraction)
-    raise ValueError(f"unknown schedule {sc.schedule!r}; expected constant or warmup_cosine")
-
-
-def make_optimizer(sc: StepConfig) -> optax.GradientTransformation:
-    """``MultiSteps(clip_by_global_norm -> AdamW)``: gradients averaged over ``grad_accum`` steps,
-    clipped, then one AdamW update (torch AdamW semantics: decoupled decay scaled by the lr)."""
-    inner = optax.adamw(lr_schedule(sc), b1=sc.b1, b2=sc.b2, eps=sc.eps, weight_decay=sc.weight_decay)
-    if sc.clip_norm > 0:
-        inner = optax.chain(optax.clip_by_global_norm(sc.clip_norm), inner)
-    return optax.MultiSteps(inner, every_k_schedule=max(1, sc.grad_accum))
-
-
-def _forward(model: ConceptLlava, batch, sc: StepConfig, with_reg: bool):
-    """-> ``(logits [B, N, V], labels [B, N], segment_ids [B, N])`` already shifted (logits[:, i]
-    predicts labels[:, i]), the attention rows (or None), the attention mask ``[B, T]`` and the
-    selection. With ``sc.prefix_len`` the prefix is encoded into a KV cache without gradient; with
-    ``sc.max_targets`` only the supervised positions are projected to logits."""
-    ids, labels, seg = batch["input_ids"], batch["labels"], batch["segment_ids"]
-    embeds, mask, sel = model.prepare(ids, batch["pixel_values"], batch["attention_mask"], batch["scores"],
-                                      use_concepts=sc.use_concepts)
-    lm = model.language_model
-    rows = model.concept_rows(ids) if with_reg else None
-    P = sc.prefix_len
-    if P > 0:
-        _, cache, _ = lm.hidden_states(jax.lax.stop_gradient(embeds[:, :P]), mask[:, :P], prefill_len=ids.shape[1],
-                                       last=0)  # only the prefix's keys/values are needed
-        cache = jax.lax.stop_gradient(cache)
-        h, _, attn = lm.hidden_states(embeds[:, P:], mask[:, P:], None, cache,
-                                      None if rows is None else rows - P)
-        labels, seg = labels[:, P:], seg[:, P:]
-    else:
-        h, _, attn = lm.hidden_states(embeds, mask, None, None, rows)
-    h, labels, seg = h[:, :-1], labels[:, 1:], seg[:, 1:]
-    if sc.max_targets > 0:  # the text rows check that no row has more targets
-        k = min(sc.max_targets, labels.shape[1])
-        idx = jnp.argsort(labels == IGNORE_INDEX, axis=1, stable=True)[:, :k]  # supervised positions first
-        h = jnp.take_along_axis(h, idx[..., None], axis=1)
-        labels, seg = jnp.take_along_axis(labels, idx, axis=1), jnp.take_along_axis(seg, idx, axis=1)
-    return lm.logits(h), labels, seg, attn, mask, sel
-
-
-def _shifted_loss(logits, labels, seg, weights):
-    """:func:`cgjax.losses.segment_weighted_loss` on already shifted arrays (one ignored column prepended)."""
-    B = labels.shape[0]
-    logits = jnp.concatenate([logits, jnp.zeros_like(logits[:, :1])], axis=1)
-    labels = jnp.concatenate([jnp.full((B, 1), IGNORE_INDEX, labels.dtype), labels], axis=1)
-    seg = jnp.concatenate([jnp.zeros((B, 1), seg.dtype), seg], axis=1)
-    return segment_weighted_loss(logits, labels, seg, weights)
-
-
-def _loss_fn(params, graphdef, frozen, batch, sc: StepConfig, with_reg: bool, step, nan_at):
-    model = nnx.merge(graphdef, params, frozen)
-    logits, labels, seg, attn, mask, sel = _forward(model, batch, sc, with_reg)
-    lm_loss, per_seg = _shifted_loss(logits, labels, seg, sc.segment_weights)
-    reg = jnp.zeros((), jnp.float32)
-    if with_reg:
-        reg = sc.reg_lambda * attention_regulariser(attn, sel.token_mask(model.gating.k_max), mask)
-    loss = lm_loss + reg
-    loss = loss + jnp.where(step == nan_at[0], jnp.nan, 0.0)  # fault injection (config.debug.nan_at_step)
-    n_sel = jnp.sum(sel.valid, axis=1).astype(jnp.float32)
-    return loss, {"lm_loss": lm_loss, "reg": reg, **per_seg, "concepts_per_sample": jnp.mean(n_sel)}
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
-def _train_step(graphdef, sc: StepConfig, with_reg: bool, shardings: tuple, state, frozen, batch, nan_at):
-    tx = make_optimizer(sc)
-    grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
-    (loss, aux), grads = grad_fn(state["params"], graphdef, frozen, batch, sc, with_reg, state["step"], nan_at)
-    # fault injection (config.debug.nan_grad_at_step): one gradient element of this step becomes NaN
-    grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].add(jnp.where(state["step"] == nan_at[1], jnp.nan, 0.0)),
-                         grads)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-           "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], state["step"])}
-    # a non-finite loss or gradient leaves the state (and the accumulated gradients) as they were;
-    # the host then stops the run
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-    leaves, treedef = jax.tree.flatten(new)
-    new = jax.tree.unflatten(treedef, [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings)])
-    return new, {"loss": loss, **aux, "grad_norm": grad_norm}
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _eval_step(graphdef, sc: StepConfig, params, frozen, batch):
-    """Teacher-forced sums per segment over the valid rows."""
-    model = nnx.merge(graphdef, params, frozen)
-    logits, labels, seg, _, _, _ = _forward(model, batch, sc, False)
-    ce = token_cross_entropy(logits, labels)
-    valid = (labels != IGNORE_INDEX) & (batch["valid"][:, None] > 0)
-    w = jnp.asarray(sc.segment_weights, jnp.float32)[seg] * valid
-    out = {"wce": jnp.sum(w * ce), "w": jnp.sum(w)}
-    for k, name in ((SEGMENT_KEYS, "keys"), (SEGMENT_REASON, "reason")):
-        m = (valid & (seg == k)).astype(jnp.float32)
-        out[f"ce_{name}"], out[f"n_{name}"] = jnp.sum(m * ce), jnp.sum(m)
-    return out
-
-
-def greedy_generate(model: ConceptLlava, input_ids, pixel_values, attention_mask, scores, max_new_tokens: int,
-                    eos_token_id: int, pad_token_id: int = 0, use_concepts: bool = True) -> jax.Array:
-    """Greedy decoding for a :class:`ConceptLlava` (left-padded prompts): prefill of the
-    concept-augmented ``inputs_embeds`` into a KV cache, then one token at a time until EOS."""
-    return generate(model, input_ids, pixel_values, attention_mask, max_new_tokens=int(max_new_tokens),
-                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, concept_scores=scores,
-                    use_concepts=use_concepts)
-
-
-# ----------------------------------------------------------------------------------------------
-# demo assets
-
-
-def ensure_demo_assets(config) -> None:
-    """For the ``demo`` preset: builds what is missing under ``config.demo.root`` -- the procedural
-    data set, a tiny random LLaVA with a tokenizer trained on the demo texts, and stand-in
-    signals derived from the labels (``scripts/demo.py`` uses prototype signals instead)."""
-    import csv
-
-    from cgjax.data.demo_data import make_demo
-
-    d = config.demo
-    root = os.path.realpath(str(d.root))
-    missing = [(field, path) for field, path in
-               [("data.dataset_json", config.data.dataset_json),
-                ("llava_checkpoint", os.path.join(config.llava_checkpoint, "config.json")),
-                *(("data.signals", p) for p in _paths(config.data.signals))]
-               if not os.path.exists(path)]
-    outside = [(f, p) for f, p in missing if not os.path.realpath(p).startswith(root + os.sep)]
-    if outside:
-        field, path = outside[0]
-        raise FileNotFoundError(f"config.{field}: {path} does not exist. The demo preset makes missing demo assets "
-                                f"only under config.demo.root ({d.root}), never elsewhere: correct the path, or move "
-                                "it under demo.root to have it generated")
-    data_dir = os.path.dirname(os.path.abspath(config.data.dataset_json))
-    if not os.path.exists(config.data.dataset_json):
-        logging.info("demo: generating the data set in %s", data_dir)
-        make_demo(data_dir, n_images=int(d.n_images), size=int(d.image_size))
-    if not os.path.exists(os.path.join(config.llava_checkpoint, "config.json")):
-        from converters.tiny_llava import make_llava_checkpoint
-        from converters.tiny_tokenizer import train_tokenizer
-
-        with open(config.data.targets_csv, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        corpus = [text.SYSTEM, text.STAGE_A_PROMPT, *text.STAGE_B_PROMPTS]
-        corpus += [r.get("target_keys", "") for r in rows] + [r.get("target_reason", "") for r in rows]
-        tok = train_tokenizer(corpus, vocab_size=int(d.vocab_size))
-        logging.info("demo: tiny LLaVA (vocab %d) in %s", len(tok), config.llava_checkpoint)
-        make_llava_checkpoint(config.llava_checkpoint, "tiny", seed=int(config.seed), vocab_size=len(tok),
-                              image_token_id=tok.convert_tokens_to_ids("<image>"))
-        tok.save_pretrained(config.llava_checkpoint)
-    for path in _paths(config.data.signals):
-        if not os.path.exists(path):
-            write_label_signals(config.data.dataset_json, config.data.images_root or None, path,
-                                dims=config.data.dimensions, seed=int(config.seed))
-
-
-def write_label_signals(dataset_json: str, images_root: str | None, out_path: str, dims: Sequence[str],
-                        seed: int = 0, p_correct: float = 0.85) -> None:
-    """Stand-in signals (keyed format) from the labels: the true concept scores about 0.9 with
-    probability ``p_correct`` (else a random wrong one does), the others uniform in [0, 0.6]."""
-    from cgjax.data.examples import load_data
-    from cgjax.data.signals import Signals, write_signals
-
-    data = load_data(dataset_json, images_root, dimensions=dims)
-    rng = np.random.default_rng(seed)
-    scores = {}
-    for d in data.dimensions:
-        k = len(data.vocabs[d])
-        s = rng.uniform(0.0, 0.6, size=(len(data.records), k)).astype(np.float32)
-        for i, r in enumerate(data.records):
-            j = data.vocabs[d].index(r.labels.get(d))
-            if j < 0:
-                continue
-            if k > 1 and rng.uniform() > p_correct:
-                j = int(rng.choice([x for x in range(k) if x != j]))
-            s[i, j] = rng.uniform(0.8, 1.0)
-        scores[d] = s
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    sig = Signals([r.image for r in data.records], {d: data.vocabs[d] for d in data.dimensions}, scores)
-    write_signals(out_path, sig, fmt="keyed")
-    logging.info("demo: label-derived stand-in signals written to %s", out_path)
+__all__ = ["train_stage", "Trainer", "load_trained_model"]
 
 
 # ----------------------------------------------------------------------------------------------
 # the trainer
 
 
-def _canonical(s, mesh) -> NamedSharding:
-    """``s`` as a NamedSharding on ``mesh`` without mesh axes of size 1 (jit outputs drop them)."""
-    if not isinstance(s, NamedSharding):
-        return NamedSharding(mesh, PartitionSpec())
-    spec = []
-    for e in s.spec:
-        axes = tuple(a for a in ((e,) if isinstance(e, str) else (e or ())) if s.mesh.shape[a] > 1)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    while spec and spec[-1] is None:
-        spec.pop()
-    return NamedSharding(s.mesh, PartitionSpec(*spec))
-
-
-def _paths(x) -> list[str]:
-    """A path, a comma-separated string or a sequence of paths (ml_collections references resolved)."""
-    if x is None:
-        return []
-    if isinstance(x, str):
-        return [p.strip() for p in x.split(",") if p.strip()]
-    return [str(p.get() if hasattr(p, "get") and not isinstance(p, str) else p) for p in x]
-
-
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[str(name)]
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(p, "key", p)) for p in path)
-
-
-def trainable_filter(patterns: Sequence[str]) -> Callable:
-    """nnx filter: a ``Param`` whose "/"-joined path fully matches one of ``patterns``."""
-    regexes = [re.compile(p) for p in patterns]
-
-    def f(path, value) -> bool:
-        return isinstance(value, nnx.Param) and any(r.fullmatch(_path_str(path)) for r in regexes)
-
-    return f
-
-
 class Trainer:
     """Everything one stage needs: model split into trained / frozen state, mesh, data, steps."""
 
     def __init__(self, config, workdir: str):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # optional [torch] extra
 
-        from converters import hf_llava
-        from cgjax.data.pipeline import PackedSource, split_sources
 
         self.config = config
         self.workdir = persistence.resolve(workdir)
@@ -352,7 +88,7 @@ class Trainer:
         self.n_devices = self.mesh.devices.size
 
         # data (vocabularies / concept index first: they size the model)
-        kw = dict(targets_csv=config.data.targets_csv or None, signals=_paths(config.data.signals) or None,
+        kw = dict(targets_csv=config.data.targets_csv or None, signals=config_paths(config.data.signals) or None,
                   dimensions=tuple(config.data.dimensions), vocab=config.data.vocab_json or None,
                   preload=bool(config.data.preload), allow_outside_root=bool(config.data.allow_outside_root))
         root = config.data.images_root or None
@@ -374,8 +110,8 @@ class Trainer:
         # tokenizer and processor files, read locally (a gs:// base is copied to a temporary folder)
         self.base_files = persistence.localize(config.llava_checkpoint, hf_llava.TOKENIZER_FILES)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_files)
-        llava = hf_llava.load_any(config.llava_checkpoint, dtype=_dtype(config.param_dtype), mesh=self.mesh,
-                                  rules_table=self.rules, compute_dtype=_dtype(config.dtype))
+        llava = hf_llava.load_any(config.llava_checkpoint, dtype=dtype_from_name(config.param_dtype), mesh=self.mesh,
+                                  rules_table=self.rules, compute_dtype=dtype_from_name(config.dtype))
         model = ConceptLlava(llava, self.gating, rngs=nnx.Rngs(int(config.seed)))
         sharding.shard_model(model, self.mesh, self.rules)
         self.model_config = llava.config
@@ -386,12 +122,12 @@ class Trainer:
 
         filt = trainable_filter(tuple(config.trainable))
         self.graphdef, trainable, frozen = nnx.split(model, filt, ...)
-        self.trainable_paths = [_path_str(p) for p, _ in nnx.to_flat_state(trainable)]
+        self.trainable_paths = [path_str(p) for p, _ in nnx.to_flat_state(trainable)]
         if not self.trainable_paths:
             raise ValueError(f"config.trainable {tuple(config.trainable)} matches no parameter")
         self.params0 = nnx.to_pure_dict(trainable)
         self.frozen = nnx.to_pure_dict(frozen)
-        values_only = all(p.startswith("concepts/") for p in self.trainable_paths)
+        values_only = all(p.startswith("concepts/") for p in self.trainable_paths)  # no dense trained weights
         self.param_counts = param_counts(nnx.state(model))
         self.n_trainable = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(self.params0))
         self.n_trainable_dense = 0 if values_only else self.n_trainable
@@ -399,20 +135,9 @@ class Trainer:
         # the prompt head before <image> has a fixed length: the concept slots sit at a static position
         probe = text.encode(self.tokenizer, text.STAGE_A_PROMPT, self.n_image_block, self.image_token_id, "x")
         self.n_head = int(np.argmax(probe.input_ids == self.image_token_id))
-        prefix_len = self.n_head + self.n_image_tokens if values_only else 0
+        prefix_len = prefix_length(self.trainable_paths, self.n_head, self.n_image_tokens)
 
-        self.sc = StepConfig(
-            lr=float(config.optim.lr), weight_decay=float(config.optim.weight_decay),
-            clip_norm=float(config.optim.clip_norm), b1=float(config.optim.b1), b2=float(config.optim.b2),
-            eps=float(config.optim.eps), schedule=str(config.optim.schedule),
-            warmup_updates=int(config.optim.warmup_updates),
-            decay_updates=(int(config.optim.decay_updates)
-                           or max(1, int(config.num_steps) // max(1, int(config.grad_accum)))),
-            end_lr_fraction=float(config.optim.end_lr_fraction), grad_accum=int(config.grad_accum),
-            segment_weights=(0.0, float(config.loss.w_keys), float(config.loss.w_reason)),
-            reg_lambda=float(config.loss.reg_lambda), prefix_len=prefix_len,
-            max_targets=int(config.text.get("max_target_tokens", 0)),
-            use_concepts=bool(config.gating.use_concepts))
+        self.sc = StepConfig.from_config(config, prefix_len)
         self.nan_at = (int(config.debug.nan_at_step), int(config.debug.get("nan_grad_at_step", -1)))
         self.state_shardings: tuple | None = None
 
@@ -426,8 +151,6 @@ class Trainer:
 
     # -- setup helpers ---------------------------------------------------------------------------
     def _preprocess_config(self):
-        from cgjax.preprocess import llava_preprocess_config
-
         return llava_preprocess_config(self.base_files, self.model_config.vision_config.image_size,
                                        str(self.config.data.preprocess))
 
@@ -442,8 +165,6 @@ class Trainer:
             max_targets=self.sc.max_targets, blank_images=bool(self.config.data.get("blank_images", False)))
 
     def train_dataset(self):
-        from cgjax.data.pipeline import image_dataset
-
         per_host = self.batch_size // jax.process_count()
         c = self.config.data
         return image_dataset(self.train_source, self.preprocess, per_host, seed=int(self.config.seed), shuffle=True,
@@ -474,7 +195,7 @@ class Trainer:
                  "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
                  "rng": jax.random.PRNGKey(int(self.config.seed))}
         # canonical shardings (mesh axes of size 1 dropped), as the compiled step returns them
-        state = jax.tree.map(lambda x: jax.device_put(x, _canonical(x.sharding, self.mesh)), state)
+        state = jax.tree.map(lambda x: jax.device_put(x, canonical_sharding(x.sharding, self.mesh)), state)
         self.state_shardings = tuple(x.sharding for x in jax.tree.leaves(state))
         return state
 
@@ -486,7 +207,7 @@ class Trainer:
     def train_step(self, state, batch: Mapping[str, jax.Array], step: int):
         """One step (donates ``state``), the compiled variant chosen by :meth:`with_reg`."""
         with jax.set_mesh(self.mesh):  # lets the model constrain activations to the batch sharding
-            return _train_step(self.graphdef, self.sc, self.with_reg(step), self.state_shardings, state,
+            return train_step(self.graphdef, self.sc, self.with_reg(step), self.state_shardings, state,
                                self.frozen, batch, jnp.asarray(self.nan_at, jnp.int32))
 
     def model(self, params=None) -> ConceptLlava:
@@ -495,8 +216,6 @@ class Trainer:
     # -- validation ------------------------------------------------------------------------------
     def _val_batches(self):
         if self._val_cache is None:
-            from cgjax.data.pipeline import image_dataset
-
             vb = int(self.config.val.batch_size)
             ds = image_dataset(self.val_source, self.preprocess, vb, shuffle=False, num_epochs=1,
                                drop_remainder=False, shard_index=0, shard_count=1,
@@ -525,7 +244,7 @@ class Trainer:
         for hb in self._val_batches():
             # validation runs replicated: its batch need not divide over the mesh
             b = {k: self._put_replicated(hb[k]) for k in self.TRAIN_KEYS + ("valid",)}
-            for k, v in _eval_step(self.graphdef, self.sc, params, self.frozen, b).items():
+            for k, v in eval_step(self.graphdef, self.sc, params, self.frozen, b).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             valid = np.asarray(hb["valid"]) > 0
             golds = [parse_key_lines(g, dims) for g in hb["gold_keys"]]
@@ -570,23 +289,8 @@ class Trainer:
         Called on every process (the values are gathered collectively); process 0 writes and
         returns the two paths, the others return None once it has."""
         values = self.values(params).astype(np.dtype(str(self.config.export.pt_dtype)))
-        return multihost.on_primary("the .pt export", lambda: self._write_pt(values, step))
-
-    def _write_pt(self, values: np.ndarray, step: int) -> tuple[str, str]:
-        import torch
-
-        base = persistence.join(self.workdir, f"concepts_stage{self.stage}")
-        persistence.write_file(base + ".pt",
-                               lambda p: torch.save({int(step): {"values": torch.from_numpy(values)}}, p))
-        g = self.gating
-        meta = {"format": "cgjax.concept_values", "stage": self.stage, "step": int(step),
-                **self.index.to_json(), "embed_dim": int(values.shape[-1]), "dtype": str(values.dtype),
-                "gating": {"threshold": g.threshold, "backoff_delta": g.backoff_delta,
-                           "topk_per_dim": g.topk_per_dim, "max_concepts": g.max_concepts,
-                           "priority": [self.index.dims[i] for i in (g.priority or ())]},
-                "llava_checkpoint": persistence.resolve(self.config.llava_checkpoint)}
-        persistence.write_text(base + ".json", json.dumps(meta, indent=2))
-        return base + ".pt", base + ".json"
+        return multihost.on_primary("the .pt export", lambda: write_values_pt(
+            self.workdir, self.stage, step, values, self.index, self.gating, self.config.llava_checkpoint))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,42 +310,22 @@ def load_trained_model(config, workdir: str) -> ConceptLlava:
     return trainer.model(got["params"])
 
 
-def _has_checkpoints(directory: str, config) -> bool:
-    """Whether ``directory`` holds a checkpoint step (read-only: nothing is created)."""
-    if not persistence.isdir(directory):
-        return False
-    mngr = checkpoints.manager(directory, config, read_only=True)
-    try:
-        return mngr.latest_step() is not None
-    finally:
-        mngr.close()
-
-
-def _resolve_init_dir(path: str) -> str:
-    path = persistence.resolve(path)
-    sub = persistence.join(path, "checkpoints")
-    return sub if persistence.isdir(sub) else path
-
-
 def _init_from(trainer: Trainer, state, config):
     """Stage hand-off: params (and, with ``init_optimizer``, the optimizer state) from the latest
     step of ``config.init_from``; the concept index must match."""
-    import orbax.checkpoint as ocp
-
-    directory = _resolve_init_dir(config.init_from)
+    directory = checkpoints.stage_dir(config.init_from)
     if not persistence.isdir(directory):
         raise FileNotFoundError(f"config.init_from: {directory} is not a checkpoint directory")
     mngr = checkpoints.manager(directory, config, read_only=True)
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"config.init_from: no checkpoint in {directory}")
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = checkpoints.read_meta(mngr, step)
     theirs = ConceptIndex.from_json(meta["concept_index"])
     if theirs != trainer.index:
         raise ValueError(f"config.init_from {directory} step {step}: its concept index {theirs.to_json()} differs "
                          f"from this run's {trainer.index.to_json()}")
-    tree = mngr.item_metadata(step)["state"]
-    tree = getattr(tree, "tree", tree)
+    tree = checkpoints.saved_tree(mngr, step)
     replicated = NamedSharding(trainer.mesh, PartitionSpec())
     abstract = checkpoints.abstract(tree, lambda x: replicated)
     if jax.tree.structure(checkpoints.abstract(tree["params"], lambda x: None)) != jax.tree.structure(state["params"]):
@@ -651,88 +335,13 @@ def _init_from(trainer: Trainer, state, config):
                                       checkpoints.abstract(tree["params"], lambda x: None), state["params"])
     if config.init_optimizer:
         abstract["opt_state"] = checkpoints.abstract(state["opt_state"], lambda x: x.sharding)
-    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    got = checkpoints.restore_state(mngr, step, abstract)
     mngr.close()
     state = dict(state, params=got["params"])
     if config.init_optimizer:
         state["opt_state"] = got["opt_state"]
     logging.info("initialised from %s step %d", directory, step)
     return state, int(step)
-
-
-# ----------------------------------------------------------------------------------------------
-# logging
-
-
-class _Logs:
-    """``metrics.jsonl`` (+ TensorBoard) of process 0. A local work dir gets each row at once; on an
-    object store rows are buffered and the object rewritten at :meth:`flush` (every
-    ``log.every_steps``, before a checkpoint, at the end), and TensorBoard writes to a local folder
-    uploaded at :meth:`close`. Resuming from step ``s`` first drops the rows past ``s`` that the
-    interrupted run had logged (and a row a kill cut in half), so no step appears twice."""
-
-    def __init__(self, workdir: str, enabled: bool, tensorboard: bool, resume_step: int | None = None):
-        self.enabled = enabled
-        self.workdir = workdir
-        self.path = persistence.join(workdir, "metrics.jsonl")
-        self.remote = persistence.is_url(workdir)
-        self.pending: list[str] = []
-        self.tb = self._tb_local = None
-        if not enabled:
-            return
-        if resume_step is not None:
-            persistence.keep_lines(self.path, lambda ln: _row_step(ln) is not None and _row_step(ln) <= resume_step)
-        elif persistence.exists(self.path):
-            persistence.write_text(self.path, "")  # a fresh run: no rows of an earlier one
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            if self.remote:
-                self._tb_local = tempfile.mkdtemp(prefix="cgjax-tensorboard-")
-            self.tb = SummaryWriter(self._tb_local or persistence.join(workdir, "tensorboard"))
-
-    def flush(self) -> None:
-        if self.pending:
-            persistence.append_lines(self.path, self.pending)
-            self.pending = []
-
-    def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
-        if not self.enabled:
-            return
-        row = {"step": int(step), "split": split, **{k: _py(v) for k, v in metrics.items()}}
-        self.pending.append(json.dumps(row) + "\n")
-        if not self.remote:
-            self.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
-
-    def close(self):
-        if not self.enabled:
-            return
-        self.flush()
-        if self.tb is not None:
-            self.tb.close()
-            if self._tb_local:
-                persistence.upload_tree(self._tb_local, persistence.join(self.workdir, "tensorboard"))
-                shutil.rmtree(self._tb_local, ignore_errors=True)
-
-
-def _row_step(line: str) -> int | None:
-    """The step of a ``metrics.jsonl`` line; None for a blank or cut-off one."""
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return None
-
-
-def _py(v):
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, jax.Array):
-        return np.asarray(v).item()
-    return v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -745,8 +354,6 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     ``step_callback(step, metrics)`` is called on the host after every step (``step`` = steps done).
     Raises ``FloatingPointError`` on a NaN/inf loss (the last good checkpoint stays the latest).
     """
-    from tqdm import tqdm
-
     workdir = persistence.resolve(workdir)
     persistence.check_reachable(workdir, float(config.get("storage_timeout_s", 30)))  # before any compute
     persistence.makedirs(workdir)
@@ -755,7 +362,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     # data set), init_from's base and data too; each refusal names both sides
     accept = bool(config.get("accept_mismatch", False))
     stage = str(config.stage)
-    resuming = bool(config.checkpoint.resume) and _has_checkpoints(persistence.join(workdir, "checkpoints"), config)
+    resuming = bool(config.checkpoint.resume) and checkpoints.has_checkpoints(persistence.join(workdir, "checkpoints"))
     if resuming:
         for d in provenance.check(provenance.read(workdir), provenance.record(config, stage), f"work dir {workdir}",
                                   keys=("stage", "base", "data"), accept=accept):
@@ -790,7 +397,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     if latest is None:  # a fresh run records what it trains on (after the demo assets exist)
         mine = provenance.record(config, tr.stage)
         multihost.on_primary("writing provenance.json", lambda: provenance.write(workdir, mine))
-    logs = _Logs(workdir, is_main, bool(config.log.tensorboard), resume_step=start if latest is not None else None)
+    logs = MetricsLog(workdir, is_main, bool(config.log.tensorboard), resume_step=start if latest is not None else None)
 
     def meta(step, it_state, val=None):
         # every host's grain state (orbax writes the metadata from the primary host only)

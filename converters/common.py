@@ -40,7 +40,9 @@ from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 from flax import nnx
 
 from cgjax import sharding as shd
@@ -61,7 +63,7 @@ def _to_numpy(t) -> np.ndarray:
         if t.dtype.kind == "V" or str(t.dtype) in ("bfloat16",) or t.dtype.name.startswith("float8"):
             return t.astype(np.float32)
         return t
-    import torch
+    import torch  # optional [torch] extra
 
     t = t.detach()
     if t.dtype in (torch.bfloat16,) or "float8" in str(t.dtype):
@@ -131,8 +133,6 @@ def _safetensors_entries(path: str) -> dict[str, LazyTensor]:
 
     def opened():
         if "f" not in handle:
-            from safetensors import safe_open
-
             handle["f"] = safe_open(path, framework="np")
         return handle["f"]
 
@@ -143,8 +143,6 @@ def _safetensors_entries(path: str) -> dict[str, LazyTensor]:
         if dt in _ST_DTYPES:
             loader = (lambda name=name: np.asarray(opened().get_tensor(name)))
         elif dt == "BF16":
-            import ml_dtypes
-
             def loader(shape=shape, start=start, end=end):
                 mm = np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
                 return np.asarray(mm).view(ml_dtypes.bfloat16).reshape(shape).astype(np.float32)
@@ -228,7 +226,7 @@ def read_tensors(src: Any) -> TensorStore:
             return TensorStore(entries, path)
         if path.endswith(".safetensors"):
             return TensorStore(_safetensors_entries(path), path)
-        import torch
+        import torch  # optional [torch] extra
 
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -782,12 +780,10 @@ def export_state(state: nnx.Module | nnx.State, rules: Iterable[Rule | tuple]) -
 def _np_for_safetensors(x) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         if hasattr(x, "detach"):
-            import torch
+            import torch  # optional [torch] extra
 
             t = x.detach().cpu()
             if t.dtype == torch.bfloat16:
-                import ml_dtypes
-
                 return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
             return _contiguous(t.numpy())
         x = np.asarray(jax.device_get(x))

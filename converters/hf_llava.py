@@ -32,11 +32,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from cgjax.data.schema import OVERWRITE_HELP, atomic_dir, check_output_dir
+from cgjax import persistence, sharding as shd
+from cgjax.data.schema import OVERWRITE_HELP, atomic_dir, check_output_dir, read_json
+from cgjax.models.llama import LlamaConfig, LlamaForCausalLM
+from cgjax.models.llava import Llava, LlavaConfig
 from converters import common as C
-
 from converters.openclip import hf_clip_vision_rules
 
 LAYOUTS: dict[str, tuple[str, str, str, str]] = {
@@ -123,7 +126,7 @@ def detect_layout(keys: Sequence[str], tied: bool = False) -> str:
 # ----------------------------------------------------------------------------------------------
 # load / save
 
-def _config_dict(src: Any) -> tuple[dict, str | None]:
+def config_dict(src: Any) -> tuple[dict, str | None]:
     """(HF config dict, source directory or None)."""
     if hasattr(src, "config") and hasattr(src, "state_dict"):
         return src.config.to_dict(), None
@@ -132,7 +135,6 @@ def _config_dict(src: Any) -> tuple[dict, str | None]:
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: no config.json next to the checkpoint {path!r}")
-    from cgjax.data.schema import read_json
 
     return read_json(cfg_path), folder  # a corrupt config.json: a DataError naming it
 
@@ -145,10 +147,8 @@ def load(path_or_torch_model: Any, dtype=jnp.float32, mesh: jax.sharding.Mesh | 
     created directly in its sharding (``rules_table``: logical-axis rules, default
     ``cgjax.sharding.DEFAULT_RULES``). ``rules`` overrides the conversion rule table; ``config``
     (a ``LlavaConfig`` or HF LLaVA config dict) the source's config (``source_dir`` is then None)."""
-    from cgjax.models.llava import Llava, LlavaConfig
-
     if config is None:
-        hf_cfg, folder = _config_dict(path_or_torch_model)
+        hf_cfg, folder = config_dict(path_or_torch_model)
         cfg = LlavaConfig.from_hf(hf_cfg)
     else:
         cfg, folder = (config if isinstance(config, LlavaConfig) else LlavaConfig.from_hf(config)), None
@@ -170,9 +170,7 @@ def load_llama(path_or_torch_model: Any, dtype=jnp.float32, mesh: jax.sharding.M
                compute_dtype=None, rules_table=None):
     """HF ``LlamaForCausalLM`` checkpoint (``model.*``, ``lm_head.*``) or live model ->
     :class:`~cgjax.models.llama.LlamaForCausalLM` (text only)."""
-    from cgjax.models.llama import LlamaConfig, LlamaForCausalLM
-
-    hf_cfg, _ = _config_dict(path_or_torch_model)
+    hf_cfg, _ = config_dict(path_or_torch_model)
     cfg = LlamaConfig.from_hf(hf_cfg)
     cdt = dtype if compute_dtype is None else compute_dtype
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=cdt, param_dtype=dtype, rngs=nnx.Rngs(0)))
@@ -270,7 +268,7 @@ def add_image_token(tokenizer_dir: str, image_token_id: int, source: str | None 
     name = source or tokenizer_dir
     if not any(os.path.exists(os.path.join(tokenizer_dir, n)) for n in ("tokenizer.json", "tokenizer.model")):
         return False
-    from transformers import AddedToken, AutoTokenizer
+    from transformers import AddedToken, AutoTokenizer  # optional [torch] extra
 
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -295,8 +293,6 @@ def add_image_token(tokenizer_dir: str, image_token_id: int, source: str | None 
 def save_orbax(model, out_dir: str, *, overwrite: bool = False) -> str:
     """NNX parameter state (orbax, ``state/``) + ``config.json`` (HF form) in ``out_dir`` (atomic;
     an existing folder cgjax did not write is refused unless ``overwrite``)."""
-    import orbax.checkpoint as ocp
-
     out_dir = os.path.abspath(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite, inputs=(getattr(model, "source_dir", None),)) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -313,8 +309,6 @@ def save_orbax(model, out_dir: str, *, overwrite: bool = False) -> str:
 
 def is_orbax_dir(path: Any) -> bool:
     """Whether ``path`` (a folder or a URL) is a params-only orbax checkpoint written by :func:`save_orbax`."""
-    from cgjax import persistence
-
     return isinstance(path, (str, os.PathLike)) and persistence.isdir(persistence.join(path, "state")) \
         and persistence.exists(persistence.join(path, "config.json"))
 
@@ -333,13 +327,6 @@ def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rul
     """Inverse of :func:`save_orbax` -> :class:`Llava` (parameters in ``dtype`` if given, else as saved;
     ``compute_dtype`` defaults to ``dtype``). With ``mesh`` the parameters are restored directly
     into their shardings."""
-    import orbax.checkpoint as ocp
-
-    from cgjax import sharding as shd
-    from cgjax.models.llava import Llava, LlavaConfig
-
-    from cgjax import persistence
-
     path = persistence.resolve(path)  # a local folder or a URL (gs://): orbax reads either
     cfg_path = persistence.join(path, "config.json")
     if not persistence.exists(cfg_path):

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters import common as C
-from converters import hf_llava
 from cgjax.data.schema import OVERWRITE_HELP, check_output_dir
+from cgjax.models.llava import LlavaConfig
+from converters import common as C, hf_llava
 
 NEWLINE_KEYS = ("image_newline", "model.image_newline")
 _NEXT_ONLY = ("image_grid_pinpoints", "use_image_newline_parameter")
@@ -49,8 +49,6 @@ class NextSource:
 
 def llava_config(hf_cfg: dict):
     """HF ``LlavaNextConfig`` dict -> :class:`LlavaConfig` of the single-crop model."""
-    from cgjax.models.llava import LlavaConfig
-
     if hf_cfg.get("model_type", "llava_next") != "llava_next":
         raise ValueError(f"not a LLaVA-NeXT config: model_type={hf_cfg.get('model_type')!r}")
     d = {k: v for k, v in hf_cfg.items() if k not in _NEXT_ONLY}
@@ -68,7 +66,7 @@ def load(path_or_torch_model: Any, dtype=jnp.float32, mesh: jax.sharding.Mesh | 
          compute_dtype=None, layout: str | None = None, rules_table=None):
     """LLaVA-NeXT checkpoint (directory / file / live model) -> single-crop :class:`Llava`.
     Arguments as :func:`converters.hf_llava.load`."""
-    hf_cfg, folder = hf_llava._config_dict(path_or_torch_model)
+    hf_cfg, folder = hf_llava.config_dict(path_or_torch_model)
     cfg = llava_config(hf_cfg)
     tensors = C.read_tensors(path_or_torch_model)
     tied = cfg.text_config.tie_word_embeddings

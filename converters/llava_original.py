@@ -46,9 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters import common as C
-from converters import hf_llava
 from cgjax.data.schema import OVERWRITE_HELP, check_output_dir
+from cgjax.models.llava import LlavaConfig, vision_config_to_hf
+from converters import common as C, hf_llava
 
 IMAGE_TOKEN_INDEX = -200  # the original repo's placeholder id for ``<image>``
 EMBEDDED_TOWER = "model.vision_tower.vision_tower.vision_model."  # 1.6 checkpoints
@@ -116,7 +116,7 @@ def _hf_cached(name: str) -> str | None:
     if not name or name.startswith((".", "/")) or name.count("/") != 1:
         return None
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # optional [torch] extra
 
         path = try_to_load_from_cache(name, "config.json")
     except Exception:  # noqa: BLE001 (no hub library / bad name: not cached)
@@ -138,15 +138,13 @@ def _tower(vision_tower: Any, src_cfg: dict, cfg_path: str, embedded: bool) -> t
                 f"{cfg_path}: 'mm_vision_tower' is {name!r}, which is not a local directory (nor in the local "
                 "Hugging Face cache), and the checkpoint holds no vision tower weights; pass vision_tower=PATH "
                 "(a CLIPVisionModel / CLIPModel checkpoint directory) or a live transformers CLIPVisionModel")
-    hf_cfg, _ = hf_llava._config_dict(vision_tower)
+    hf_cfg, _ = hf_llava.config_dict(vision_tower)
     hf_cfg = hf_cfg.get("vision_config", hf_cfg)  # a full CLIPConfig
     return hf_cfg, (None if embedded else vision_tower)
 
 
 def llava_config(src_cfg: dict, vision_cfg: dict, image_token_index: int | None = None):
     """Original ``config.json`` + the tower's HF CLIP vision config -> :class:`LlavaConfig`."""
-    from cgjax.models.llava import LlavaConfig
-
     ptype = src_cfg.get("mm_projector_type", "linear")
     if ptype != "mlp2x_gelu":
         raise NotImplementedError(f"mm_projector_type {ptype!r} is not supported (only 'mlp2x_gelu')")
@@ -239,8 +237,6 @@ def save(model, out_dir: str, vision_out_dir: str | None = None, *, embed_vision
     (else synthesised from ``model.config``); ``vision_tower_name`` sets ``mm_vision_tower``
     (default: the source's, else ``vision_out_dir``). ``model.image_newline`` is written back if
     the source had it. ``dtype``: tensor dtype (default: the parameters')."""
-    from cgjax.models.llava import vision_config_to_hf
-
     info = getattr(model, "llava_original", None)
     embed = (info.tower_embedded if info is not None else False) if embed_vision_tower is None else embed_vision_tower
     if not embed and vision_out_dir is None:

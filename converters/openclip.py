@@ -38,11 +38,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from cgjax import sharding as shd
+from cgjax.data.schema import atomic_dir
 from cgjax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from cgjax.preprocess import PreprocessConfig
+from cgjax.prototypes.head import PrototypeHead
 from converters import common as C
 
 # ----------------------------------------------------------------------------------- rules
@@ -147,7 +150,7 @@ def _read_hub_config(folder: str, what: str) -> dict:
 
 
 def _hf_cache_folder(repo_id: str, cache_dir: str | None) -> str:
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # optional [torch] extra
 
     path = try_to_load_from_cache(repo_id, "open_clip_config.json", cache_dir=cache_dir)
     if not isinstance(path, str):
@@ -160,8 +163,8 @@ def _hf_cache_folder(repo_id: str, cache_dir: str | None) -> str:
 def resolve_model_name(model_name: str, cache_dir: str | None = None) -> tuple[dict, dict, str | None]:
     """``model_name`` -> ``(model_cfg, preprocess_cfg, default_checkpoint_or_None)`` as open_clip
     resolves them (``preprocess_cfg`` = open_clip defaults + the hub config, size = image size)."""
-    import open_clip
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+    import open_clip  # optional [torch] extra
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict  # optional [torch] extra
 
     pp = dataclasses.asdict(PreprocessCfg())
     ckpt = None
@@ -237,13 +240,22 @@ def load(model_name: str, checkpoint_path_or_torch_model: Any = None, dtype=jnp.
     return OpenCLIPVision(model, PreprocessConfig.from_open_clip(pp))
 
 
+def load_head(model_name: str, checkpoint: Any = None, batch_size: int = 32, dtype: Any = None,
+              **kw) -> "PrototypeHead":
+    """A prototype head (:class:`cgjax.prototypes.PrototypeHead`) over the converted image tower of
+    ``model_name`` (see :func:`load`), with the preprocessing from the model's config."""
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model, pcfg = load(model_name, checkpoint, **kwargs)
+    return PrototypeHead(model, pcfg, model_name, batch_size, **kw)
+
+
 def export(model: CLIPVisionTransformer, prefix: str = "visual.") -> dict[str, np.ndarray]:
     """open_clip state dict (``prefix`` + vision tower keys) as numpy arrays."""
     return C.export_state(model, openclip_vision_rules(prefix))
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
-    import torch
+    import torch  # optional [torch] extra
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -266,7 +278,7 @@ def save(model: CLIPVisionTransformer, path: str, prefix: str = "visual.") -> st
     tensors = export(model, prefix)
     if path.endswith(".safetensors") or os.path.isdir(path):
         return C.save_safetensors(tensors, path)[0]
-    import torch
+    import torch  # optional [torch] extra
 
     sd = {}
     for k, v in tensors.items():
@@ -284,10 +296,6 @@ def save(model: CLIPVisionTransformer, path: str, prefix: str = "visual.") -> st
 def save_orbax(model: CLIPVisionTransformer, preprocess: PreprocessConfig, dst: str, model_name: str = "",
                force: bool = False) -> str:
     """Orbax checkpoint of the NNX state plus a JSON with the configs (written atomically by orbax)."""
-    import orbax.checkpoint as ocp
-
-    from cgjax.data.schema import atomic_dir
-
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and not force:
         raise FileExistsError(f"{dst} already exists (pass force=True / --force to overwrite)")
@@ -306,8 +314,6 @@ def save_orbax(model: CLIPVisionTransformer, preprocess: PreprocessConfig, dst: 
 
 def load_orbax(src: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, rules_table=None) -> OpenCLIPVision:
     """Inverse of :func:`save_orbax` (params restored directly into their shardings with ``mesh``)."""
-    import orbax.checkpoint as ocp
-
     src = os.path.abspath(src)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"orbax checkpoint {src} does not exist")
@@ -356,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.add_config:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"--add-config {path}: no such file or folder")
-            import open_clip
+            import open_clip  # optional [torch] extra
 
             open_clip.add_model_config(path)
         if args.cmd == "to-orbax":

@@ -1,9 +1,14 @@
 """Tiny random open_clip models saved as real checkpoints (tests, demo, benchmarks)."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import sys
 import tempfile
+
+from cgjax.data.schema import atomic_dir
 
 
 
@@ -35,9 +40,9 @@ def make_openclip_checkpoint(out_dir: str, width: int = 64, layers: int = 2, hea
 
     Parameters that open_clip initialises to constants (LayerNorm, biases) are randomised too,
     so a parity test cannot pass by accident. Returns ``(model_name, checkpoint_path)``."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
+    import open_clip  # optional [torch] extra
+    import torch  # optional [torch] extra
+    from safetensors.torch import save_file  # optional [torch] extra
 
     name = name or f"tiny-clip-w{width}-l{layers}-h{heads}-p{patch}-i{image_size}-e{embed_dim}-{act}-s{seed}"
     cfg = tiny_model_cfg(width, layers, heads, patch, image_size, embed_dim, act, **vision_extra)
@@ -59,7 +64,6 @@ def make_openclip_checkpoint(out_dir: str, width: int = 64, layers: int = 2, hea
     ckpt = os.path.join(out_dir, f"{name}.pt")
     torch.save(sd, ckpt)
 
-    from cgjax.data.schema import atomic_dir
 
     pp = dict(model.visual.preprocess_cfg)
     pp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}
@@ -77,9 +81,6 @@ _CACHED: dict[tuple, tuple[str, str]] = {}
 def cached_openclip_checkpoint(**kwargs) -> tuple[str, str]:
     """:func:`make_openclip_checkpoint` once per process and argument set (session fixtures of
     several test modules share it), in a temporary directory removed at exit."""
-    import atexit
-    import shutil
-
     key = tuple(sorted(kwargs.items()))
     if key not in _CACHED:
         if not _CACHE_DIR:
@@ -91,6 +92,4 @@ def cached_openclip_checkpoint(**kwargs) -> tuple[str, str]:
 
 
 if __name__ == "__main__":
-    import sys
-
     print(make_openclip_checkpoint(sys.argv[1] if len(sys.argv) > 1 else "tiny_clip"))

@@ -11,7 +11,10 @@
 """
 from __future__ import annotations
 
+import argparse
 import os
+
+from cgjax.data.schema import atomic_dir
 
 SIZES = {
     "tiny": dict(
@@ -37,8 +40,8 @@ def make_llava_model(size: str = "tiny", seed: int = 0, *, vocab_size: int | Non
                      vision_feature_select_strategy: str = "default", text_overrides: dict | None = None,
                      vision_overrides: dict | None = None, dtype=None):
     """A random ``LlavaForConditionalGeneration`` (eval mode); see the module docstring."""
-    import torch
-    import transformers
+    import torch  # optional [torch] extra
+    import transformers  # optional [torch] extra
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
@@ -77,7 +80,6 @@ def make_llava_checkpoint(out_dir: str, size: str = "tiny", seed: int = 0, *, vo
     """Build a random LLaVA (see :func:`make_llava_model`) and ``save_pretrained`` it to
     ``out_dir`` (written to a temporary folder and renamed). Returns ``out_dir``."""
     model = make_llava_model(size, seed, vocab_size=vocab_size, image_size=image_size, **kwargs)
-    from cgjax.data.schema import atomic_dir
 
     out_dir = os.path.abspath(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -86,8 +88,6 @@ def make_llava_checkpoint(out_dir: str, size: str = "tiny", seed: int = 0, *, vo
 
 
 if __name__ == "__main__":
-    import argparse
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--size", default="tiny", choices=sorted(SIZES))

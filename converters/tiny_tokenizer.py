@@ -14,8 +14,8 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     """A ``PreTrainedTokenizerFast`` trained on ``texts`` (ids 0..4 are the special tokens)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # optional [torch] extra
+    from transformers import PreTrainedTokenizerFast  # optional [torch] extra
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFKC()

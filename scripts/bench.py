@@ -12,6 +12,10 @@ import platform
 import sys
 import time
 
+import jax
+
+from cgjax.flops import matmul_peak
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODES = ("stageA", "generate", "encode", "signals", "prototypes", "loader", "startup")
@@ -69,10 +73,6 @@ def main(argv: list[str]) -> None:
         return
     mode, rest = argv[0], argv[1:]
     if mode == "all":
-        import jax
-
-        from cgjax.flops import matmul_peak
-
         peak = matmul_peak()
         print(f"measured fp32 matmul peak: jax {peak['jax'] / 1e9:.1f} GFLOP/s, torch "
               f"{peak.get('torch', float('nan')) / 1e9:.1f} GFLOP/s (2048^3; MFU below is against the higher)")

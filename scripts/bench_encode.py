@@ -9,11 +9,16 @@ and the median per batch is reported, as images/s.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from flax import nnx
+
+from cgjax import flops
+from converters import openclip as oc
+
 
 
 def _interleaved(fns: dict, iters: int, warmup: int) -> dict:
@@ -40,14 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv or [])
 
-    import jax
-    import numpy as np
-    import open_clip
-    import torch
-    from flax import nnx
+    import open_clip  # optional [torch] extra
+    import torch  # optional [torch] extra
 
-    from cgjax import flops
-    from converters import openclip as oc
 
     torch.manual_seed(args.seed)
     tmodel = open_clip.create_model(args.model).eval()

@@ -18,7 +18,16 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import cgjax
+from cgjax import flops
+from converters import hf_llava
+from converters.tiny_llava import make_llava_checkpoint
+
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,18 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args(argv or [])
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
+    import torch  # optional [torch] extra
 
-    import cgjax
-    from converters import hf_llava
-    from converters.tiny_llava import make_llava_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = make_llava_checkpoint(os.path.join(tmp, "llava"), args.size, seed=0)
-        import transformers
+        import transformers  # optional [torch] extra
 
         tdtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
         hf = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=tdtype).eval()
@@ -115,8 +118,6 @@ def main(argv: list[str] | None = None) -> dict:
     same_shot = float((np.asarray(shot) == np.asarray(out)).mean())
 
     n = B * args.new
-    from cgjax import flops
-    from flax import nnx
 
     call_flops = flops.generate_flops(cfg, flops.param_counts(nnx.state(model)), B, T, args.new)
     res = {"label": f"greedy generation, {args.size} LLaVA, batch {B}, {args.new} tokens (`cgjax.Generator`)",

@@ -11,7 +11,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cgjax.data import pipeline, tfds_builder
+from cgjax.data.demo_data import make_demo
+from cgjax.preprocess import PreprocessConfig
+
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -27,14 +30,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--source", choices=("memory", "tfds"), default="tfds")
     args = ap.parse_args(argv)
 
-    from cgjax.data import pipeline
-    from cgjax.data.demo_data import make_demo
-    from cgjax.preprocess import PreprocessConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_demo(os.path.join(tmp, "demo"), n_images=args.n_images, size=args.size, seed=0)
         if args.source == "tfds":
-            from cgjax.data import tfds_builder
             out = tfds_builder.pack(paths["dataset_json"], paths["images_root"], os.path.join(tmp, "packed"),
                                     targets_csv=paths["targets_csv"])
             source = tfds_builder.open_source(out, "train")

@@ -14,27 +14,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from PIL import Image
+
+from cgjax.data.demo_data import make_demo
+from cgjax.data.records import resolve_image
+from cgjax.prototypes.head import build_prototypes, read_records, record_paths
+from cgjax.prototypes.trainer import PrototypeTrainer, TrainerConfig, epoch_batches
+from converters import openclip, tiny_clip
+
 
 import numpy as np  # noqa: E402
 
 
 def _setup(model: str, n_images: int, size: int, root: str):
-    from cgjax.data.demo_data import make_demo
-
     paths = make_demo(os.path.join(root, "demo"), n_images=n_images, size=size, seed=0)
     if model == "tiny":
-        from converters import tiny_clip
-
         name, ckpt = tiny_clip.make_openclip_checkpoint(os.path.join(root, "clip"), heads=2)
         name = f"local-dir:{os.path.join(root, 'clip', name)}-hub"
     else:
-        import open_clip
-        import torch
+        import open_clip  # optional [torch] extra
+        import torch  # optional [torch] extra
 
         torch.manual_seed(0)
         m = open_clip.create_model(model)
@@ -45,14 +51,8 @@ def _setup(model: str, n_images: int, size: int, root: str):
 
 
 def bench_cgjax(paths, name, ckpt, epochs: int, cfg_kw: dict) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from cgjax.prototypes.head import PrototypeHead, build_prototypes, read_records, record_paths
-    from cgjax.prototypes.trainer import PrototypeTrainer, TrainerConfig, epoch_batches
-
     dims = ["artist", "style", "genre"]
-    head = PrototypeHead.from_openclip(name, ckpt, batch_size=32)
+    head = openclip.load_head(name, ckpt, batch_size=32)
     ds = read_records(paths["dataset_json"], paths["images_root"], dimensions=dims)
     files = record_paths(ds)
     head.embed_paths(files[:32])  # compile
@@ -86,15 +86,10 @@ def bench_cgjax(paths, name, ckpt, epochs: int, cfg_kw: dict) -> dict:
 
 def bench_torch(paths, name, ckpt, cfg_kw: dict, device: str) -> dict:
     """The original's PrototypeDataset + PrototypeTrainer loop, one epoch per dimension."""
-    import random
+    import open_clip  # optional [torch] extra
+    import torch  # optional [torch] extra
+    import torch.nn.functional as F  # optional [torch] extra
 
-    import open_clip
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-
-    from cgjax.data.records import resolve_image
-    from cgjax.prototypes.head import read_records
 
     dims = ["artist", "style", "genre"]
     model = open_clip.create_model(name)
@@ -188,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=5, help="cgjax epochs timed (median)")
     ap.add_argument("--device", default="auto", help="torch device (auto: cuda if available)")
     a = ap.parse_args(argv if argv is not None else [])
-    import torch
+    import torch  # optional [torch] extra
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     with tempfile.TemporaryDirectory() as root:

@@ -27,7 +27,15 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from PIL import Image
+
+from cgjax import flops
+from cgjax.data.demo_data import make_demo
+from cgjax.prototypes.export import embed_records, read_aligned
+from cgjax.prototypes.head import PrototypeSet, l2_normalize, record_paths
+from converters import openclip
+
 
 DIMS = ("artist", "style", "genre")
 
@@ -41,15 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv or [])
 
-    import numpy as np
-    import open_clip
-    import torch
-    from PIL import Image
+    import open_clip  # optional [torch] extra
+    import torch  # optional [torch] extra
 
-    from cgjax import flops
-    from cgjax.data.demo_data import make_demo
-    from cgjax.prototypes.export import embed_records, read_aligned
-    from cgjax.prototypes.head import PrototypeHead, PrototypeSet, l2_normalize, record_paths
 
     with tempfile.TemporaryDirectory() as root:
         paths = make_demo(os.path.join(root, "demo"), n_images=args.n_images, size=args.size, seed=0)
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.save(tmodel.state_dict(), ckpt)
 
         ds, _ = read_aligned(paths["dataset_json"], paths["images_root"])
-        head = PrototypeHead.from_openclip(args.model, ckpt, batch_size=args.batch)
+        head = openclip.load_head(args.model, ckpt, batch_size=args.batch)
         rs = np.random.default_rng(0)
         vocab = {d: sorted({r.labels[d] for r in ds.records if r.labels.get(d)}) for d in DIMS}
         ps = PrototypeSet(args.model, {d: l2_normalize(rs.standard_normal((len(v), head.width)).astype(np.float32))

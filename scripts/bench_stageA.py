@@ -5,7 +5,7 @@ The 'small' random LLaVA (CLIP 256 wide / 4 layers / 224 px / patch 16; LLaMA 51
 concept tokens (2 concepts x K_max 6, all active), frozen model, trainable concept values,
 AdamW (lr 1.0, wd 1e-4) after global-norm clipping at 0.05, one update per step.
 
-* cgjax: ``cgjax.train``'s compiled train step (the one ``train_stage`` runs), without the
+* cgjax: ``cgjax.steps.train_step`` (the one ``train_stage`` runs), without the
   attention regulariser (the Stage A step on 3 of every 4 steps). It encodes the prefix before
   the concept slots (prompt head + image tokens) without gradient and differentiates / projects
   to logits only the rest; the ``cgjax_full_forward`` row is the same step without that
@@ -28,11 +28,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cgjax import flops, steps
+from cgjax.concepts import gating
+from cgjax.concepts.model import ConceptLlava
+from converters import hf_llava
+from converters.tiny_llava import make_llava_model
+
 
 B, N_TEXT, K_MAX, N_SLOTS = 4, 64, 6, 2
 N_HEAD = 8  # text tokens before <image>; the other 56 follow the image block
@@ -40,8 +50,6 @@ N_TARGET = 24  # supervised tokens at the end (the key lines)
 
 
 def _inputs(cfg, seed: int = 0):
-    import numpy as np
-
     rs = np.random.RandomState(seed)
     vocab = cfg.text_config.vocab_size
     n_img = cfg.num_image_tokens
@@ -73,18 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-full", action="store_true", help="skip the cgjax reference row without the prefix shortcut")
     args = ap.parse_args(argv or [])
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
+    import torch  # optional [torch] extra
 
-    from cgjax import flops, train
-    from cgjax.concepts import gating
-    from cgjax.concepts.model import ConceptLlava
-    from converters import hf_llava
-    from converters.tiny_llava import make_llava_model
 
     hf = make_llava_model("small", seed=0).eval()
     for p in hf.parameters():
@@ -100,14 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
                                topk_per_dim=1, max_concepts=N_SLOTS)
     model = ConceptLlava(llava, gcfg, rngs=nnx.Rngs(0))
     model.concepts.values.set_value(jnp.asarray(values0))
-    graphdef, trainable, frozen = nnx.split(model, train.trainable_filter(("concepts/.*",)), ...)
-    sc = train.StepConfig(grad_accum=1, segment_weights=(0.0, 1.0, 0.0), reg_lambda=0.0,
+    graphdef, trainable, frozen = nnx.split(model, steps.trainable_filter(("concepts/.*",)), ...)
+    sc = steps.StepConfig(grad_accum=1, segment_weights=(0.0, 1.0, 0.0), reg_lambda=0.0,
                           prefix_len=N_HEAD + n_img, max_targets=N_TARGET)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     rep = NamedSharding(mesh, PartitionSpec())
     put = lambda t: jax.tree.map(lambda x: jax.device_put(x, rep), t)  # noqa: E731
     params, frozen = put(nnx.to_pure_dict(trainable)), put(nnx.to_pure_dict(frozen))
-    state = put({"params": params, "opt_state": train.make_optimizer(sc).init(params),
+    state = put({"params": params, "opt_state": steps.make_optimizer(sc).init(params),
                  "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)})
     shardings = tuple(x.sharding for x in jax.tree.leaves(state))
     segs = np.where(labels != -100, 1, 0).astype(np.int32)
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def jax_step():
         nonlocal state
-        state, m = train._train_step(graphdef, sc, False, shardings, state, frozen, batch, nan_at)
+        state, m = steps.train_step(graphdef, sc, False, shardings, state, frozen, batch, nan_at)
         return m["loss"]
 
     t0 = time.perf_counter()
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def jax_full_step():
         nonlocal state_full
-        state_full, m = train._train_step(graphdef, sc_full, False, shardings, state_full, frozen, batch, nan_at)
+        state_full, m = steps.train_step(graphdef, sc_full, False, shardings, state_full, frozen, batch, nan_at)
         return m["loss"]
 
     if not args.no_full:

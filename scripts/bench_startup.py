@@ -10,6 +10,7 @@ is the intercept. ``--code DIR`` times another checkout (e.g. an older commit) w
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -17,13 +18,19 @@ import sys
 import tempfile
 import time
 
+from cgjax.config import load_config
+from cgjax.data.demo_data import write_label_signals
+from cgjax.data.tfds_builder import pack
+from cgjax.demo_assets import ensure_demo_assets
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = r"""
 import json, os, sys, time
 t0 = float(sys.argv[1])
-from cgjax import train
+from cgjax.data.demo_data import write_label_signals
 from cgjax.config import load_config
+from cgjax.data.demo_data import write_label_signals
 spec = json.loads(sys.argv[2])
 c = load_config(os.path.join(spec["code"], "configs", "stageA.py") + ":preset=demo")
 c.demo.root = spec["demo_root"]
@@ -42,10 +49,6 @@ print("STARTUP_JSON " + json.dumps({"first_step_s": first[0]}))
 
 def synthetic_set(demo_root: str, n: int, out: str) -> dict[str, str]:
     """N records over the demo's images (hard links), 80/10/10 splits, targets and label signals."""
-    import csv
-
-    from cgjax import train
-
     src = json.load(open(os.path.join(demo_root, "data", "dataset.json")))
     rows = list(csv.DictReader(open(os.path.join(demo_root, "data", "targets.csv"), newline="")))
     by_image = {r["image_path"]: r for r in rows}
@@ -67,7 +70,7 @@ def synthetic_set(demo_root: str, n: int, out: str) -> dict[str, str]:
         w.writeheader()
         w.writerows(targets)
     signals = os.path.join(out, "signals.keyed.json")
-    train.write_label_signals(os.path.join(out, "dataset.json"), out, signals, dims=("artist", "style", "genre"))
+    write_label_signals(os.path.join(out, "dataset.json"), out, signals, dims=("artist", "style", "genre"))
     return {"dataset_json": os.path.join(out, "dataset.json"), "images_root": out,
             "targets_csv": os.path.join(out, "targets.csv"), "signals": signals}
 
@@ -90,8 +93,6 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--code", default=ROOT, help="checkout to time (default: this one)")
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args(argv)
-    from cgjax.config import load_config
-    from cgjax.train import ensure_demo_assets
 
     sizes = sorted(int(x) for x in args.images.split(","))
     work = tempfile.mkdtemp(prefix="cgjax-bench-startup-")
@@ -108,8 +109,6 @@ def main(argv: list[str]) -> dict:
             data = sets[n]
             spec = dict(data, demo_root=c.demo.root)
             if kind == "packed":
-                from cgjax.data.tfds_builder import pack
-
                 spec["packed_dir"] = pack(data["dataset_json"], data["images_root"], os.path.join(work, f"packed{n}"),
                                           targets_csv=data["targets_csv"], signals=[data["signals"]])
             best = min(run_child(args.code, dict(spec, workdir=os.path.join(work, f"wd-{kind}-{n}-{r}")))

@@ -6,10 +6,9 @@ prototypes, the concept values, the signals, ``concept_tokens.py`` and ``example
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cgjax.export import export
+
 
 
 def main(argv=None):
@@ -24,7 +23,6 @@ def main(argv=None):
     p.add_argument("--llava-checkpoint", default=None, help="default: the one named by the stage's concepts json")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     a = p.parse_args(argv)
-    from cgjax.export import export
 
     written = export(a.workdir, a.out, stage_workdir=a.stage_workdir, prototypes_workdir=a.prototypes_workdir,
                      llava_checkpoint=a.llava_checkpoint, step=a.step, overwrite=a.overwrite,

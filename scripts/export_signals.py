@@ -21,10 +21,10 @@ import os
 import sys
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cgjax.prototypes.calibrate import MODES  # noqa: E402
-from cgjax.prototypes.validate_signals import add_gating_args  # noqa: E402
+from cgjax.prototypes import export, io as pio
+from cgjax.prototypes.calibrate import MODES
+from cgjax.prototypes.validate_signals import add_gating_args
+from converters import openclip
 
 
 def _bool(v: str) -> bool:
@@ -69,8 +69,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def load_checkpoints(a: argparse.Namespace):
-    from cgjax.prototypes import io as pio
-
     per_dim = {d: getattr(a, f"ckpt_{d}") for d in ("artist", "style", "genre") if getattr(a, f"ckpt_{d}")}
     for item in a.ckpt_for:
         d, _, p = item.partition("=")
@@ -94,8 +92,6 @@ def load_checkpoints(a: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     a = parse_args(argv)
-    from cgjax.prototypes import export
-    from cgjax.prototypes.head import PrototypeHead
 
     ps = load_checkpoints(a)
     dims = [d.strip() for d in a.dimensions.split(",") if d.strip()] or ps.dimensions
@@ -104,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model_name = a.clip_model or ps.clip_model_name
     if a.clip_checkpoint is None and not model_name.startswith(("local-dir:", "hf-hub:")):
         raise SystemExit(f"--clip_checkpoint is required for {model_name!r} (no hub access)")
-    head = PrototypeHead.from_openclip(model_name, a.clip_checkpoint, batch_size=a.batch_size)
+    head = openclip.load_head(model_name, a.clip_checkpoint, batch_size=a.batch_size)
     head.load_prototypes(ps)  # checks the embedding width
     ds, row_images = export.read_aligned(a.dataset_json, a.images_root, dims)
     emb, present = export.embed_records(head, ds)

@@ -6,16 +6,15 @@
 """
 from __future__ import annotations
 
-import os
-import sys
-
 from absl import app, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cgjax import multihost
+from cgjax.infer import run_inference
+
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (configs/infer.py).")
-_LAUNCH = None  # the multi-process launch flags, defined below once cgjax is importable
+_LAUNCH = multihost.define_flags()  # --coordinator_address, --num_processes, --process_id, ...
 
 
 def main(argv):
@@ -23,8 +22,6 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/infer.py --config.workdir DIR")
-    from cgjax import multihost
-    from cgjax.infer import run_inference
 
     multihost.initialize_from_flags(_LAUNCH)
     multihost.enable_compile_cache(config.get("compile_cache_dir"))
@@ -34,10 +31,6 @@ def main(argv):
         logging.info("%s: %s", name, path)
         print(f"{name}: {path}")
 
-
-from cgjax import multihost as _multihost  # noqa: E402 - after the sys.path line above
-
-_LAUNCH = _multihost.define_flags()
 
 if __name__ == "__main__":
     app.run(main)

@@ -10,7 +10,10 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+
+from cgjax.plan import main as plan_main, mesh_devices_needed
+
 
 
 def main() -> int:
@@ -18,13 +21,11 @@ def main() -> int:
     if "-h" not in argv and "--help" not in argv:
         # jax must not be initialised before XLA_FLAGS asks for the stand-in devices: read the mesh size
         # from the arguments (and, without --mesh, the config file) with jax imported but not started.
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        from cgjax.plan import mesh_devices_needed
+        jax.config.update("jax_platforms", "cpu")
 
         n = max(1, mesh_devices_needed(argv))
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    from cgjax.plan import main as plan_main
 
     return plan_main(argv)
 

@@ -17,9 +17,11 @@ import pytest
 import torch
 from flax import nnx
 
-from cgjax import demo, infer, text, train
+from cgjax import demo, infer, text
+from cgjax.concepts.index import gating_config_from_fields
 from cgjax.data.demo_data import make_demo
 from cgjax.testing import fake_trained_stage, tiny_llava_with_tokenizer
+from cgjax.data.demo_data import write_label_signals
 
 DIMS = ("artist", "style", "genre")
 MAX_NEW = 10
@@ -38,7 +40,7 @@ def exported(tmp_path_factory):
     ckpt, tok = tiny_llava_with_tokenizer(os.path.join(work, "checkpoints", "llava"), paths["targets_csv"])
     data_dir = os.path.dirname(paths["dataset_json"])
     signals = os.path.join(root, "signals.keyed.json")
-    train.write_label_signals(paths["dataset_json"], data_dir, signals, dims=DIMS, seed=0)
+    write_label_signals(paths["dataset_json"], data_dir, signals, dims=DIMS, seed=0)
 
     c = demo.stage_config("A", ckpt, paths, signals, mesh="data=1",
                           **{"data.images_root": data_dir, "checkpoint.async_save": False})
@@ -145,7 +147,7 @@ def test_concept_tokens_generate_equals_cgjax(exported):
     tok = AutoTokenizer.from_pretrained(os.path.join(out, "llava"))
 
     tv = infer.load_trained_values(exported["stage_wd"])
-    gcfg = infer._gating_config(tv.index, tv.export_meta.get("gating") or {})
+    gcfg = gating_config_from_fields(tv.index, tv.export_meta.get("gating") or {})
     llava = hf_llava.load(exported["ckpt"])
     model = ConceptLlava(llava, gcfg, rngs=nnx.Rngs(0))
     model.concepts.values.set_value(jnp.asarray(tv.values))

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cgjax import demo, infer, text, train
+from cgjax import demo, infer, text
 from cgjax.config import load_config
 from cgjax.data.demo_data import make_demo
 from cgjax.eval import saliency as sal
 from cgjax.config import override
 from cgjax.testing import fake_trained_stage, tiny_llava_with_tokenizer
+from cgjax.data.demo_data import write_label_signals
+from cgjax.concepts.index import ConceptIndex
 
 STRUCTURED_PROMPT = (
     "Between <BEGIN_JSON> and <END_JSON>, return only a compact JSON with keys artist, style, genre, evidence. "
@@ -39,7 +41,8 @@ def setup(tmp_path_factory):
     from cgjax.data.records import read_dataset_json
     from cgjax.data.signals import write_signals_keyed
     from cgjax.prototypes import export, io as pio
-    from cgjax.prototypes.head import PrototypeHead, build_prototypes, record_paths
+    from cgjax.prototypes.head import build_prototypes, record_paths
+    from converters import openclip
 
     root = str(tmp_path_factory.mktemp("infer"))
     paths = make_demo(os.path.join(root, "data"), n_images=24, size=32)
@@ -47,7 +50,7 @@ def setup(tmp_path_factory):
                                           [STRUCTURED_PROMPT, NATURAL_PROMPT])
     data_dir = os.path.dirname(paths["dataset_json"])
     label_signals = os.path.join(root, "signals.keyed.json")
-    train.write_label_signals(paths["dataset_json"], data_dir, label_signals, dims=DIMS, seed=0)
+    write_label_signals(paths["dataset_json"], data_dir, label_signals, dims=DIMS, seed=0)
 
     # a Stage A work dir written by the trainer's own checkpoint code (no train-step compile): the
     # initial state with its values moved, saved as step 2 with the concept index, plus the .pt export
@@ -62,7 +65,7 @@ def setup(tmp_path_factory):
     clip_dir = os.path.join(root, "clip")
     name, _ = make_openclip_checkpoint(clip_dir, width=64, layers=2, heads=2, patch=8, image_size=32, embed_dim=32)
     clip_name = f"local-dir:{os.path.join(clip_dir, name)}-hub"
-    head = PrototypeHead.from_openclip(clip_name, None, batch_size=8)
+    head = openclip.load_head(clip_name, None, batch_size=8)
     ds = read_dataset_json(paths["dataset_json"], data_dir, dimensions=DIMS)
     emb, _ = head.embed_paths(record_paths(ds), missing="error")
     ps = build_prototypes(emb, {d: [r.labels.get(d) for r in ds.records] for d in DIMS}, clip_name)
@@ -116,7 +119,7 @@ def test_trained_values_loaded(setup):
     np.testing.assert_array_equal(tv.values, pt)
     np.testing.assert_array_equal(tv.values, setup["trained"])
     assert tv.export_meta["gating"]["max_concepts"] == 3
-    bad = train.ConceptIndex(tv.index.dims, tv.index.names, tv.index.k_max + 1)
+    bad = ConceptIndex(tv.index.dims, tv.index.names, tv.index.k_max + 1)
     with pytest.raises(ValueError, match="concept index"):
         infer.load_trained_values(setup["stage_wd"], index=bad)
 

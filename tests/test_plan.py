@@ -6,8 +6,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cgjax import plan as P
-from cgjax import sharding, train
+from cgjax import plan as P, sharding, steps
+from cgjax.concepts.index import ConceptIndex, gating_config
+from cgjax.concepts.model import ConceptLlava
 from cgjax.config import load_config
 from cgjax.models.llava import Llava, LlavaConfig
 
@@ -53,26 +54,25 @@ def test_tiny_memory_matches_the_real_sharded_state(tiny_plan):
     config, p = tiny_plan
     mesh = sharding.make_mesh(p.mesh, jax.devices()[:8])
     rules = tuple(config.sharding_rules)
-    index = train.ConceptIndex(("artist", "style", "genre"),
+    index = ConceptIndex(("artist", "style", "genre"),
                                tuple(tuple(f"{d}{i}" for i in range(n)) for d, n in (("a", 5), ("s", 4), ("g", 3))),
                                int(config.gating.k_max))
-    from cgjax.concepts.model import ConceptLlava
 
     cfg = LlavaConfig.from_hf(P.tiny_llava_hf_config("tiny"))
-    gcfg = train.gating_config(config, index)
+    gcfg = gating_config(config, index)
     # real arrays (eager initialisation compiles op by op: filling the abstract model is quicker)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: ConceptLlava(Llava(cfg, rngs=nnx.Rngs(0)), gcfg,
                                                                     rngs=nnx.Rngs(1))))
     model = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), state))
     sharding.shard_model(model, mesh, rules)
-    _, trainable, frozen = nnx.split(model, train.trainable_filter(tuple(config.trainable)), ...)
+    _, trainable, frozen = nnx.split(model, steps.trainable_filter(tuple(config.trainable)), ...)
     assert _device0_bytes(frozen) == p.memory["params_frozen"] > 0
     assert _device0_bytes(trainable) == p.memory["params_trainable"] > 0
     # some weights really are split (the test would not see a replication bug otherwise)
     assert p.memory["params_frozen"] < 0.5 * sum(x.nbytes for x in jax.tree.leaves(frozen))
 
     params = nnx.to_pure_dict(trainable)
-    opt = train.make_optimizer(P._step_config(config, p.prefix_len)).init(params)
+    opt = steps.make_optimizer(steps.StepConfig.from_config(config, p.prefix_len)).init(params)
     like = {(x.shape, x.dtype): x.sharding for x in jax.tree.leaves(params)}
     replicated = NamedSharding(mesh, PartitionSpec())
     opt = jax.tree.map(lambda x: jax.device_put(x, like.get((x.shape, x.dtype), replicated)), opt)

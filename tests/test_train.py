@@ -19,6 +19,11 @@ from cgjax.losses import IGNORE_INDEX, SEGMENT_KEYS, SEGMENT_REASON
 from cgjax.data.demo_data import make_demo
 from cgjax.config import load_config, override
 from cgjax.testing import tiny_llava_with_tokenizer
+from cgjax.data.demo_data import write_label_signals
+from cgjax.text_rows import Collate, TextRows, parse_key_lines
+from cgjax import steps
+from cgjax.demo_assets import ensure_demo_assets
+from cgjax.metrics_log import MetricsLog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +40,7 @@ def assets(tmp_path_factory):
     ckpt, tok = tiny_llava_with_tokenizer(os.path.join(root, "llava"), paths["targets_csv"])
     signals = os.path.join(root, "signals.keyed.json")
     data_dir = os.path.dirname(paths["dataset_json"])
-    train.write_label_signals(paths["dataset_json"], data_dir, signals, dims=("artist", "style", "genre"), seed=0)
+    write_label_signals(paths["dataset_json"], data_dir, signals, dims=("artist", "style", "genre"), seed=0)
     return {"root": root, "ckpt": ckpt, "signals": signals, "data_dir": data_dir, **paths}
 
 
@@ -100,8 +105,8 @@ def test_text_rows_and_collate(assets):
     kw = dict(tokenizer=tok, n_image_block=7, image_token_id=img, length=200, concept_dims=("artist", "style", "genre"),
               label_dims=("artist", "style", "genre"), label_names=names, prompt_seed=42, max_reason_tokens=10,
               add_eos=True)
-    a = train.TextRows(stage="A", **kw)(ex)
-    b = train.TextRows(stage="B", with_prompt=True, **kw)(ex)
+    a = TextRows(stage="A", **kw)(ex)
+    b = TextRows(stage="B", with_prompt=True, **kw)(ex)
     np.testing.assert_array_equal(a["scores"], np.float32([0.1, 0.9, 0.8, 0.3]))
     for r in (a, b):
         ids = r["input_ids"]
@@ -117,12 +122,12 @@ def test_text_rows_and_collate(assets):
     want = text.stage_b_prompt_for_image("x.png", 42)
     np.testing.assert_array_equal(b["prompt_ids"][b["prompt_mask"] > 0], text.encode(tok, want, 7, img).input_ids)
     relabelled = dict(ex, labels={"artist": 0, "style": 0, "genre": 0})
-    np.testing.assert_array_equal(train.TextRows(stage="B", with_prompt=True, **kw)(relabelled)["prompt_ids"],
+    np.testing.assert_array_equal(TextRows(stage="B", with_prompt=True, **kw)(relabelled)["prompt_ids"],
                                   b["prompt_ids"])
     assert b["prompt_mask"][0] == 0 and b["prompt_mask"][-1] == 1  # left padded inference prompt
-    batch = train.Collate(3)([a, a])
+    batch = Collate(3)([a, a])
     assert batch["input_ids"].shape == (3, 200) and batch["valid"].tolist() == [1, 1, 0]
-    assert train.parse_key_lines("Artist: x\nstyle:y \nnoise\nartist: z", ("artist", "style", "genre")) == \
+    assert parse_key_lines("Artist: x\nstyle:y \nnoise\nartist: z", ("artist", "style", "genre")) == \
         {"artist": "x", "style": "y"}
 
 
@@ -136,7 +141,7 @@ def test_shortcuts_equal_full_forward(assets, tmp_path):
 
     @jax.jit
     def both(params, frozen, batch):
-        f = jax.value_and_grad(train._loss_fn, has_aux=True)
+        f = jax.value_and_grad(steps.loss_fn, has_aux=True)
         args = (tr.graphdef, frozen, batch)
         no_fault = jnp.full((2,), -1, jnp.int32)
         a = f(params, *args, tr.sc, True, 0, no_fault)
@@ -292,7 +297,7 @@ def test_demo_assets_only_under_demo_root(assets, tmp_path):
     (user / "llava-1.5-7b-hf").mkdir()
     c.llava_checkpoint = str(user)
     with pytest.raises(FileNotFoundError, match=r"config.llava_checkpoint: .*models/config.json does not exist"):
-        train.ensure_demo_assets(c)
+        ensure_demo_assets(c)
     assert sorted(os.listdir(user)) == ["NOTES.txt", "llava-1.5-7b-hf"]
     assert not os.path.exists(tmp_path / "demo")
 
@@ -300,7 +305,7 @@ def test_demo_assets_only_under_demo_root(assets, tmp_path):
     c.demo.root = str(tmp_path / "demo")
     c.data.signals = (str(tmp_path / "signals_typo.json"),)
     with pytest.raises(FileNotFoundError, match=r"config.data.signals: .*signals_typo.json does not exist"):
-        train.ensure_demo_assets(c)
+        ensure_demo_assets(c)
     assert not os.path.exists(tmp_path / "signals_typo.json")
 
 
@@ -387,7 +392,7 @@ def test_resumed_logs_drop_later_and_cut_off_rows(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "split": "train"}\n{"step": 2, "split": "train"}\n'
                     '{"step": 3, "split": "train"}\n{"step": 4, "spl')
-    logs = train._Logs(str(tmp_path), True, False, resume_step=2)
+    logs = MetricsLog(str(tmp_path), True, False, resume_step=2)
     logs.write(3, "train", {"loss": 1.0})
     logs.close()
     assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3]

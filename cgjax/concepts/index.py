@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
+import ml_collections
 from absl import logging
 
 from cgjax.concepts import gating
@@ -60,3 +61,22 @@ def gating_config(config, index: ConceptIndex) -> gating.GatingConfig:
     return gating.GatingConfig(dim_ranges=index.ranges, k_max=int(g.k_max), threshold=float(g.threshold),
                                backoff_delta=float(g.backoff_delta), topk_per_dim=int(g.topk_per_dim),
                                max_concepts=int(g.max_concepts), priority=order or None)
+
+
+DEFAULT_GATING = {"threshold": 0.75, "backoff_delta": 0.05, "topk_per_dim": 2, "max_concepts": 3,
+                  "priority": "artist,style,genre"}
+
+
+def gating_config_from_fields(index: ConceptIndex, gating_fields: Mapping[str, Any]) -> gating.GatingConfig:
+    """The gating of trained values from the fields saved with them (``concepts_stage*.json``'s
+    ``gating``), :data:`DEFAULT_GATING` for the missing ones; ``k_max`` must be the index's."""
+    g = dict(DEFAULT_GATING)
+    g.update({k: v for k, v in dict(gating_fields).items() if v is not None})
+    pri = g["priority"]
+    g["priority"] = ",".join(pri) if isinstance(pri, (list, tuple)) else str(pri or "")
+    if int(g.get("k_max", index.k_max)) != index.k_max:
+        raise ValueError(f"gating.k_max={g['k_max']} but the trained values have K_max {index.k_max}")
+    g["k_max"] = index.k_max
+    cfg = ml_collections.ConfigDict({"gating": {k: g[k] for k in ("k_max", "threshold", "backoff_delta",
+                                                                   "topk_per_dim", "max_concepts", "priority")}})
+    return gating_config(cfg, index)

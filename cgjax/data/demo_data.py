@@ -24,10 +24,13 @@ import os
 from typing import Sequence
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
+from cgjax.data.examples import load_data
 from cgjax.data.records import format_target_keys, write_dataset_json, write_targets_csv
 from cgjax.data.schema import (DEFAULT_DIMENSIONS, Record, TargetRow, Vocabulary, read_json, atomic_dir, save_vocab)
+from cgjax.data.signals import Signals, write_signals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,3 +403,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     for k, v in paths.items():
         print(f"  {k}: {v}")
     return paths
+
+
+def write_label_signals(dataset_json: str, images_root: str | None, out_path: str, dims: Sequence[str],
+                        seed: int = 0, p_correct: float = 0.85) -> None:
+    """Stand-in signals (keyed format) from the labels: the true concept scores about 0.9 with
+    probability ``p_correct`` (else a random wrong one does), the others uniform in [0, 0.6]."""
+    data = load_data(dataset_json, images_root, dimensions=dims)
+    rng = np.random.default_rng(seed)
+    scores = {}
+    for d in data.dimensions:
+        k = len(data.vocabs[d])
+        s = rng.uniform(0.0, 0.6, size=(len(data.records), k)).astype(np.float32)
+        for i, r in enumerate(data.records):
+            j = data.vocabs[d].index(r.labels.get(d))
+            if j < 0:
+                continue
+            if k > 1 and rng.uniform() > p_correct:
+                j = int(rng.choice([x for x in range(k) if x != j]))
+            s[i, j] = rng.uniform(0.8, 1.0)
+        scores[d] = s
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    sig = Signals([r.image for r in data.records], {d: data.vocabs[d] for d in data.dimensions}, scores)
+    write_signals(out_path, sig, fmt="keyed")
+    logging.info("demo: label-derived stand-in signals written to %s", out_path)

@@ -23,11 +23,14 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from cgjax.data.examples import LoadedData, load_data, make_example
-from cgjax.data.schema import DataError, Vocabulary, normalize_split
+from cgjax.data.schema import DataError, Vocabulary, normalize_split, read_json
+from cgjax.data.tfds_builder import load_pack_info, open_source
 from cgjax.preprocess import PreprocessConfig, preprocess_image
 
 
@@ -77,9 +80,6 @@ class PackedSource:
     from the files, nothing read at start-up beyond ``pack.json`` and ``vocab.json``."""
 
     def __init__(self, packed_dir: str | os.PathLike, split: str):
-        from cgjax.data.schema import read_json
-        from cgjax.data.tfds_builder import load_pack_info, open_source
-
         self.source = open_source(packed_dir, split)
         info, vocabs = load_pack_info(packed_dir)
         raw = read_json(os.path.join(os.fspath(packed_dir), "vocab.json"))
@@ -192,7 +192,6 @@ class _Apply(grain.transforms.Map):
 
 def _ensure_absl_flags() -> None:
     """grain's multiprocessing reads absl flags; outside ``absl.app`` they are never parsed."""
-    from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -219,7 +218,6 @@ def image_dataset(source, preprocess_cfg: PreprocessConfig | Mapping[str, Any], 
     ``worker_count > 0`` (``mp_prefetch`` with that many processes).
     """
     if shard_index is None or shard_count is None:
-        import jax
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:

@@ -15,6 +15,7 @@ import tempfile
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import cgjax
+from cgjax import persistence
 
 SCHEMA_VERSION: int = cgjax.SCHEMA_VERSION
 
@@ -251,8 +252,6 @@ def read_input_bytes(path: str | os.PathLike) -> bytes:
     """The bytes of an input file on a local disk or at a URL (``gs://...``, through etils.epath)."""
     path = os.fspath(path)
     if "://" in path:
-        from cgjax import persistence
-
         return persistence.Path(path).read_bytes()
     with open(path, "rb") as f:
         return f.read()
@@ -261,8 +260,6 @@ def read_input_bytes(path: str | os.PathLike) -> bytes:
 def input_exists(path: str | os.PathLike) -> bool:
     path = os.fspath(path)
     if "://" in path:
-        from cgjax import persistence
-
         return persistence.exists(path)
     return os.path.exists(path)
 
@@ -287,8 +284,6 @@ def read_json(path: str | os.PathLike) -> Any:
 def write_atomic(path: str | os.PathLike, data: str | bytes, *, newline: str | None = None) -> None:
     """Writes ``data`` atomically (:func:`cgjax.persistence.write_file`: a temporary beside ``path``
     renamed into place, or one whole upload for a URL), with the user's umask."""
-    from cgjax import persistence
-
     def write(tmp: str) -> None:
         if isinstance(data, bytes):
             with open(tmp, "wb") as f:

@@ -25,8 +25,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from cgjax.data.examples import LoadedData, load_data, make_example, read_image_bytes
-from cgjax.data.schema import (SCHEMA_VERSION, SPLITS, DataError, ProblemLog, Vocabulary, log, read_json,
-                               save_vocab, vocab_from_json, write_json_atomic, atomic_dir)
+from cgjax.data.schema import (DataError, ProblemLog, SCHEMA_VERSION, SPLITS, Vocabulary, atomic_dir, log,
+                               normalize_split, read_json, save_vocab, vocab_from_json, write_json_atomic)
 
 BUILDER_NAME = "cgjax_dataset"
 BUILDER_VERSION = "1.0.0"
@@ -192,7 +192,6 @@ def version_dir(out_dir: str | os.PathLike) -> str:
 
 def open_source(out_dir: str | os.PathLike, split: str = "train"):
     """The packed ``split`` (``train | validation | test``) as a tfds random-access data source."""
-    from cgjax.data.schema import normalize_split
     split = normalize_split(split)
     info = read_json(os.path.join(os.fspath(out_dir), "pack.json"))
     if not info.get("splits", {}).get(split):

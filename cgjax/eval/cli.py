@@ -21,7 +21,9 @@ from typing import Any, Sequence
 from cgjax.data.records import read_dataset_json, read_targets_csv
 from cgjax.data.schema import DataError, load_vocab, read_json, write_json_atomic
 from cgjax.eval.metrics import EvidenceLexicon, compare, evaluate, label_vocabs, match_records
-from cgjax.eval.parser import DEFAULT_SENTINELS, AnswerParser
+from cgjax.eval.parser import AnswerParser, DEFAULT_SENTINELS
+from cgjax.eval.report import write_report
+from cgjax.infer import load_saliency
 
 log = logging.getLogger("cgjax.eval")
 
@@ -119,10 +121,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_json_atomic(args.out, metrics)
     log.info("wrote %s (%d images, %d unmatched)", args.out, metrics["n_images"], metrics["n_unmatched"])
     if args.report_dir:
-        from cgjax.eval.report import write_report
         saliency = None
         if args.saliency_json:
-            from cgjax.infer import load_saliency
             saliency = load_saliency(args.saliency_json)
         path = write_report(args.report_dir, metrics, reasoning, dataset, baseline_metrics, root,
                             gallery_n=args.gallery_n, sentinels=sentinels, saliency=saliency)

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from cgjax.losses import IGNORE_INDEX, token_cross_entropy
+from cgjax.prototypes.calibrate import postprocess
 
 __all__ = ["cell_edges", "occlusion_masks", "occluded_copies", "cells_to_map", "saliency_stats",
            "prototype_saliency", "prototype_scores", "llava_saliency", "answer_losses"]
@@ -120,8 +121,6 @@ def prototype_scores(head: Any, pixels: Any, grid: int, *, normalize: str = "non
                      dimensions: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Signals ``{dim: [1 + grid*grid, K]}`` of the unoccluded image (row 0) and every occluded copy,
     from ONE jitted call of ``head``'s CLIP tower (``pixels``: the head's preprocessing, ``[3, H, W]``)."""
-    from cgjax.prototypes.calibrate import postprocess
-
     if head.prototypes is None:
         raise ValueError("the prototype head has no prototypes loaded")
     pixels = np.asarray(pixels, np.float32)

@@ -41,13 +41,13 @@ from cgjax import sharding
 F32 = jnp.float32
 
 # HF config keys that describe the run, not the model: dropped by from_hf, never passed back.
-_EPHEMERAL_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
+EPHEMERAL_CONFIG_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
                    "output_attentions", "output_hidden_states", "return_dict", "use_cache",
                    "_attn_implementation_autoset", "_commit_hash", "chunk_size_feed_forward",
                    "is_encoder_decoder", "id2label", "label2id", "problem_type"}
 
 
-def _as_dict(cfg: Any) -> dict:
+def config_as_dict(cfg: Any) -> dict:
     return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
 
 
@@ -104,14 +104,14 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any] | Any) -> "LlamaConfig":
-        d = _as_dict(hf)
+        d = config_as_dict(hf)
         for flag in ("attention_bias", "mlp_bias"):
             if d.get(flag):
                 raise NotImplementedError(f"LLaMA config with {flag}=True is not supported")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta"}
         kw = {k: d[k] for k in names if k in d}
         kw["rope_theta"] = _rope_theta(d)
-        skip = names | _EPHEMERAL_KEYS | {"rope_theta", "rope_parameters", "rope_scaling", "model_type"}
+        skip = names | EPHEMERAL_CONFIG_KEYS | {"rope_theta", "rope_parameters", "rope_scaling", "model_type"}
         kw["extra"] = {k: v for k, v in d.items() if k not in skip}
         return cls(**kw)
 

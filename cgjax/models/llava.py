@@ -20,7 +20,7 @@ from flax import nnx
 
 from cgjax import sharding
 from cgjax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
-from cgjax.models.llama import F32, LlamaConfig, LlamaForCausalLM, _EPHEMERAL_KEYS, _as_dict
+from cgjax.models.llama import F32, LlamaConfig, LlamaForCausalLM, EPHEMERAL_CONFIG_KEYS, config_as_dict
 
 # HF CLIPVisionConfig keys modelled by CLIPVisionConfig (the rest is kept in ``vision_extra``).
 _VISION_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
@@ -83,7 +83,7 @@ class LlavaConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any] | Any) -> "LlavaConfig":
-        d = copy.deepcopy(_as_dict(hf))
+        d = copy.deepcopy(config_as_dict(hf))
         if d.get("model_type", "llava") != "llava":
             raise ValueError(f"not a LLaVA config: model_type={d.get('model_type')!r}")
         v = dict(d.pop("vision_config", None) or {})
@@ -108,8 +108,8 @@ class LlavaConfig:
             tie_word_embeddings=bool(d.pop("tie_word_embeddings", text.tie_word_embeddings)),
         )
         d.pop("model_type", None)
-        kw["extra"] = {k: val for k, val in d.items() if k not in _EPHEMERAL_KEYS}
-        kw["vision_extra"] = {k: val for k, val in v.items() if k not in _VISION_KEYS | _EPHEMERAL_KEYS}
+        kw["extra"] = {k: val for k, val in d.items() if k not in EPHEMERAL_CONFIG_KEYS}
+        kw["vision_extra"] = {k: val for k, val in v.items() if k not in _VISION_KEYS | EPHEMERAL_CONFIG_KEYS}
         return cls(**kw)
 
     def to_hf(self) -> dict:

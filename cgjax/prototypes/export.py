@@ -17,8 +17,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cgjax.data.records import normalize_image_path, read_dataset_json
+from cgjax.data.schema import DEFAULT_DIMENSIONS, Vocabulary, read_json, write_atomic, write_json_atomic
+from cgjax.data.signals import Signals, signals_csv_text, signals_json_entries, write_signals_keyed
 from cgjax.prototypes.calibrate import postprocess
-from cgjax.prototypes.head import PrototypeSet
+from cgjax.prototypes.head import PrototypeSet, record_paths
+from cgjax.prototypes.validate_signals import validate_signals, write_json
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +31,6 @@ def read_aligned(dataset_json: str, images_root: str | None, dimensions: Sequenc
     """``(dataset, row_images)``: the records (bad rows skipped and logged) and, for EVERY row of
     the JSON list, its normalised image path (None for a row without one), so outputs stay
     aligned 1:1 with the file even when rows repeat an image."""
-    from cgjax.data.records import normalize_image_path, read_dataset_json
-    from cgjax.data.schema import read_json
-
-    from cgjax.data.schema import DEFAULT_DIMENSIONS
-
     # the original CSV always carries artist/style/genre label columns
     dims = list(dict.fromkeys(list(DEFAULT_DIMENSIONS) + list(dimensions or [])))
     ds = read_dataset_json(dataset_json, images_root or None, dimensions=dims, skip_bad=True)
@@ -47,8 +46,6 @@ def read_aligned(dataset_json: str, images_root: str | None, dimensions: Sequenc
 
 def embed_records(head: Any, ds: Any) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings ``[n_records, D]`` (rows of missing images are zero) and the ``present`` mask."""
-    from cgjax.prototypes.head import record_paths
-
     paths = record_paths(ds)
     emb, kept = head.embed_paths(paths, missing="skip")
     row = {p: i for i, p in enumerate(kept)}
@@ -67,9 +64,6 @@ def embed_records(head: Any, ds: Any) -> tuple[np.ndarray, np.ndarray]:
 def make_signals(ps: PrototypeSet, ds: Any, embeddings: np.ndarray, present: np.ndarray, dims: Sequence[str],
                  normalize: str = "none", temperature: float = 1.0, clip: bool = True, **meta: Any):
     """``cgjax.data.signals.Signals`` of the post-processed scores x (NaN rows for missing images)."""
-    from cgjax.data.schema import Vocabulary
-    from cgjax.data.signals import Signals
-
     scores, vocabs = {}, {}
     for d in dims:
         ps.require(d)
@@ -86,8 +80,6 @@ def make_signals(ps: PrototypeSet, ds: Any, embeddings: np.ndarray, present: np.
 def csv_text(signals: Any, ds: Any, dims: Sequence[str], row_images: Sequence[str | None], topk: int) -> str:
     """The original CSV with every requested dimension's top-k columns (``cgjax.data``'s writer
     per dimension, columns joined), one row per dataset row (repeated images repeated)."""
-    from cgjax.data.signals import signals_csv_text
-
     tables = [list(csv.reader(io.StringIO(signals_csv_text(signals, d, ds, topk=topk,
                                                             label_dimensions=ds.dimensions), newline="")))
               for d in dims]
@@ -111,10 +103,6 @@ def write_outputs(signals: Any, ds: Any, row_images: Sequence[str | None], dims:
     ``keyed`` / ``report``: a path, ``""`` for the default beside ``output``
     (``<stem>.keyed.json``, ``<stem>.validation.json``) or None to skip.
     """
-    from cgjax.data.schema import write_atomic, write_json_atomic
-    from cgjax.data.signals import signals_json_entries, write_signals_keyed
-    from cgjax.prototypes.validate_signals import validate_signals, write_json
-
     stem = os.path.splitext(output)[0]
     written: dict[str, Any] = {}
     by_image = dict(zip(signals.image_paths, signals_json_entries(signals, dims)))
@@ -148,8 +136,6 @@ def write_bulk(signals: Any, ds: Any, row_images: Sequence[str | None], dims: Se
                validate_kw: dict | None = None) -> dict[str, Any]:
     """``export_all_signals``: ``concept_signals_<dim>.json`` (and ``.csv``) per dimension in
     ``out_dir``, plus ONE keyed file and ONE report over all dimensions (the budget spans them)."""
-    from cgjax.data.signals import write_signals_keyed
-
     os.makedirs(out_dir, exist_ok=True)
     out: dict[str, Any] = {}
     for d in dims:

@@ -17,7 +17,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from PIL import Image
+
+from cgjax.data.records import read_dataset_json, resolve_image
+from cgjax.preprocess import preprocess_image
 
 DEFAULT_CLIP_MODEL = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-384"
 
@@ -173,15 +180,11 @@ def build_prototypes(
 def read_records(dataset_json: str, images_root: str | None = None, dimensions: Sequence[str] | None = None,
                  skip_bad: bool = False):
     """The dataset JSON via ``cgjax.data.records`` (``Dataset``: records, dimensions, images_root)."""
-    from cgjax.data.records import read_dataset_json
-
     return read_dataset_json(dataset_json, images_root, dimensions=dimensions, skip_bad=skip_bad)
 
 
 def record_paths(dataset: Any) -> list[str]:
     """Absolute image paths of a ``Dataset``'s records (dataset order)."""
-    from cgjax.data.records import resolve_image
-
     return [os.path.abspath(resolve_image(dataset.images_root, r.image)) for r in dataset.records]
 
 
@@ -190,9 +193,6 @@ def record_paths(dataset: Any) -> list[str]:
 @functools.lru_cache(maxsize=8)
 def _encode_fn(graphdef: Any):
     """Jitted ``(state, pixels) -> L2-normalised embeddings``, shared by towers of one structure."""
-    import jax
-    from flax import nnx
-
     def encode(state, pixels):
         f = nnx.merge(graphdef, state).encode_image(pixels).astype(jax.numpy.float32)
         return f / jax.numpy.maximum(jax.numpy.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
@@ -204,8 +204,6 @@ class ImageEncoder:
     """Frozen CLIP image tower encoding ``[N, 3, H, W]`` in jitted batches of ONE fixed shape."""
 
     def __init__(self, model: Any, batch_size: int = 32):
-        from flax import nnx
-
         self.batch_size = int(batch_size)
         graphdef, state = nnx.split(model)
         self._state = state
@@ -228,8 +226,6 @@ class ImageEncoder:
     @staticmethod
     def collect(outs: list) -> np.ndarray:
         """Float32 embeddings ``[N, D]`` of :meth:`dispatch` results (waits for them)."""
-        import jax
-
         if not outs:
             return np.zeros((0, 0), np.float32)
         return np.asarray(jax.device_get(jax.numpy.concatenate(outs)), np.float32)
@@ -241,9 +237,6 @@ class ImageEncoder:
 
 def _augment_one(img, key, min_scale: float):
     """Random horizontal flip + random resized crop (scale in [min_scale, 1], same aspect) of ``[3, H, W]``."""
-    import jax
-    import jax.numpy as jnp
-
     kf, ks, ky, kx = jax.random.split(key, 4)
     h, w = img.shape[1], img.shape[2]
     img = jnp.where(jax.random.bernoulli(kf), img[:, :, ::-1], img)
@@ -258,9 +251,6 @@ class AugmentedEncoder(ImageEncoder):
     """``ImageEncoder`` applying a random flip + resized crop (jitted, per image) before encoding."""
 
     def __init__(self, model: Any, batch_size: int = 32, min_scale: float = 0.8):
-        import jax
-        from flax import nnx
-
         super().__init__(model, batch_size)
         graphdef = nnx.graphdef(model)
 
@@ -273,8 +263,6 @@ class AugmentedEncoder(ImageEncoder):
         self._encode_aug = jax.jit(encode_aug)
 
     def augmented(self, pixels: np.ndarray, key: Any) -> np.ndarray:
-        import jax
-
         pixels = np.asarray(pixels, np.float32)
         n, b = pixels.shape[0], self.batch_size
         outs = []
@@ -290,8 +278,8 @@ class AugmentedEncoder(ImageEncoder):
 class PrototypeHead:
     """open_clip image tower (cgjax) + prototypes: ``embed_paths`` and ``extract_signal``.
 
-    ``PrototypeHead.from_openclip(model_name, checkpoint)`` converts the weights with
-    ``converters.openclip.load`` and takes the preprocessing from the model's config.
+    ``converters.openclip.load_head(model_name, checkpoint)`` builds one from an open_clip
+    checkpoint, with the preprocessing from the model's config.
     """
 
     def __init__(self, model: Any, preprocess_cfg: Any, clip_model_name: str = DEFAULT_CLIP_MODEL,
@@ -305,20 +293,9 @@ class PrototypeHead:
         if prototypes is not None:
             self.load_prototypes(prototypes)
 
-    @classmethod
-    def from_openclip(cls, clip_model_name: str, checkpoint: Any, batch_size: int = 32, dtype: Any = None,
-                      **kw) -> "PrototypeHead":
-        from converters import openclip
-
-        kwargs = {} if dtype is None else {"dtype": dtype}
-        model, pcfg = openclip.load(clip_model_name, checkpoint, **kwargs)
-        return cls(model, pcfg, clip_model_name, batch_size, **kw)
-
     @property
     def width(self) -> int:
         """The embedding width D of the CLIP tower (from shapes only, nothing is run)."""
-        import jax
-
         if getattr(self, "_width", None) is None:
             h, w = tuple(self.preprocess_cfg.size)
             out = jax.eval_shape(self.encoder._encode, self.encoder._state,
@@ -326,10 +303,8 @@ class PrototypeHead:
             self._width = int(out.shape[-1])
         return self._width
 
-    def load_prototypes(self, prototypes: PrototypeSet | str) -> PrototypeSet:
-        from cgjax.prototypes import io as pio
-
-        ps = pio.load_prototypes(prototypes) if isinstance(prototypes, (str, os.PathLike)) else prototypes
+    def load_prototypes(self, ps: PrototypeSet) -> PrototypeSet:
+        """Use ``ps`` (read one with :func:`cgjax.prototypes.io.load_prototypes`), checking its width."""
         w = self.width
         if ps.width != w:
             raise ValueError(f"{ps.source} holds {ps.width}-wide prototypes (made with "
@@ -341,10 +316,6 @@ class PrototypeHead:
     # -- images
     def load_pixels(self, paths: Sequence[str]) -> np.ndarray:
         """Preprocessed ``[N, 3, H, W]`` float32 of existing images (PIL ``convert("RGB")``)."""
-        from PIL import Image
-
-        from cgjax.preprocess import preprocess_image
-
         def one(p):
             with Image.open(p) as im:
                 return preprocess_image(im.convert("RGB"), self.preprocess_cfg)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from cgjax.data.schema import atomic_dir
 from cgjax.prototypes.head import DEFAULT_CLIP_MODEL, PrototypeSet, l2_normalize
@@ -26,7 +27,7 @@ PT_SUFFIXES = (".pt", ".pth", ".bin")
 # ----------------------------------------------------------------------------- .pt
 
 def to_payload(ps: PrototypeSet, dimensions: Sequence[str] | None = None) -> dict[str, Any]:
-    import torch
+    import torch  # optional [torch] extra
 
     dims = list(dimensions or ps.dimensions)
     for d in dims:
@@ -41,7 +42,7 @@ def to_payload(ps: PrototypeSet, dimensions: Sequence[str] | None = None) -> dic
 
 def save_pt(ps: PrototypeSet, path: str | os.PathLike, dimensions: Sequence[str] | None = None) -> str:
     """Write the original's payload (all dims, or ``dimensions``) atomically; returns the path."""
-    import torch
+    import torch  # optional [torch] extra
 
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -93,7 +94,7 @@ def from_payload(payload: Any, source: str = "<payload>") -> PrototypeSet:
 
 def load_pt(path: str | os.PathLike) -> PrototypeSet:
     """Read an original ``.pt`` prototype file safely (``weights_only=True``)."""
-    import torch
+    import torch  # optional [torch] extra
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -114,8 +115,6 @@ def _is_manager_dir(path: str) -> bool:
 def load_checkpoint(path: str | os.PathLike, step: int | None = None, ema: bool = False) -> PrototypeSet:
     """Prototypes from a cgjax orbax checkpoint: a ``CheckpointManager`` directory (latest step,
     or ``step``) or one step directory. ``ema=True`` takes the EMA prototypes (renormalised)."""
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"cgjax checkpoint directory not found: {path}")
@@ -157,7 +156,6 @@ def save_checkpoint(ps: PrototypeSet, path: str | os.PathLike, step: int = 0, **
 
     Written into a temporary folder that replaces ``path`` at the end (an older one is replaced)."""
 
-    import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
     padded, _ = ps.padded()

@@ -19,13 +19,19 @@ import logging
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cgjax import multihost
-from cgjax.prototypes import io as pio
+from cgjax.data.demo_data import demo_paths, make_demo
+from cgjax.data.schema import DataError, read_json
+from cgjax.prototypes import export, io as pio
 from cgjax.prototypes.calibrate import calibrate
-from cgjax.prototypes.head import PrototypeHead, build_prototypes, read_records, record_paths
+from cgjax.prototypes.head import AugmentedEncoder, PrototypeHead, build_prototypes, read_records, record_paths
 from cgjax.prototypes.trainer import PrototypeTrainer, TrainerConfig, l2_normalize
+from cgjax.prototypes.validate_signals import write_json
+from converters import openclip, tiny_clip
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +49,6 @@ def _get(cfg: Any, path: str, default: Any = None) -> Any:
 def prepare_demo(config: Any, workdir: str) -> None:
     """Fill in the demo data set and tiny CLIP tower (generated under ``workdir``) where unset."""
     if not config.data.dataset_json:
-        from cgjax.data.demo_data import demo_paths, make_demo
-
         out = os.path.join(workdir, "demo_data")
         paths = demo_paths(out)
         if not os.path.exists(paths["dataset_json"]):
@@ -58,12 +62,8 @@ def prepare_demo(config: Any, workdir: str) -> None:
 
 def make_clip(config: Any, out_dir: str) -> tuple[str, str]:
     """A random open_clip checkpoint for the demo: the tiny tower, or ``clip.model_name`` (e.g. ViT-B-32)."""
-    from converters import tiny_clip
-
     marker = os.path.join(out_dir, "clip.json")
     if os.path.exists(marker):
-        from cgjax.data.schema import DataError, read_json
-
         m = read_json(marker)  # a corrupt file: a DataError naming it
         if not isinstance(m, dict) or not {"model_name", "checkpoint"} <= set(m):
             raise DataError(marker, None, "expected {\"model_name\": ..., \"checkpoint\": ...}")
@@ -76,8 +76,8 @@ def make_clip(config: Any, out_dir: str) -> tuple[str, str]:
                                                         image_size=int(t.image_size), embed_dim=int(t.embed_dim))
         name = f"local-dir:{os.path.join(os.path.abspath(out_dir), name)}-hub"  # self-contained: no registration
     else:
-        import open_clip
-        import torch
+        import open_clip  # optional [torch] extra
+        import torch  # optional [torch] extra
 
         torch.manual_seed(0)
         model = open_clip.create_model(config.clip.model_name)
@@ -190,9 +190,8 @@ def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
     # -- CLIP and embeddings (once)
     dtype = None
     if config.clip.dtype not in ("", "float32"):
-        import jax.numpy as jnp
         dtype = getattr(jnp, config.clip.dtype)
-    head = PrototypeHead.from_openclip(config.clip.model_name, config.clip.checkpoint or None,
+    head = openclip.load_head(config.clip.model_name, config.clip.checkpoint or None,
                                        batch_size=int(config.clip.batch_size), dtype=dtype)
     order = np.concatenate([train_idx, val_idx])
     cache_dir = os.path.join(workdir, layout.cache) if config.cache_embeddings else None
@@ -213,9 +212,6 @@ def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
             "idx_to_concept": ps.idx_to_concept}
     trainer = PrototypeTrainer(tcfg, tdims, p0, mask, metadata=meta)
     if config.augment:
-        import jax
-        from cgjax.prototypes.head import AugmentedEncoder
-
         aug = AugmentedEncoder(head.model, head.encoder.batch_size)
         pixels = head.load_pixels([paths[i] for i in train_idx])
         base = jax.random.PRNGKey(tcfg.seed + 1)
@@ -258,7 +254,6 @@ def _export(final, head: PrototypeHead, config: Any, workdir: str, tdims: list[s
                                       for d in tdims]
     if config.export.signals:
         metrics["artifacts"]["signals"] = export_all(head, final, config, art_dir, tdims)
-    from cgjax.prototypes.validate_signals import write_json
 
     write_json(os.path.join(art_dir, "metrics.json"), metrics)
     return metrics
@@ -266,8 +261,6 @@ def _export(final, head: PrototypeHead, config: Any, workdir: str, tdims: list[s
 
 def export_all(head: PrototypeHead, ps: Any, config: Any, out_dir: str, dims: list[str]) -> dict[str, Any]:
     """``concept_signals_<dim>.json`` for every record and dimension (+ keyed + report)."""
-    from cgjax.prototypes import export
-
     ds, row_images = export.read_aligned(config.data.dataset_json, config.data.images_root or None, dims)
     emb, present = export.embed_records(head, ds)
     sig = export.make_signals(ps, ds, emb, present, dims, config.export.normalize, float(config.export.temperature))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,6 @@ class PrototypeTrainer:
 
     # -- checkpoints
     def _manager(self, ckpt_dir: str):
-        import orbax.checkpoint as ocp
         opts = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.max_to_keep, create=True,
                                             enable_async_checkpointing=False)
         return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=opts, item_names=("state", "meta"))
@@ -297,13 +297,11 @@ class PrototypeTrainer:
                 "trainer": {k: v for k, v in dataclasses.asdict(self.cfg).items()}}
 
     def save(self, mngr, state: dict[str, Any], epoch: int) -> None:
-        import orbax.checkpoint as ocp
         mngr.save(int(epoch), args=ocp.args.Composite(
             state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(self._meta(epoch))))
         mngr.wait_until_finished()
 
     def restore(self, mngr, epoch: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-        import orbax.checkpoint as ocp
         epoch = mngr.latest_step() if epoch is None else epoch
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), jax.device_get(self.init_state()))
         got = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),

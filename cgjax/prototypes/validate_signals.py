@@ -23,6 +23,9 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+from cgjax.prototypes import io as pio
+from cgjax.prototypes.head import read_records
+
 DEFAULTS = dict(threshold=0.6, backoff_delta=0.05, topk_per_dim=2, budget=3, fairness=True,
                 priority=("artist", "style", "genre"), threshold_mode="similarity")
 
@@ -187,8 +190,6 @@ def _bool(v: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI with the original's flags; dimensions are any ``--signals DIM=PATH`` (plus the
     original's ``--signals_{artist,style,genre}_json`` / ``--ckpt_{dim}``)."""
-    from cgjax.prototypes import io as pio
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset_json", required=True)
     ap.add_argument("--images_root", default=None)
@@ -232,8 +233,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def ground_truth_from_dataset(dataset_json: str, dims: Sequence[str], images_root: str | None = None) -> dict[str, list]:
     """Ground-truth label names per dimension, in record order (None where missing)."""
-    from cgjax.prototypes.head import read_records
-
     ds = read_records(dataset_json, images_root, dimensions=dims)
     n = max([r.row for r in ds.records if r.row is not None], default=-1) + 1
     gt: dict[str, list] = {d: [None] * max(n, len(ds.records)) for d in dims}

@@ -13,6 +13,7 @@ from cgjax.data.records import read_dataset_json, read_targets_csv
 from cgjax.data.schema import DataError, load_vocab, write_json_atomic
 from cgjax.data.signals import read_signals, write_signals
 from cgjax.eval.cli import _read_reasoning
+from cgjax.data.demo_data import write_label_signals
 
 DIMS = ("artist", "style", "genre")
 
@@ -20,12 +21,11 @@ DIMS = ("artist", "style", "genre")
 @pytest.fixture(scope="module")
 def files(demo, tmp_path_factory):
     """One valid file of each kind (from the demo set) and how to read it."""
-    from cgjax import train
     from cgjax.data.examples import load_data
 
     d = str(tmp_path_factory.mktemp("fuzz_src"))
     keyed = os.path.join(d, "signals.keyed.json")
-    train.write_label_signals(demo["dataset_json"], demo["images_root"], keyed, dims=DIMS)
+    write_label_signals(demo["dataset_json"], demo["images_root"], keyed, dims=DIMS)
     data = load_data(demo["dataset_json"], demo["images_root"], signals=keyed, dimensions=DIMS)
     listed = os.path.join(d, "concept_signals_style.json")
     write_signals(listed, data.signals, fmt="original_json", records=data.dataset, dim="style")
@@ -90,7 +90,7 @@ def test_corrupt_sidecar_files_name_themselves(tmp_path):
     for name in ("config.json", "preprocessor_config.json", "clip.json"):
         (tmp_path / name).write_text('{"vision_config": ')
     with pytest.raises(DataError, match=f"{tmp_path / 'config.json'}: line 1 column"):
-        hf_llava._config_dict(str(tmp_path))
+        hf_llava.config_dict(str(tmp_path))
     with pytest.raises(DataError, match="preprocessor_config.json: line 1"):
         llava_preprocess_config(str(tmp_path), 32)
     with pytest.raises(DataError, match="clip.json: line 1"):

@@ -8,15 +8,15 @@ from cgjax import persistence
 from cgjax.data.examples import load_data, make_example
 from cgjax.data.pipeline import image_dataset, split_sources
 from cgjax.data.schema import DataError
+from cgjax.data.demo_data import write_label_signals
 
 DIMS = ("artist", "style", "genre")
 
 
 def test_a_data_set_in_a_bucket_reads_like_the_folder(demo, gcs, tmp_path):
-    from cgjax import train
 
     signals = str(tmp_path / "signals.keyed.json")
-    train.write_label_signals(demo["dataset_json"], demo["images_root"], signals, dims=DIMS)
+    write_label_signals(demo["dataset_json"], demo["images_root"], signals, dims=DIMS)
     url = f"gs://{gcs.bucket}/data/demo"
     persistence.upload_tree(demo["dir"], url)
     persistence.upload_tree(str(tmp_path), url + "/sig")

@@ -58,9 +58,9 @@ def pt_file(torch_side, tiny_clip, tmp_path_factory):
 
 
 def test_head_embeddings_and_prototypes(tiny_clip, demo, torch_side):
-    from cgjax.prototypes.head import PrototypeHead
+    from converters import openclip
 
-    head = PrototypeHead.from_openclip(tiny_clip[0], tiny_clip[1], batch_size=16)  # 48 images: 3 batches
+    head = openclip.load_head(tiny_clip[0], tiny_clip[1], batch_size=16)  # 48 images: 3 batches
     paths = [os.path.join(_root(demo), r["image"]) for r in torch_side["recs"]]
     emb, kept = head.embed_paths(paths + ["/nonexistent.png"])
     assert kept == paths
