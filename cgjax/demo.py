@@ -6,7 +6,6 @@ needed: the demo builds tiny random CLIP and LLaVA checkpoints with ``open_clip`
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cgjax import text
+from cgjax.demo_assets import make_tiny_llava
 from cgjax.config import load_config, override
 from cgjax.data.demo_data import ARTISTS, GENRES, STYLES, make_demo, render_painting
 from cgjax.data.schema import atomic_dir
@@ -26,8 +25,6 @@ from cgjax.prototypes.run import train_prototypes as run_stage
 from cgjax.train import load_trained_model, train_stage
 from converters import hf_llava, openclip
 from converters.tiny_clip import make_openclip_checkpoint
-from converters.tiny_llava import make_llava_checkpoint
-from converters.tiny_tokenizer import train_tokenizer
 
 # Tiny model sizes for the demo: small enough for 2 CPU cores, big enough to learn the task.
 CLIP_DEMO = dict(width=128, layers=3, heads=4, patch=8, image_size=64, embed_dim=64, act="gelu")
@@ -108,23 +105,10 @@ def pretrain_clip(workdir: str, clip_name: str, seed: int = 0, n_images: int = 1
     return f"local-dir:{out}"
 
 
-def tokenizer_corpus(targets_csv: str) -> list[str]:
-    """Texts the demo tokenizer is trained on: prompts, answers and reasons of the data set."""
-    corpus = [text.SYSTEM, text.STAGE_A_PROMPT, *text.STAGE_B_PROMPTS]
-    with open(targets_csv, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            corpus += [row["target_keys"], row["target_reason"]]
-    return corpus
-
-
 def make_llava(workdir: str, targets_csv: str, vocab_size: int = 1024, seed: int = 0) -> str:
     """A tiny random HF LLaVA with a locally trained tokenizer, saved with ``save_pretrained``."""
-    tok = train_tokenizer(tokenizer_corpus(targets_csv), vocab_size=vocab_size)
-    out = os.path.join(workdir, "checkpoints", "llava-base")
-    make_llava_checkpoint(out, size="tiny", seed=seed, vocab_size=len(tok),
-                          image_token_id=tok.convert_tokens_to_ids("<image>"), **LLAVA_DEMO)
-    tok.save_pretrained(out)
-    return out
+    return make_tiny_llava(os.path.join(workdir, "checkpoints", "llava-base"), targets_csv, vocab_size, seed,
+                           **LLAVA_DEMO)
 
 
 def check_conversion(clip_name: str, llava_dir: str) -> dict[str, float]:

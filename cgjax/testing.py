@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from cgjax import checkpoints, train
-from cgjax.demo import tokenizer_corpus
+from cgjax.demo_assets import tokenizer_corpus
 from converters.tiny_llava import make_llava_checkpoint
 from converters.tiny_tokenizer import train_tokenizer
 

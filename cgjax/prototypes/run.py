@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from typing import Any
@@ -23,15 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgjax import multihost
-from cgjax.data.demo_data import demo_paths, make_demo
-from cgjax.data.schema import DataError, read_json
+from cgjax import demo_assets, multihost
 from cgjax.prototypes import export, io as pio
 from cgjax.prototypes.calibrate import calibrate
 from cgjax.prototypes.head import AugmentedEncoder, PrototypeHead, build_prototypes, read_records, record_paths
 from cgjax.prototypes.trainer import PrototypeTrainer, TrainerConfig, l2_normalize
 from cgjax.prototypes.validate_signals import write_json
-from converters import openclip, tiny_clip
+from converters import openclip
 
 log = logging.getLogger(__name__)
 
@@ -44,50 +41,6 @@ def _get(cfg: Any, path: str, default: Any = None) -> Any:
         except (KeyError, TypeError, AttributeError):
             return default
     return cur
-
-
-def prepare_demo(config: Any, workdir: str) -> None:
-    """Fill in the demo data set and tiny CLIP tower (generated under ``workdir``) where unset."""
-    if not config.data.dataset_json:
-        out = os.path.join(workdir, "demo_data")
-        paths = demo_paths(out)
-        if not os.path.exists(paths["dataset_json"]):
-            d = config.data.demo
-            paths = make_demo(out, n_images=int(d.n_images), size=int(d.size), seed=int(d.seed))
-        config.data.dataset_json = paths["dataset_json"]
-        config.data.images_root = paths["images_root"]
-    if not config.clip.checkpoint:
-        config.clip.model_name, config.clip.checkpoint = make_clip(config, os.path.join(workdir, "clip"))
-
-
-def make_clip(config: Any, out_dir: str) -> tuple[str, str]:
-    """A random open_clip checkpoint for the demo: the tiny tower, or ``clip.model_name`` (e.g. ViT-B-32)."""
-    marker = os.path.join(out_dir, "clip.json")
-    if os.path.exists(marker):
-        m = read_json(marker)  # a corrupt file: a DataError naming it
-        if not isinstance(m, dict) or not {"model_name", "checkpoint"} <= set(m):
-            raise DataError(marker, None, "expected {\"model_name\": ..., \"checkpoint\": ...}")
-        if os.path.exists(m["checkpoint"]):
-            return m["model_name"], m["checkpoint"]
-    if config.clip.model_name in ("", "cgjax-tiny-clip"):
-        t = config.clip.tiny
-        name, ckpt = tiny_clip.make_openclip_checkpoint(out_dir, width=int(t.width), layers=int(t.layers),
-                                                        heads=int(t.heads), patch=int(t.patch_size),
-                                                        image_size=int(t.image_size), embed_dim=int(t.embed_dim))
-        name = f"local-dir:{os.path.join(os.path.abspath(out_dir), name)}-hub"  # self-contained: no registration
-    else:
-        import open_clip  # optional [torch] extra
-        import torch  # optional [torch] extra
-
-        torch.manual_seed(0)
-        model = open_clip.create_model(config.clip.model_name)
-        os.makedirs(out_dir, exist_ok=True)
-        ckpt = os.path.join(out_dir, "open_clip_random.pt")
-        torch.save(model.state_dict(), ckpt)
-        name = config.clip.model_name
-    with open(marker, "w") as fh:
-        json.dump({"model_name": name, "checkpoint": ckpt}, fh)
-    return name, ckpt
 
 
 def split_indices(ds: Any, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,9 +111,9 @@ def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
         config.unlock()
     if str(_get(config, "preset", "")).startswith("demo"):
         # process 0 builds what is missing; then every process fills in the same paths
-        multihost.on_primary("demo asset generation", lambda: prepare_demo(config.copy_and_resolve_references(),
+        multihost.on_primary("demo asset generation", lambda: demo_assets.prepare_prototype_demo(config.copy_and_resolve_references(),
                                                                            workdir))
-        prepare_demo(config, workdir)
+        demo_assets.prepare_prototype_demo(config, workdir)
     if not config.data.dataset_json:
         raise ValueError("config.data.dataset_json is not set")
     if not config.clip.checkpoint and not config.clip.model_name.startswith(("local-dir:", "hf-hub:")):

@@ -85,7 +85,7 @@ def test_corrupt_sidecar_files_name_themselves(tmp_path):
     """concepts_stage*.json, a checkpoint's config.json and preprocessor_config.json, clip.json."""
     from converters import hf_llava
     from cgjax.preprocess import llava_preprocess_config
-    from cgjax.prototypes.run import make_clip
+    from cgjax.demo_assets import make_demo_clip
 
     for name in ("config.json", "preprocessor_config.json", "clip.json"):
         (tmp_path / name).write_text('{"vision_config": ')
@@ -94,4 +94,4 @@ def test_corrupt_sidecar_files_name_themselves(tmp_path):
     with pytest.raises(DataError, match="preprocessor_config.json: line 1"):
         llava_preprocess_config(str(tmp_path), 32)
     with pytest.raises(DataError, match="clip.json: line 1"):
-        make_clip(None, str(tmp_path))
+        make_demo_clip(None, str(tmp_path))
