@@ -1,15 +1,15 @@
-"""Loading ``ml_collections`` config files (``configs/*.py``) outside of absl flags."""
+"""Loading ``ml_collections`` config files (``configs/*.py``, installed with cgjax as the ``configs``
+package) outside of absl flags."""
 from __future__ import annotations
 
 import difflib
 import importlib.util
 import os
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
 
 def load_module(path: str):
-    """Import a Python config file by path (``configs/`` is not a package)."""
+    """Import a Python config file by path, as absl's ``--config FILE`` does (``configs/stageA.py``
+    loads the ``common.py`` next to it this way, so a config file always goes with its own folder)."""
     name = "cgjax_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -17,16 +17,28 @@ def load_module(path: str):
     return module
 
 
+def configs_dir() -> str | None:
+    """The folder of the installed ``configs`` package (shipped with cgjax), found without importing it;
+    ``None`` when there is none."""
+    spec = importlib.util.find_spec("configs")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return locations[0] if locations else None
+
+
 def load_config(spec: str):
     """``"configs/stageA.py:preset=demo"`` -> the ConfigDict its ``get_config(arg)`` returns.
 
-    A bare file name (``"stageA.py:preset=demo"``) is looked up in the repository's ``configs/``.
+    A path that does not exist from here, given as a bare file name (``"stageA.py:preset=demo"``) or
+    as ``configs/NAME``, is looked up in the installed ``configs`` package.
     """
     path, _, arg = spec.partition(":")
-    if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path)):
-        path = os.path.join(CONFIG_DIR, path)
+    if not os.path.exists(path) and os.path.dirname(path) in ("", "configs"):
+        installed = configs_dir()
+        if installed is not None and os.path.exists(os.path.join(installed, os.path.basename(path))):
+            path = os.path.join(installed, os.path.basename(path))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path!r} not found (also looked in {CONFIG_DIR})")
+        raise FileNotFoundError(f"config file {path!r} not found (also looked in the configs package: "
+                                f"{configs_dir() or 'not installed'})")
     return load_module(path).get_config(arg or None)
 
 

@@ -1,5 +1,9 @@
-"""Test set-up: 8 virtual CPU devices (for sharding tests), fp32 matmuls, quiet logs."""
+"""Test set-up: 8 virtual CPU devices (for sharding tests), fp32 matmuls, quiet logs; the ``gcs`` server and
+the ``installed`` venv (a wheel of this checkout, installed the way users install it)."""
 import os
+import shutil
+import subprocess
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -29,3 +33,38 @@ def gcs(tmp_path_factory):
         else:
             os.environ[k] = v
     server.stop()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _check(cmd, what, timeout=300, **kw):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if out.returncode != 0:
+        pytest.fail(f"{what} failed ({out.returncode}): {' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory):
+    """A wheel of this checkout installed (non-editable) into a fresh venv that sees the system's
+    site-packages (jax, torch, ...): ``{"python": ..., "site": ..., "repo": ...}``. Run its Python with
+    ``-I`` (no PYTHONPATH, no script folder on sys.path) so nothing from a checkout can be imported."""
+    root = tmp_path_factory.mktemp("installed")
+    # build from a copy: an in-tree build leaves build/ and *.egg-info in the checkout (and stale files in build/)
+    src = root / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
+                                                              ".pytest_cache", ".hypothesis", "workdir"))
+    _check([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root / "dist"),
+            str(src)], "building the wheel")
+    wheel, = (root / "dist").glob("cgjax-*.whl")
+    venv = root / "venv"
+    _check([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], "creating the venv")
+    python = str(venv / "bin" / "python")
+    # the system's pip, run by the venv's Python, installs into the venv; --ignore-installed: a cgjax installed in
+    # the system site-packages (e.g. editable) is neither reused nor uninstalled
+    _check([python, "-I", "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+           "installing the wheel")
+    site = _check([python, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                  "asking the venv for its site-packages").stdout.strip()
+    return {"python": python, "site": site, "repo": REPO, "wheel": str(wheel)}

@@ -50,3 +50,30 @@ def test_command_line_typo_is_an_error(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "num_stepz" in out.stderr
     assert not (tmp_path / "wd").exists()
+
+
+def test_bare_names_resolve_to_the_configs_package(tmp_path, monkeypatch):
+    """From any folder, ``stageA.py`` and ``configs/stageA.py`` name the config files shipped as ``configs``."""
+    import configs
+    from cgjax.config import configs_dir
+
+    assert os.path.realpath(configs_dir()) == os.path.realpath(os.path.dirname(configs.__file__))
+    monkeypatch.chdir(tmp_path)
+    assert load_config("stageB.py:preset=demo").preset == "demo"
+    assert load_config("configs/infer.py").preset == "demo"
+    with pytest.raises(FileNotFoundError, match=r"stageC\.py.*configs package"):
+        load_config("stageC.py")
+    (tmp_path / "configs").mkdir()  # a local configs/ folder wins for a path that exists
+    (tmp_path / "configs" / "stageA.py").write_text("def get_config(arg):\n    return {'local': arg}\n")
+    assert load_config("configs/stageA.py:x") == {"local": "x"}
+
+
+def test_cgjax_does_not_import_configs(tmp_path):
+    code = ("import sys, cgjax, cgjax.config, cgjax.train, cgjax.demo\n"
+            "assert cgjax.config.load_config('stageA.py').preset == 'demo'\n"
+            "print(sorted(m for m in sys.modules if m == 'configs' or m.startswith('configs.')))")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.split() == ["[]"]

@@ -1,18 +1,35 @@
-"""The README's demo, end to end at a small size: every stage runs and leaves its artefacts."""
+"""The README's demo, end to end at a small size, from a non-editable install: ``scripts/demo.py`` run by the
+venv's Python of the ``installed`` fixture (a wheel of this checkout; tests/conftest.py) in a folder outside the
+checkout. Every stage runs and leaves its artefacts."""
 import json
 import os
+import subprocess
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from cgjax import demo
+DEMO_ARGS = ["--n_images", "40", "--pretrain_steps", "6", "--stage_steps", "4", "--eval_images", "3",
+             "--clip_pretrain_epochs", "1", "--clip_pretrain_images", "64"]
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end(installed, tmp_path):
+    script = os.path.join(installed["repo"], "scripts", "demo.py")
+    # -I: no PYTHONPATH and no script folder on sys.path, so cgjax, converters and configs can only come from the
+    # venv (tests/test_install.py checks where they resolve), unless the script itself edits sys.path
+    with open(script) as f:
+        assert "sys.path" not in f.read(), "scripts/demo.py must run on the installed package alone"
     work = str(tmp_path / "demo")
-    summary = demo.run(work, n_images=40, pretrain_steps=6, stage_steps=4, eval_images=3, clip_pretrain_epochs=1,
-                       clip_pretrain_images=64)
+    run_dir = tmp_path / "cwd"
+    run_dir.mkdir()
+    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")  # as tests/conftest.py sets in-process
+    out = subprocess.run([installed["python"], "-I", script, "--workdir", work, *DEMO_ARGS], cwd=run_dir, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"demo.py failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-8000:]}"
+    with open(os.path.join(work, "demo_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["workdir"] == os.path.abspath(work)
+    assert sorted(os.listdir(run_dir)) == []  # everything went to --workdir
 
     assert summary["conversion"]["clip_max_abs_diff"] < 1e-4
     assert summary["conversion"]["llava_max_abs_diff"] < 1e-4
@@ -25,8 +42,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert before.keys() == after.keys()
     assert not torch.equal(before["visual.proj"], after["visual.proj"])
     assert torch.equal(before["token_embedding.weight"], after["token_embedding.weight"])
-    with open(os.path.join(work, "demo_summary.json")) as f:
-        assert json.load(f)["workdir"] == os.path.abspath(work)
 
     # signals in the original format: one entry per dataset record, [1 - s, s] pairs
     with open(summary["data"]["dataset_json"]) as f:

@@ -1,8 +1,8 @@
-"""notebooks/quickstart.ipynb, executed top to bottom in a Jupyter kernel at its smallest size (CGJAX_NB_FAST=1)."""
+"""notebooks/quickstart.ipynb, executed top to bottom in a Jupyter kernel at its smallest size (CGJAX_NB_FAST=1),
+the kernel being the Python of the ``installed`` venv (a non-editable wheel of this checkout; tests/conftest.py)."""
 import json
 import os
 import re
-import sys
 
 import pytest
 
@@ -10,19 +10,17 @@ nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (pi
 nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (pip install -e '.[test]')")
 pytest.importorskip("ipykernel", reason="ipykernel is not installed (pip install -e '.[test]')")
 
-import cgjax  # noqa: E402
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "quickstart.ipynb")
 KERNEL = "cgjax-test-python"
 
 
-def _kernel_spec(root) -> None:
-    """A kernel spec running ``sys.executable``: the kernel is this interpreter, whatever else is installed."""
+def _kernel_spec(root, python) -> None:
+    """A kernel spec running ``python``: the kernel is that interpreter, whatever else is installed."""
     d = root / "kernels" / KERNEL
     d.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "cgjax test (this Python)", "language": "python"}
+    spec = {"argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "cgjax test (installed venv)", "language": "python"}
     (d / "kernel.json").write_text(json.dumps(spec))
 
 
@@ -46,14 +44,14 @@ def test_notebook_stored_clean():
 
 
 @pytest.mark.slow
-def test_notebook_executes(tmp_path, monkeypatch):
-    _kernel_spec(tmp_path / "jupyter")
+def test_notebook_executes(installed, tmp_path, monkeypatch):
+    _kernel_spec(tmp_path / "jupyter", installed["python"])
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     work = tmp_path / "work"
     env = dict(os.environ)
-    # cgjax from this checkout (the kernel's cwd is tmp_path), the smallest sizes, a known work dir
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(cgjax.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # cgjax, converters and configs as installed in the venv (no PYTHONPATH; the kernel's cwd is tmp_path, outside
+    # the checkout), the smallest sizes, a known work dir
+    env.pop("PYTHONPATH", None)
     env.update(CGJAX_NB_FAST="1", CGJAX_NB_WORKDIR=str(work))
     # the notebook selects the inline backend; one CPU device (tests/conftest.py asks for 8 virtual ones,
     # which the notebook does not need and which make every compilation slower)
@@ -69,8 +67,8 @@ def test_notebook_executes(tmp_path, monkeypatch):
         if c.cell_type == "code":
             assert not [o for o in c.outputs if o.get("output_type") == "error"], c.source[:200]
 
-    # the install cell installed nothing: cgjax came from this checkout
-    assert f"from {os.path.dirname(os.path.abspath(cgjax.__file__))}" in _text(_cell(nb, "install"))
+    # the install cell installed nothing: cgjax came from the venv's site-packages
+    assert f"from {os.path.join(installed['site'], 'cgjax')}\n" in _text(_cell(nb, "install"))
 
     # conversion parity: cgjax vs PyTorch
     m = re.search(r"parity max abs diff \(cgjax vs PyTorch\): (\S+)", _text(_cell(nb, "parity")))
