@@ -1,15 +1,10 @@
-"""cgjax: concept-grounded vision-language models in JAX / Flax NNX."""
-from cgjax.generate import Generator, generate
+"""cgjax: concept-grounded vision-language models in JAX / Flax NNX.
 
+``cgjax.generate(model, ...)`` and ``cgjax.Generator(model)`` are the generation entry points:
+``cgjax.generate`` is the submodule, made callable (see :mod:`cgjax.generate`).
+"""
+from cgjax import generate
+from cgjax.generate import Generator
 
 __version__ = "0.1.0"
 SCHEMA_VERSION = 1
-
-
-def __getattr__(name):  # lazy exports: `import cgjax` stays light
-    if name == "generate":  # cgjax.generate(...) (the submodule is callable too, see cgjax/generate.py)
-
-        return generate
-    if name == "Generator":
-        return Generator
-    raise AttributeError(f"module 'cgjax' has no attribute {name!r}")
