@@ -29,6 +29,7 @@ writes single or sharded files atomically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -45,7 +46,7 @@ import numpy as np
 from safetensors import safe_open
 from flax import nnx
 
-from cgjax import sharding as shd
+from cgjax import quantize, sharding as shd
 
 # --------------------------------------------------------------------------------------
 # Reading tensors lazily
@@ -676,7 +677,12 @@ def load_state(
         tensors = TensorStore({k: v for k, v in tensors._entries.items() if not any(p.fullmatch(k) for p in pats)}, tensors.origin)
     is_module = isinstance(abstract_model_or_state, nnx.Module)
     state = nnx.state(abstract_model_or_state) if is_module else abstract_model_or_state
-    flat = {_path_str(p): v for p, v in nnx.to_flat_state(state)}
+    flat_all = {_path_str(p): v for p, v in nnx.to_flat_state(state)}
+    # a quantized weight (cgjax.quantize): ``kernel`` (int) is filled from the torch tensor through a
+    # float32 copy, quantized in its sharding; its ``kernel_scale`` comes with it and has no rule
+    scales = {p[: -len(quantize.SCALE_SUFFIX)]: p for p in flat_all
+              if p.endswith(quantize.SCALE_SUFFIX) and p[: -len(quantize.SCALE_SUFFIX)] in flat_all}
+    flat = {p: v for p, v in flat_all.items() if p not in scales.values()}
     pieces, jobs = _plan(flat, tensors, rules)
     _check_coverage(flat, pieces, rules)
     if mesh is not None:
@@ -687,25 +693,39 @@ def load_state(
     for plist in pieces.values():
         for key in {p.key for p in plist}:
             refs[key] = refs.get(key, 0) + 1
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    quantized: dict[str, jax.Array] = {}
     new_flat = []
     for path_t, var in nnx.to_flat_state(state):
         path = _path_str(path_t)
+        if path in scales.values():
+            continue  # placed with its kernel below
         plist = pieces[path]
         if not plist:  # untargeted non-Param variable: keep as is
             new_flat.append((path_t, var))
             continue
         value = var.get_value()
         shape = tuple(np.shape(value))
-        dt = np.dtype(dtype if dtype is not None else value.dtype)
-        sharding = sh_flat[path] if mesh is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        q_scale = scales.get(path)
+        dt = np.dtype(np.float32 if q_scale else dtype if dtype is not None else value.dtype)
+        sharding = sh_flat[path] if mesh is not None else one_device
         arr = jax.make_array_from_callback(
             shape, sharding, lambda req, plist=plist, path=path, shape=shape, dt=dt: _assemble(plist, conv, flat, path, shape, dt, req)
         )
+        if q_scale:
+            svar = flat_all[q_scale]
+            s_sharding = sh_flat[q_scale] if mesh is not None else one_device
+            fn = jax.jit(functools.partial(quantize.quantize_array, sshape=tuple(np.shape(svar.get_value())),
+                                           qtype=value.dtype), out_shardings=(sharding, s_sharding))
+            arr, quantized[q_scale] = fn(arr)
         for key in {p.key for p in plist}:  # free a torch tensor once all its targets are placed
             refs[key] -= 1
             if refs[key] == 0:
                 conv.drop([key])
         new_flat.append((path_t, var.replace(arr)))
+    for path_t, var in nnx.to_flat_state(state):
+        if _path_str(path_t) in quantized:
+            new_flat.append((path_t, var.replace(quantized[_path_str(path_t)])))
     new_state = nnx.from_flat_state(new_flat)
     if is_module:
         nnx.update(abstract_model_or_state, new_state)
@@ -725,6 +745,10 @@ def export_state(state: nnx.Module | nnx.State, rules: Iterable[Rule | tuple]) -
     if isinstance(state, nnx.Module):
         state = nnx.state(state)
     flat = {_path_str(p): v for p, v in nnx.to_flat_state(state)}
+    quantized = sorted(p for p in flat if p.endswith(quantize.SCALE_SUFFIX))
+    if quantized:
+        raise ValueError(f"the model holds quantized weights ({quantized[0]}, ...): a quantized base is not exported "
+                         "back to PyTorch (it would not be the original); export from the unquantized checkpoint")
     host: dict[str, np.ndarray] = {}
 
     def value(path):

@@ -35,10 +35,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from cgjax import persistence, sharding as shd
+from cgjax import persistence, quantize, sharding as shd
 from cgjax.data.schema import OVERWRITE_HELP, atomic_dir, check_output_dir, read_json
 from cgjax.models.llama import LlamaConfig, LlamaForCausalLM
 from cgjax.models.llava import Llava, LlavaConfig
+from cgjax.quantize import QuantConfig
 from converters import common as C
 from converters.openclip import hf_clip_vision_rules
 
@@ -51,6 +52,7 @@ LAYOUTS: dict[str, tuple[str, str, str, str]] = {
 }
 
 # Files of a HF model directory that are not weights / config: copied by ``save``.
+QUANTIZATION_FILE = "quantization.json"  # beside config.json in a quantized params-only orbax checkpoint
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "preprocessor_config.json",
                    "processor_config.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
@@ -141,12 +143,14 @@ def config_dict(src: Any) -> tuple[dict, str | None]:
 
 def load(path_or_torch_model: Any, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
          rules: Sequence[Any] | None = None, *, compute_dtype=None, layout: str | None = None,
-         rules_table=None, config: Any = None):
+         rules_table=None, config: Any = None, quant: QuantConfig | None = None):
     """HF LLaVA checkpoint (directory / file / live model) -> :class:`Llava` with ``dtype``
     parameters (``compute_dtype`` defaults to ``dtype``). With ``mesh``, every parameter is
     created directly in its sharding (``rules_table``: logical-axis rules, default
     ``cgjax.sharding.DEFAULT_RULES``). ``rules`` overrides the conversion rule table; ``config``
-    (a ``LlavaConfig`` or HF LLaVA config dict) the source's config (``source_dir`` is then None)."""
+    (a ``LlavaConfig`` or HF LLaVA config dict) the source's config (``source_dir`` is then None).
+    ``quant``: the language model and projector weights quantized as they are placed
+    (:mod:`cgjax.quantize`), one weight at a time: the full-precision model never exists."""
     if config is None:
         hf_cfg, folder = config_dict(path_or_torch_model)
         cfg = LlavaConfig.from_hf(hf_cfg)
@@ -159,7 +163,7 @@ def load(path_or_torch_model: Any, dtype=jnp.float32, mesh: jax.sharding.Mesh | 
     if rules is None:
         rules = llava_rules(layout, tied)
     cdt = dtype if compute_dtype is None else compute_dtype
-    abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=cdt, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=cdt, param_dtype=dtype, rngs=nnx.Rngs(0), quant=quant))
     model = C.load_state(abstract, tensors, rules, dtype=dtype, mesh=mesh, rules_table=rules_table)
     model.source_dir = folder
     model.source_layout = layout
@@ -297,6 +301,10 @@ def save_orbax(model, out_dir: str, *, overwrite: bool = False) -> str:
     with atomic_dir(out_dir, overwrite=overwrite, inputs=(getattr(model, "source_dir", None),)) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.config.to_hf(), f, indent=2, sort_keys=True, default=str)
+        quant = getattr(model, "quant", None)
+        if quant is not None and quant.enabled:  # a restart loads it as it is, without quantizing again
+            with open(os.path.join(tmp, QUANTIZATION_FILE), "w") as f:
+                json.dump(quant.to_json(), f, indent=2)
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, "state"), nnx.state(model, nnx.Param).to_pure_dict())
         ckptr.wait_until_finished()
@@ -314,16 +322,16 @@ def is_orbax_dir(path: Any) -> bool:
 
 
 def load_any(path: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *, compute_dtype=None,
-             rules_table=None):
+             rules_table=None, quant: QuantConfig | None = None):
     """A HF checkpoint (:func:`load`) or a params-only orbax checkpoint (:func:`load_orbax`: on a
     pod each host reads only the shards of its own devices)."""
     if is_orbax_dir(path):
-        return load_orbax(path, dtype, mesh, rules_table, compute_dtype=compute_dtype)
-    return load(path, dtype, mesh, compute_dtype=compute_dtype, rules_table=rules_table)
+        return load_orbax(path, dtype, mesh, rules_table, compute_dtype=compute_dtype, quant=quant)
+    return load(path, dtype, mesh, compute_dtype=compute_dtype, rules_table=rules_table, quant=quant)
 
 
 def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rules_table=None, *,
-               compute_dtype=None):
+               compute_dtype=None, quant: QuantConfig | None = None):
     """Inverse of :func:`save_orbax` -> :class:`Llava` (parameters in ``dtype`` if given, else as saved;
     ``compute_dtype`` defaults to ``dtype``). With ``mesh`` the parameters are restored directly
     into their shardings."""
@@ -332,14 +340,28 @@ def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rul
     if not persistence.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: not an orbax checkpoint written by converters.hf_llava")
     cfg = LlavaConfig.from_hf(json.loads(persistence.read_text(cfg_path)))
+    q_path = persistence.join(path, QUANTIZATION_FILE)
+    saved = QuantConfig(**json.loads(persistence.read_text(q_path))) if persistence.exists(q_path) else QuantConfig()
+    quant = quant if quant is not None else QuantConfig()
+    if saved.enabled and saved != quant:
+        raise ValueError(f"{path} holds a base quantized with quantize={saved.mode} (group size {saved.group_size}, "
+                         f"activations {saved.activations}); this run asks quantize={quant.mode} (group size "
+                         f"{quant.group_size}, activations {quant.activations}): use the same settings, or the "
+                         "unquantized checkpoint")
+    if quant.enabled and not saved.enabled:
+        raise ValueError(f"{path} holds an unquantized base and this run asks quantize={quant.mode}: quantize it "
+                         "while loading the HF checkpoint instead (or save a quantized one with "
+                         "`python -m converters.hf_llava to-orbax SRC DST --quantize " + quant.mode + "`)")
     pdt = jnp.float32 if dtype is None else dtype
     cdt = pdt if compute_dtype is None else compute_dtype
-    abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=cdt, param_dtype=pdt, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=cdt, param_dtype=pdt, rngs=nnx.Rngs(0), quant=quant))
     state = nnx.state(abstract, nnx.Param)
     if mesh is not None:
         shardings = shd.state_shardings(state, mesh, rules_table or shd.DEFAULT_RULES)
         target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                               state.to_pure_dict(), shardings.to_pure_dict())
+    elif quant.enabled:  # restored as saved (a dtype would cast the integer weights)
+        target = state.to_pure_dict()
     else:
         target = state.to_pure_dict()
     ckptr = ocp.StandardCheckpointer()
@@ -371,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     a.add_argument("src")
     a.add_argument("dst")
     a.add_argument("--dtype", default="float32")
+    a.add_argument("--quantize", default="none", choices=quantize.MODES,
+                   help="save the language model and projector quantized (weight-only; cgjax.quantize)")
+    a.add_argument("--quantize-group-size", type=int, default=128, help="int4: inputs per scale")
     b = sub.add_parser("to-hf", help="orbax checkpoint (from to-orbax) -> HF checkpoint")
     b.add_argument("src")
     b.add_argument("dst")
@@ -381,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
     if args.cmd == "to-orbax":
-        model = load(args.src, dtype=jnp.dtype(args.dtype))
+        model = load(args.src, dtype=jnp.dtype(args.dtype),
+                     quant=QuantConfig(args.quantize, args.quantize_group_size))
         print(save_orbax(model, args.dst, overwrite=args.overwrite))
     else:
         model = load_orbax(args.src)

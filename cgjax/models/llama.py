@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from cgjax import sharding
+from cgjax import quantize, sharding
+from cgjax.quantize import QuantConfig
 
 F32 = jnp.float32
 
@@ -170,13 +171,24 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 class Kernel(nnx.Module):
     """A weight ``kernel [*in, *out]`` (the first ``n_in`` axes are the input), applied by
-    ``kernel(x)``."""
+    ``kernel(x)``. With an enabled ``quant`` the weight is held quantized (``kernel`` int8/int4
+    plus ``kernel_scale``, see :mod:`cgjax.quantize`)."""
 
-    def __init__(self, shape, axes, *, param_dtype, rngs: nnx.Rngs, n_in: int = 1):
-        self.kernel = sharding.param(_normal(rngs, shape, param_dtype), axes)
+    def __init__(self, shape, axes, *, param_dtype, rngs: nnx.Rngs, n_in: int = 1, quant: QuantConfig | None = None,
+                 name: str = "kernel"):
         self.n_in = n_in
+        self.quantized = quant is not None and quant.enabled
+        if self.quantized:
+            self.kernel = sharding.param(jnp.zeros(shape, quant.qtype), axes)
+            self.kernel_scale = sharding.param(jnp.ones(quantize.scale_shape(shape, n_in, quant, name), F32),
+                                               quantize.scale_axes(axes, n_in))
+            self.activations = quant.activations
+        else:
+            self.kernel = sharding.param(_normal(rngs, shape, param_dtype), axes)
 
     def __call__(self, x):
+        if self.quantized:
+            return quantize.dot(x, self.kernel.get_value(), self.kernel_scale.get_value(), self.n_in, self.activations)
         return jnp.tensordot(x, self.kernel.get_value().astype(x.dtype), self.n_in)
 
 
@@ -217,13 +229,13 @@ def apply_rope(x, cos, sin):
 
 
 class LlamaAttention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
         D, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Kernel((D, H, hd), ("embed", "heads", "head_dim"), **kw)
-        self.k_proj = Kernel((D, KV, hd), ("embed", "kv_heads", "head_dim"), **kw)
-        self.v_proj = Kernel((D, KV, hd), ("embed", "kv_heads", "head_dim"), **kw)
-        self.o_proj = Kernel((H, hd, D), ("heads", "head_dim", "embed"), n_in=2, **kw)
+        kw = dict(param_dtype=param_dtype, rngs=rngs, quant=quant)
+        self.q_proj = Kernel((D, H, hd), ("embed", "heads", "head_dim"), name="self_attn.q_proj", **kw)
+        self.k_proj = Kernel((D, KV, hd), ("embed", "kv_heads", "head_dim"), name="self_attn.k_proj", **kw)
+        self.v_proj = Kernel((D, KV, hd), ("embed", "kv_heads", "head_dim"), name="self_attn.v_proj", **kw)
+        self.o_proj = Kernel((H, hd, D), ("heads", "head_dim", "embed"), n_in=2, name="self_attn.o_proj", **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
 
     def __call__(self, x, cos, sin, mask, kv_store, attn_rows, last: int | None = None):
@@ -262,23 +274,23 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaMLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
         D, Fd = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Kernel((D, Fd), ("embed", "mlp"), **kw)
-        self.up_proj = Kernel((D, Fd), ("embed", "mlp"), **kw)
-        self.down_proj = Kernel((Fd, D), ("mlp", "embed"), **kw)
+        kw = dict(param_dtype=param_dtype, rngs=rngs, quant=quant)
+        self.gate_proj = Kernel((D, Fd), ("embed", "mlp"), name="mlp.gate_proj", **kw)
+        self.up_proj = Kernel((D, Fd), ("embed", "mlp"), name="mlp.up_proj", **kw)
+        self.down_proj = Kernel((Fd, D), ("mlp", "embed"), name="mlp.down_proj", **kw)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = LlamaAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = LlamaAttention(cfg, param_dtype=param_dtype, rngs=rngs, quant=quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.mlp = LlamaMLP(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = LlamaMLP(cfg, param_dtype=param_dtype, rngs=rngs, quant=quant)
 
     def __call__(self, h, cos, sin, mask, kv_store, attn_rows=None, last: int | None = None):
         """``last``: the layer's output only for the last ``last`` positions (``[B, last, D]``);
@@ -289,11 +301,11 @@ class LlamaDecoderLayer(nnx.Module):
         return h, store, rows
 
 
-def _stacked_layers(cfg: LlamaConfig, param_dtype, rngs: nnx.Rngs) -> LlamaDecoderLayer:
+def _stacked_layers(cfg: LlamaConfig, param_dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None) -> LlamaDecoderLayer:
     @nnx.split_rngs(splits=cfg.num_hidden_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(r):
-        return LlamaDecoderLayer(cfg, param_dtype=param_dtype, rngs=r)
+        return LlamaDecoderLayer(cfg, param_dtype=param_dtype, rngs=r, quant=quant)
 
     return make(rngs)
 
@@ -344,12 +356,15 @@ def _to_mask_and_positions(attention_mask, position_ids, B, T, cache: KVCache | 
 class LlamaForCausalLM(nnx.Module):
     """HF ``LlamaForCausalLM`` in NNX. ``__call__ -> (logits fp32 [B,T,V], cache)``."""
 
-    def __init__(self, config: LlamaConfig, *, dtype=F32, param_dtype=F32, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: LlamaConfig, *, dtype=F32, param_dtype=F32, rngs: nnx.Rngs | None = None,
+                 quant: QuantConfig | None = None):
+        """``quant``: the decoder layers' linear weights held quantized (the embeddings, norms and
+        ``lm_head`` stay in ``param_dtype``)."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.layers = _stacked_layers(config, param_dtype, rngs)
+        self.layers = _stacked_layers(config, param_dtype, rngs, quant)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Kernel((config.hidden_size, config.vocab_size), ("embed", "vocab"),

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cgjax import sharding
+from cgjax import quantize, sharding
 from cgjax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from cgjax.models.llama import F32, LlamaConfig, LlamaForCausalLM, EPHEMERAL_CONFIG_KEYS, config_as_dict
+from cgjax.quantize import QuantConfig
 
 # HF CLIPVisionConfig keys modelled by CLIPVisionConfig (the rest is kept in ``vision_extra``).
 _VISION_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
@@ -163,23 +164,37 @@ LLAVA_PRESETS: dict[str, dict] = {
 # ----------------------------------------------------------------------------------------------
 
 class Dense(nnx.Module):
-    def __init__(self, din: int, dout: int, axes, *, bias: bool, param_dtype, rngs: nnx.Rngs):
-        self.kernel = sharding.param(0.02 * jax.random.normal(rngs.params(), (din, dout), param_dtype), axes)
+    """``x @ kernel + bias``; the kernel quantized with an enabled ``quant`` (:mod:`cgjax.quantize`)."""
+
+    def __init__(self, din: int, dout: int, axes, *, bias: bool, param_dtype, rngs: nnx.Rngs,
+                 quant: QuantConfig | None = None, name: str = "linear"):
+        self.quantized = quant is not None and quant.enabled
+        if self.quantized:
+            self.kernel = sharding.param(jnp.zeros((din, dout), quant.qtype), axes)
+            self.kernel_scale = sharding.param(jnp.ones(quantize.scale_shape((din, dout), 1, quant, name), F32),
+                                               quantize.scale_axes(axes, 1))
+            self.activations = quant.activations
+        else:
+            self.kernel = sharding.param(0.02 * jax.random.normal(rngs.params(), (din, dout), param_dtype), axes)
         self.bias = sharding.param(jnp.zeros((dout,), param_dtype), axes[1:]) if bias else None
 
     def __call__(self, x):
-        y = x @ self.kernel.get_value().astype(x.dtype)
+        if self.quantized:
+            y = quantize.dot(x, self.kernel.get_value(), self.kernel_scale.get_value(), 1, self.activations)
+        else:
+            y = x @ self.kernel.get_value().astype(x.dtype)
         return y if self.bias is None else y + self.bias.get_value().astype(x.dtype)
 
 
 class LlavaMultiModalProjector(nnx.Module):
     """``linear_2(gelu(linear_1(x)))`` (exact erf GELU, HF ``ACT2FN['gelu']``)."""
 
-    def __init__(self, config: LlavaConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlavaConfig, *, param_dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None):
         dv, dt = config.vision_config.width, config.text_config.hidden_size
         b = config.multimodal_projector_bias
-        self.linear_1 = Dense(dv, dt, ("proj", "mlp"), bias=b, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = Dense(dt, dt, ("mlp", "embed"), bias=b, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(bias=b, param_dtype=param_dtype, rngs=rngs, quant=quant)
+        self.linear_1 = Dense(dv, dt, ("proj", "mlp"), name="multi_modal_projector.linear_1", **kw)
+        self.linear_2 = Dense(dt, dt, ("mlp", "embed"), name="multi_modal_projector.linear_2", **kw)
 
     def __call__(self, x):
         return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
@@ -193,13 +208,18 @@ class Llava(nnx.Module):
     """HF ``LlavaForConditionalGeneration`` in NNX (``vision_tower``, ``multi_modal_projector``,
     ``language_model``). ``dtype`` is the compute dtype (fp32 default)."""
 
-    def __init__(self, config: LlavaConfig, *, dtype=F32, param_dtype=F32, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: LlavaConfig, *, dtype=F32, param_dtype=F32, rngs: nnx.Rngs | None = None,
+                 quant: QuantConfig | None = None):
+        """``quant``: the language model's decoder weights and the projector held quantized
+        (:mod:`cgjax.quantize`); the vision tower, embeddings and ``lm_head`` are not."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.vision_tower = CLIPVisionTransformer(config.vision_config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.multi_modal_projector = LlavaMultiModalProjector(config, param_dtype=param_dtype, rngs=rngs)
-        self.language_model = LlamaForCausalLM(config.text_config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.multi_modal_projector = LlavaMultiModalProjector(config, param_dtype=param_dtype, rngs=rngs, quant=quant)
+        self.language_model = LlamaForCausalLM(config.text_config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                               quant=quant)
+        self.quant = quant if quant is not None else QuantConfig()
 
     def get_image_features(self, pixel_values) -> jax.Array:
         """``pixel_values [B, 3, H, W]`` -> projected features ``[B, n_img, D_text]``."""

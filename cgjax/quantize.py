@@ -1,0 +1,131 @@
+"""Weight-only quantization of the frozen base (int8 per output channel, int4 in groups), on qwix.
+
+Only the concept values train; the LLaVA base is frozen, so its linear layers can be held in 8 or
+4 bits. A quantized weight is two parameters: ``kernel`` (``int8``/``int4``, the weight's shape)
+and ``kernel_scale`` (``float32``, the weight's rank with the reduced axes of size 1 -- int8 -- or
+``in / group_size`` -- int4, groups along the last input axis). ``w ~ kernel * scale``.
+
+qwix serves two parts: :func:`quantize_array` is ``qwix.quantize`` (abs-max calibration) and
+:func:`dot` is ``qwix.dot_general`` on a ``qwix.QArray``. qwix's model-level PTQ
+(``qwix.quantize_model``) cannot serve: it intercepts the dots of a model call and rebuilds each
+weight from its sharding metadata, which for cgjax's stacked decoder layers (``nnx.vmap`` with a
+leading ``layers`` axis, run under ``scan``) names one axis more than the per-layer weight it sees
+(an ``AssertionError`` in ``qwix.update_sharding``); so cgjax creates the quantized parameters
+itself, in their shardings, while it loads the checkpoint (``converters.common.load_state``).
+
+``activations=True`` also quantizes each row of the activations to int8 on the fly (per token,
+abs-max) so the matmul runs in int8 with int32 accumulation: PyTorch's ``quantize_dynamic``
+scheme. On a CPU that is the fast path (XLA does not fuse a weight-only dequantization into the
+matmul); on TPU/GPU weight-only is the usual choice.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import qwix
+
+MODES = ("none", "int8", "int4")
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+SCALE_SUFFIX = "_scale"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """``mode``: none | int8 | int4; ``group_size``: int4's group along the input axis;
+    ``activations``: int8 dynamic activations too (w8a8, int8 weights only)."""
+
+    mode: str = "none"
+    group_size: int = 128
+    activations: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"quantize={self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.mode == "int4" and self.group_size < 1:
+            raise ValueError(f"quantize_group_size must be >= 1, got {self.group_size}")
+        if self.activations and self.mode != "int8":
+            raise ValueError(f"quantize_activations needs quantize='int8' (got {self.mode!r})")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def qtype(self):
+        return QTYPES[self.mode]
+
+    @classmethod
+    def from_config(cls, config) -> "QuantConfig":
+        """From a stage/inference config's ``quantize``, ``quantize_group_size`` and
+        ``quantize_activations`` (absent fields: none, 128, False)."""
+        return cls(str(config.get("quantize", "none") or "none"), int(config.get("quantize_group_size", 128)),
+                   bool(config.get("quantize_activations", False)))
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "group_size": int(self.group_size), "activations": bool(self.activations)}
+
+
+def scale_shape(shape: Sequence[int], n_in: int, cfg: QuantConfig, where: str) -> tuple[int, ...]:
+    """The scale of a ``[*in, *out]`` weight: int8 one per output channel, int4 one per output
+    channel and ``group_size`` inputs of the last input axis (which must divide: else an error
+    naming ``where``, the layer)."""
+    shape = tuple(int(s) for s in shape)
+    out = [1] * n_in + list(shape[n_in:])
+    if cfg.mode == "int4":
+        width = shape[n_in - 1]
+        if width % cfg.group_size:
+            raise ValueError(f"quantize=int4: group size {cfg.group_size} does not divide the input width {width} "
+                             f"of {where} (shape {shape}); set quantize_group_size to a divisor of {width}")
+        out[n_in - 1] = width // cfg.group_size
+    return tuple(out)
+
+
+def scale_axes(axes: Sequence[str | None], n_in: int) -> tuple[str | None, ...]:
+    """Logical axes of a scale: the output axes as the weight's, the (reduced) input axes replicated."""
+    return (None,) * n_in + tuple(axes[n_in:])
+
+
+def _qwix_axes(shape: Sequence[int], sshape: Sequence[int]):
+    channelwise = tuple(i for i, (w, s) in enumerate(zip(shape, sshape)) if s == w and w > 1)
+    tiled = {i: w // s for i, (w, s) in enumerate(zip(shape, sshape)) if 1 < s < w}
+    return channelwise, tiled
+
+
+def quantize_array(w: jax.Array, sshape: Sequence[int], qtype) -> tuple[jax.Array, jax.Array]:
+    """``(qvalue, scale)`` of ``w`` (abs-max, symmetric) for the scale shape ``sshape`` (same rank:
+    an axis of the weight's size keeps one scale per index, an axis of size 1 shares one, and an
+    axis in between is split in equal groups). Works on stacked weights as well."""
+    if len(sshape) != w.ndim:
+        raise ValueError(f"scale shape {tuple(sshape)} does not match the weight's rank ({w.shape})")
+    channelwise, tiled = _qwix_axes(w.shape, sshape)
+    q = qwix.quantize(w.astype(jnp.float32), qtype, channelwise_axes=channelwise, tiled_axes=tiled)
+    scale = q.scale.reshape(tuple(sshape)).astype(jnp.float32)
+    return q.qvalue, scale
+
+
+def dot(x: jax.Array, kernel: jax.Array, scale: jax.Array, n_in: int, activations: bool = False) -> jax.Array:
+    """``tensordot(x, kernel * scale, n_in)`` with the quantized weight, by ``qwix.dot_general``;
+    with ``activations`` each row of ``x`` is quantized to int8 first (int8 x int8 -> int32)."""
+    qtype = kernel.dtype
+    qarr = qwix.QArray(kernel, scale.astype(x.dtype) if not activations else scale, qtype=qtype)
+    lhs_contract = tuple(range(x.ndim - n_in, x.ndim))
+    dims = ((lhs_contract, tuple(range(n_in))), ((), ()))
+    if activations:
+        lead = tuple(range(x.ndim - n_in))
+        xq = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=lead)
+        return qwix.dot_general(xq, qarr, dims).astype(x.dtype)
+    return qwix.dot_general(x, qarr, dims, preferred_element_type=x.dtype)
+
+
+def dequantize(kernel: Any, scale: Any) -> np.ndarray:
+    """The float32 weight a quantized one stands for (``kernel * scale``, groups broadcast)."""
+    k = np.asarray(kernel).astype(np.float32)
+    s = np.asarray(scale, np.float32)
+    for ax, (w, n) in enumerate(zip(k.shape, s.shape)):
+        if 1 < n < w:
+            s = np.repeat(s, w // n, axis=ax)
+    return k * s
