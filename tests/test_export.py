@@ -9,6 +9,7 @@ import glob
 import importlib.util
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import pytest
 import torch
 from flax import nnx
 
-from cgjax import demo, infer, text
+from cgjax import demo, infer, text, torch_export
 from cgjax.concepts.index import gating_config_from_fields
 from cgjax.data.demo_data import make_demo
 from cgjax.testing import fake_trained_stage, tiny_llava_with_tokenizer
@@ -106,7 +107,21 @@ def test_files_and_formats(exported):
     for k in vis:
         np.testing.assert_array_equal(sd[k].numpy(), src[k].numpy(), err_msg=k)
     assert open(os.path.join(out, "signals", "concept_signals.keyed.json")).read() == exported["keyed"]
-    compile(open(os.path.join(out, "example.py")).read(), "example.py", "exec")
+    # concept_tokens.py and example.py: cgjax/torch_export/'s files as they are; example.py imports
+    # concept_tokens from beside it (the export folder, no cgjax package around it)
+    for name in torch_export.FILES:
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read() == torch_export.source(name)
+    sys.path.insert(0, out)
+    try:
+        spec = importlib.util.spec_from_file_location("example", os.path.join(out, "example.py"))
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        assert example.ConceptTokens.__module__ == "concept_tokens" and callable(example.main)
+        assert sys.modules["concept_tokens"].__file__ == os.path.join(out, "concept_tokens.py")
+    finally:
+        sys.path.remove(out)
+        sys.modules.pop("concept_tokens", None)
 
 
 def test_hf_llava_logits_equal_cgjax(exported):

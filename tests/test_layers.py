@@ -14,6 +14,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # Bottom to top. A module belongs to the first layer with a matching prefix, read from the top down,
 # so "cgjax.train" is an application although "cgjax" is the core.
 LAYERS = {
+    # The PyTorch files the export ships as they are (concept_tokens.py, example.py): they must run
+    # without cgjax, so they sit below the core and may import nothing of it.
+    "standalone": ("cgjax.torch_export",),
     "core": ("cgjax",),
     "converters": ("converters",),
     "applications": ("cgjax.train", "cgjax.infer", "cgjax.export", "cgjax.demo", "cgjax.plan",

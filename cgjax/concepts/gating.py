@@ -14,7 +14,6 @@ slots per sample (concept index, score, token count, validity), in the original'
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import jax
@@ -158,8 +157,3 @@ def dim_ranges_from_sizes(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
         start += int(n)
     return tuple(out)
 
-
-def token_count(s: float, k_max: int) -> int:
-    """Tokens a concept with score ``s`` contributes (host-side, float32 like the original)."""
-    g = np.float32(min(1.0, max(0.0, s)))
-    return max(1, int(math.ceil(float(g * np.float32(k_max)))))

@@ -8,11 +8,10 @@
 - ``export`` / ``validate_signals``: signal files and the gating report.
 - ``run.train_prototypes(config, workdir)``: the stage behind ``scripts/train.py``.
 """
-from cgjax.prototypes.calibrate import calibrate, expected_calibration_error, fit_temperature, postprocess
+from cgjax.prototypes.calibrate import calibrate, fit_temperature, postprocess
 from cgjax.prototypes.head import PrototypeHead, PrototypeSet, build_prototypes
 from cgjax.prototypes.io import load_prototypes, save_checkpoint, save_pt
 from cgjax.prototypes.trainer import PrototypeTrainer, TrainerConfig
 
 __all__ = ["PrototypeHead", "PrototypeSet", "PrototypeTrainer", "TrainerConfig", "build_prototypes", "calibrate",
-           "expected_calibration_error", "fit_temperature", "load_prototypes", "postprocess", "save_checkpoint",
-           "save_pt"]
+           "fit_temperature", "load_prototypes", "postprocess", "save_checkpoint", "save_pt"]

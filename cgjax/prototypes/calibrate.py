@@ -4,7 +4,8 @@
 K concepts of one dimension becomes ``x`` in [0, 1], stored downstream as the pair ``[1 - x, x]``.
 
 Beyond the original: ``fit_temperature`` fits one softmax temperature per dimension on validation
-(NLL of the softmax over concepts) and ``expected_calibration_error`` reports the top-1 ECE.
+(NLL of the softmax over concepts); ``calibrate`` reports it with the top-1 ECE before and after
+(``cgjax.eval.metrics.expected_calibration_error``, the one ECE).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
+
+from cgjax.eval.metrics import expected_calibration_error
 
 MODES = ("none", "zero_one", "clamp_zero", "zscore")
 ZSCORE_EPS = 1e-6
@@ -109,22 +112,9 @@ def fit_temperature(logits: Any, labels: Any, t_min: float = 1e-3, t_max: float 
     return float(math.exp((a + b) / 2))
 
 
-def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 15) -> float:
-    """Top-1 ECE: sum over equal-width confidence bins of ``|bin| / N * |accuracy - confidence|``."""
-    probs = np.asarray(probs, np.float64)
-    labels = np.asarray(labels, np.int64)
-    if len(labels) == 0:
-        return float("nan")
-    conf = probs.max(axis=-1)
-    correct = (probs.argmax(axis=-1) == labels).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    ece = 0.0
-    for i in range(n_bins):
-        m = bins == i
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
+def _top1_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    """Top-1 ECE of ``probs [N, K]``: confidence = the top probability, correct = its argmax is the label."""
+    return expected_calibration_error(probs.max(axis=-1), probs.argmax(axis=-1) == labels, n_bins)
 
 
 def calibrate(
@@ -154,7 +144,7 @@ def calibrate(
             "n": int(len(y)),
             "nll_before": nll(s, y, reference_temperature),
             "nll_after": nll(s, y, t),
-            "ece_before": expected_calibration_error(softmax(s, reference_temperature), y, n_bins),
-            "ece_after": expected_calibration_error(softmax(s, t), y, n_bins),
+            "ece_before": _top1_ece(softmax(s, reference_temperature), y, n_bins),
+            "ece_after": _top1_ece(softmax(s, t), y, n_bins),
         }
     return out

@@ -59,7 +59,11 @@ def test_token_counts_and_mask():
     sel = gating.select(np.array([[0.1, 0.5, 1.0]], np.float32), cfg)
     assert np.asarray(sel.n_tokens).tolist() == [[4, 2, 1]]  # sorted by score: 1.0, 0.5, 0.1
     assert np.asarray(sel.token_mask(4)).astype(int).tolist() == [[1, 1, 1, 1, 1, 1, 0, 0, 1, 0, 0, 0]]
-    assert [gating.token_count(s, 4) for s in (0.1, 0.5, 1.0, -0.3)] == [1, 2, 4, 1]
+    # scores clipped to [0, 1] first: 1.3 -> 4 tokens, -0.3 -> the minimum of 1
+    every = gating.GatingConfig(dim_ranges=((0, 4),), k_max=4, threshold=-1.0, backoff_delta=0.0, topk_per_dim=0,
+                                max_concepts=0)
+    assert np.asarray(gating.select(np.array([[0.1, -0.3, 1.3, 0.5]], np.float32), every).n_tokens).tolist() == [
+        [4, 2, 1, 1]]
 
 
 def test_bad_config_and_shapes():

@@ -110,6 +110,18 @@ def test_ece_hand_computed():
         expected_calibration_error([0.5], [1, 0])
 
 
+def test_ece_bin_edges_hand_computed():
+    """5 right-closed bins (0, .2], (.2, .4], ..., 0 in the first; out-of-range confidences clipped."""
+    conf = [0.2, 0.2, 0.0, 0.4, 0.7, 1.0, 1.3]
+    correct = [0, 1, 0, 1, 0, 1, 1]
+    # (0, .2] with 0: acc 1/3, conf 0.4/3 -> 3 * |1/3 - 0.4/3| = 0.6 | (.2, .4]: 0.4 right -> 0.6
+    # (.6, .8]: 0.7 wrong -> 0.7 | (.8, 1]: 1.0 and 1.3 (as 1.0), both right -> 0
+    assert expected_calibration_error(conf, correct, n_bins=5) == pytest.approx((0.6 + 0.6 + 0.7) / 7)
+    assert reliability_bins(conf, correct, n_bins=5)["count"] == [3, 1, 0, 1, 2]
+    # one bin: |mean accuracy - mean confidence|
+    assert expected_calibration_error([0.9, 0.5], [1, 1], n_bins=1) == pytest.approx(0.3)
+
+
 def _meta(ranked, scores, selected):
     return {"activation": {"style": {"ranked_names": ranked, "selected_names": selected,
                                      "ranked_global": [[i, s] for i, s in enumerate(scores)]}}}

@@ -4,8 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from cgjax.prototypes.calibrate import (calibrate, expected_calibration_error, fit_temperature, nll, postprocess,
-                                        signal_pairs, softmax)
+from cgjax.prototypes.calibrate import calibrate, fit_temperature, nll, postprocess, signal_pairs, softmax
 
 
 def original_postprocess(vec, mode, temperature, clip):
@@ -87,10 +86,12 @@ def test_calibration_lowers_nll_on_miscalibrated_scores():
 
 
 def test_ece_and_softmax():
-    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    # softmax at T=1 of [log 9, 0] is [0.9, 0.1], of [log 1.5, 0] is [0.6, 0.4]
+    scores = np.log([[9.0, 1.0], [9.0, 1.0], [1.5, 1.0], [1.5, 1.0]])
     labels = np.array([0, 1, 0, 0])
-    # bins: 0.9 (acc .5, conf .9) and 0.6 (acc 1, conf .6)
-    assert expected_calibration_error(probs, labels, n_bins=10) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+    # top-1 bins of 10: 0.9 (acc .5, conf .9) and 0.6 (acc 1, conf .6), two items each
+    cal = calibrate({"a": scores}, {"a": labels}, reference_temperature=1.0, n_bins=10)["a"]
+    assert cal["ece_before"] == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
     np.testing.assert_allclose(softmax([[0.0, math.log(3.0)]]), [[0.25, 0.75]])
     with pytest.raises(ValueError, match="no validation"):
         fit_temperature(np.zeros((0, 3)), np.zeros(0))

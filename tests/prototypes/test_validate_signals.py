@@ -49,3 +49,39 @@ def test_selection_and_merge():
     assert greedy == {"artist": [], "style": [(1, .9)], "genre": [(0, .85)]}
     assert fair_budget_merge(per, 0) == per
     assert normalize_name(" Post_Impressionism ") == normalize_name("post-impressionism") == "post impressionism"
+
+
+@pytest.mark.parametrize("threshold,backoff,topk,budget,priority", [
+    (0.6, 0.05, 2, 3, ("artist", "style", "genre")),  # the report's defaults
+    (0.75, 0.1, 1, 2, ("genre", "artist")),
+    (0.5, 0.0, 0, 0, ("artist", "style", "genre")),
+    (0.7, 0.3, 3, 4, ("style",)),
+])
+def test_similarity_gating_equals_jax_reference(threshold, backoff, topk, budget, priority):
+    """The report keeps its own statement of the gating (the original tool's, with distance mode and
+    fairness off); in similarity mode with fairness it selects what cgjax's ``gating.select`` does."""
+    import numpy as np
+
+    from cgjax.concepts import gating
+
+    dims, sizes = ("artist", "style", "genre"), (5, 3, 4)
+    cfg = gating.GatingConfig(dim_ranges=gating.dim_ranges_from_sizes(sizes), threshold=threshold,
+                              backoff_delta=backoff, topk_per_dim=topk, max_concepts=budget,
+                              priority=tuple(dims.index(p) for p in priority))
+    rng = np.random.default_rng(7)
+    scores = rng.uniform(0.0, 1.0, size=(48, cfg.n_concepts)).astype(np.float32)
+    scores[:6, 1] = scores[:6, 0]  # ties
+    scores[6:12, 5] = np.float32(threshold)  # exact hits
+    scores[12:18] = np.float32(threshold - backoff / 2)  # the back-off band
+    ref = gating.select(scores, cfg)
+    concept, valid = np.asarray(ref.concept), np.asarray(ref.valid)
+    n_picked = 0
+    for b in range(len(scores)):
+        per_dim = {d: select_per_dim({str(i): pair(float(scores[b, a + i])) for i in range(e - a)},
+                                     threshold, backoff, topk)[0]
+                   for d, (a, e) in zip(dims, cfg.dim_ranges)}
+        merged = fair_budget_merge(per_dim, budget, True, priority)
+        got = [a + i for d, (a, _) in zip(dims, cfg.dim_ranges) for i, _ in merged[d]]
+        assert got == concept[b][valid[b]].tolist(), b
+        n_picked += len(got)
+    assert n_picked > 0
