@@ -8,3 +8,5 @@ from cgjax.generate import Generator
 
 __version__ = "0.1.0"
 SCHEMA_VERSION = 1
+
+__all__ = ["Generator", "generate", "SCHEMA_VERSION", "__version__"]
