@@ -61,6 +61,7 @@ from cgjax.losses import IGNORE_INDEX
 from cgjax.preprocess import llava_preprocess_config, preprocess_image
 from cgjax.prototypes import io as pio
 from cgjax.prototypes.calibrate import postprocess
+from cgjax.quantize import QuantConfig
 from converters import hf_llava, openclip
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,7 @@ class Inferencer:
                       images_root: str | None = None, dims: Sequence[str] | None = None, step: int | None = None,
                       dtype: str = "float32", param_dtype: str | None = None, preprocess: str = "auto",
                       mesh: jax.sharding.Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None,
-                      accept_mismatch: bool = False, **kwargs) -> "Inferencer":
+                      accept_mismatch: bool = False, quant: QuantConfig | None = None, **kwargs) -> "Inferencer":
         """Load everything from disk.
 
         ``prototypes``: a prototypes work dir (``scripts/train.py --config configs/prototypes.py``:
@@ -313,7 +314,8 @@ class Inferencer:
         keyword arguments go to the constructor (``batch_size``, ``max_new_tokens``, ``temperature``,
         ``top_p``, ``seed``, ``sentinels``, ``prompt_seed``). With ``mesh`` (and the logical-axis
         ``rules``, as training's) the LLaVA is created directly in its shardings and every generation
-        batch is sharded over the batch axes.
+        batch is sharded over the batch axes. ``quant``: the base's weights quantized
+        (:mod:`cgjax.quantize`).
         """
         from transformers import AutoTokenizer  # optional [torch] extra
 
@@ -336,7 +338,7 @@ class Inferencer:
         tokenizer = AutoTokenizer.from_pretrained(base_files)
         rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
         llava = hf_llava.load_any(llava_checkpoint, dtype=_dtype(param_dtype or dtype), compute_dtype=_dtype(dtype),
-                                  mesh=mesh, rules_table=rules)
+                                  mesh=mesh, rules_table=rules, quant=quant)
         model = ConceptLlava(llava, gcfg, rngs=nnx.Rngs(0))
         if tuple(model.concepts.values.get_value().shape) != tuple(tv.values.shape):
             raise ValueError(f"trained values {tv.values.shape} do not fit this LLaVA "
@@ -720,7 +722,8 @@ def run_inference(config) -> dict[str, str]:
         param_dtype=c.param_dtype or None, preprocess=c.data.preprocess, batch_size=int(c.generation.batch_size),
         max_new_tokens=int(c.generation.max_new_tokens), temperature=float(c.generation.temperature),
         top_p=float(c.generation.top_p), seed=int(c.seed), sentinels=(c.prompt.sentinel_start, c.prompt.sentinel_end),
-        prompt_seed=int(c.prompt.stage_b_seed), mesh=mesh, rules=rules, accept_mismatch=bool(c.accept_mismatch))
+        prompt_seed=int(c.prompt.stage_b_seed), mesh=mesh, rules=rules, accept_mismatch=bool(c.accept_mismatch),
+        quant=QuantConfig.from_config(c))
 
     # answers already in reasoning.json under the same inference settings are kept, not recomputed
     fingerprint = inference_fingerprint(c)
@@ -798,6 +801,9 @@ def inference_fingerprint(config) -> str:
             "dtype": c.dtype, "param_dtype": c.param_dtype, "prototypes": c.prototypes.to_dict(),
             "signals": _paths(c.signals), "gating": c.gating.to_dict(), "prompt": c.prompt.to_dict(),
             "generation": c.generation.to_dict(), "seed": int(c.seed), "preprocess": c.data.preprocess}
+    quant = QuantConfig.from_config(c)
+    if quant.enabled:  # (absent when off: fingerprints of unquantized runs are unchanged)
+        keys["quantize"] = quant.to_json()
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

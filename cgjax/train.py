@@ -50,6 +50,7 @@ from cgjax.flops import param_counts, step_flops
 from cgjax.metrics_log import MetricsLog
 from cgjax.multihost import Preemption, gather_host_strings, host_data_state
 from cgjax.preprocess import llava_preprocess_config
+from cgjax.quantize import QuantConfig
 from cgjax.sharding import canonical_sharding
 from cgjax.steps import (StepConfig, dtype_from_name, eval_step, greedy_generate, lr_schedule, make_optimizer,
                          path_str, prefix_length, train_step, trainable_filter)
@@ -111,7 +112,8 @@ class Trainer:
         self.base_files = persistence.localize(config.llava_checkpoint, hf_llava.TOKENIZER_FILES)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_files)
         llava = hf_llava.load_any(config.llava_checkpoint, dtype=dtype_from_name(config.param_dtype), mesh=self.mesh,
-                                  rules_table=self.rules, compute_dtype=dtype_from_name(config.dtype))
+                                  rules_table=self.rules, compute_dtype=dtype_from_name(config.dtype),
+                                  quant=QuantConfig.from_config(config))
         model = ConceptLlava(llava, self.gating, rngs=nnx.Rngs(int(config.seed)))
         sharding.shard_model(model, self.mesh, self.rules)
         self.model_config = llava.config

@@ -45,6 +45,12 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     c.llava_checkpoint = ""
     c.dtype = "float32"  # compute dtype of the frozen LLaVA: float32 | bfloat16
     c.param_dtype = "float32"  # storage dtype of the frozen LLaVA weights (the concept values stay fp32)
+    # Weight-only quantization of the frozen base's language model and projector (cgjax.quantize):
+    # none | int8 (per output channel) | int4 (groups of quantize_group_size inputs). The HF
+    # checkpoint is quantized weight by weight as it loads (or a quantized orbax one is read as it is).
+    c.quantize = "none"
+    c.quantize_group_size = 128
+    c.quantize_activations = False  # int8 only: int8 activations too (PyTorch's dynamic int8; the CPU fast path)
     # Stage hand-off: Stage B starts from Stage A's final checkpoint (a work dir or its checkpoints/ dir).
     c.init_from = ""
     # Resume / init_from refuse a work dir trained on another base checkpoint or data set (and resume

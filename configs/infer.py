@@ -41,6 +41,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.step = -1  # checkpoint step; -1 = latest
     c.dtype = "float32"  # compute dtype of LLaVA: float32 | bfloat16
     c.param_dtype = ""  # "" = dtype
+    # Weight-only quantization of the frozen base's language model and projector (cgjax.quantize):
+    # none | int8 (per output channel) | int4 (groups of quantize_group_size inputs). The HF
+    # checkpoint is quantized weight by weight as it loads (or a quantized orbax one is read as it is).
+    c.quantize = "none"
+    c.quantize_group_size = 128
+    c.quantize_activations = False  # int8 only: int8 activations too (PyTorch's dynamic int8; the CPU fast path)
 
     # Signals: the prototype head (CLIP tower + prototypes), or signals files when ``signals`` is set.
     c.prototypes = ml_collections.ConfigDict()

@@ -1,0 +1,170 @@
+"""Weight-only quantization of the frozen base (cgjax.quantize): the quantized weights against an
+independent numpy abs-max, the quantized model against the float model holding the dequantized
+weights, the quality against fp32, saving and loading, and the errors."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cgjax import quantize as Q
+from cgjax.quantize import QuantConfig
+from converters import hf_llava
+from converters.tiny_llava import make_llava_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("qllava") / "llava")
+    make_llava_checkpoint(d, "tiny", seed=3)
+    return d
+
+
+def _inputs(cfg, batch=2, length=24, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, cfg.text_config.vocab_size - 1, (batch, length))
+    ids[:, 2:2 + cfg.num_image_tokens] = cfg.image_token_id
+    size = cfg.vision_config.image_size
+    size = size if isinstance(size, int) else size[0]
+    pix = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
+    return jnp.asarray(ids), jnp.asarray(pix)
+
+
+def _logits(model, ids, pix):
+    out = model(input_ids=ids, pixel_values=pix)
+    return np.asarray(out[0] if isinstance(out, tuple) else out)
+
+
+def _kl(p_logits, q_logits) -> float:
+    p, q = jax.nn.log_softmax(p_logits, -1), jax.nn.log_softmax(q_logits, -1)
+    return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
+
+
+def test_int8_weights_equal_a_numpy_absmax():
+    w = np.random.default_rng(0).normal(size=(3, 64, 4, 8)).astype(np.float32)  # stacked [L, D, H, hd]
+    sshape = (3,) + Q.scale_shape((64, 4, 8), 1, QuantConfig("int8"), "q_proj")
+    assert sshape == (3, 1, 4, 8)
+    q, s = Q.quantize_array(jnp.asarray(w), sshape, jnp.int8)
+    # qwix's abs-max maps the largest |w| to 127.5 (the int8 range's half-width), then clips
+    want_s = np.abs(w).max(axis=1, keepdims=True) / 127.5
+    ratio = w / want_s
+    want_q = np.clip(np.round(ratio), -128, 127)
+    np.testing.assert_allclose(np.asarray(s), want_s, rtol=1e-6)
+    assert np.asarray(q).dtype == np.int8
+    off = np.asarray(q).astype(np.int32) != want_q
+    assert off.mean() < 0.01
+    assert np.all(np.abs(np.abs(ratio[off]) % 1 - 0.5) < 1e-3)  # only halves (the extremes' +-127.5) round otherwise
+    np.testing.assert_allclose(Q.dequantize(q, s), w, atol=float(want_s.max()) / 2 + 1e-7)
+
+
+def test_int4_groups_bound_the_error():
+    w = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
+    cfg = QuantConfig("int4", group_size=16)
+    sshape = Q.scale_shape(w.shape, 1, cfg, "mlp.up_proj")
+    assert sshape == (4, 16)
+    q, s = Q.quantize_array(jnp.asarray(w), sshape, jnp.int4)
+    qi = np.asarray(q).astype(np.int32)
+    assert qi.min() >= -8 and qi.max() <= 7
+    groups = np.abs(w.reshape(4, 16, 16)).max(axis=1)  # [groups, out]
+    err = np.abs(Q.dequantize(q, s) - w).reshape(4, 16, 16).max(axis=1)
+    assert np.all(err <= groups / 7.5 + 1e-6)  # at most one quantization step of its group (abs-max / 7.5)
+
+
+def test_quantized_dot_is_the_dequantized_matmul():
+    rng = np.random.default_rng(2)
+    for n_in, shape, cfg in ((1, (64, 4, 8), QuantConfig("int8")), (2, (4, 16, 32), QuantConfig("int4", 8))):
+        w = rng.normal(size=shape).astype(np.float32)
+        q, s = Q.quantize_array(jnp.asarray(w), Q.scale_shape(shape, n_in, cfg, "w"), cfg.qtype)
+        x = rng.normal(size=(3, 5) + shape[:n_in]).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(Q.dot(jnp.asarray(x), q, s, n_in)),
+                                   np.tensordot(x, Q.dequantize(q, s), n_in), rtol=1e-5, atol=1e-4)
+
+
+def _dequantized_float_model(tiny, qmodel):
+    """The fp32 model of ``tiny`` with every quantized weight replaced by its dequantized value."""
+    fmodel = hf_llava.load(tiny)
+    qflat = dict(nnx.to_flat_state(nnx.state(qmodel)))
+    new = []
+    for path, var in nnx.to_flat_state(nnx.state(fmodel)):
+        scale = path[:-1] + (path[-1] + Q.SCALE_SUFFIX,)
+        if scale in qflat:
+            var = var.replace(jnp.asarray(Q.dequantize(qflat[path].get_value(), qflat[scale].get_value())))
+        new.append((path, var))
+    nnx.update(fmodel, nnx.from_flat_state(new))
+    return fmodel
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig("int8"), QuantConfig("int4", 16)], ids=["int8", "int4"])
+def test_quantized_llava_is_the_dequantized_model(tiny, cfg):
+    qmodel = hf_llava.load(tiny, quant=cfg)
+    kinds = {str(v.get_value().dtype) for p, v in nnx.to_flat_state(nnx.state(qmodel)) if p[-1] == "kernel"}
+    assert cfg.mode in kinds and "float32" in kinds  # the LM/projector quantized, the vision tower not
+    lm = qmodel.language_model.layers
+    assert lm.mlp.up_proj.kernel.get_value().dtype == cfg.qtype
+    assert qmodel.multi_modal_projector.linear_1.kernel.get_value().dtype == cfg.qtype
+    assert qmodel.language_model.lm_head.kernel.get_value().dtype == jnp.float32
+    ids, pix = _inputs(qmodel.config)
+    np.testing.assert_allclose(_logits(qmodel, ids, pix), _logits(_dequantized_float_model(tiny, qmodel), ids, pix),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_int8_is_close_to_fp32_and_int4_further(tiny):
+    fp = hf_llava.load(tiny)
+    ids, pix = _inputs(fp.config)
+    ref = _logits(fp, ids, pix)
+    kl8 = _kl(ref, _logits(hf_llava.load(tiny, quant=QuantConfig("int8")), ids, pix))
+    kl4 = _kl(ref, _logits(hf_llava.load(tiny, quant=QuantConfig("int4", 16)), ids, pix))
+    assert 0 < kl8 < 1e-3
+    assert kl4 > kl8
+
+
+def test_saved_quantized_loads_as_it_is_and_refuses_another_mode(tiny, tmp_path):
+    cfg = QuantConfig("int8")
+    qmodel = hf_llava.load(tiny, quant=cfg)
+    out = hf_llava.save_orbax(qmodel, str(tmp_path / "q8"))
+    with open(os.path.join(out, hf_llava.QUANTIZATION_FILE)) as f:
+        assert json.load(f)["mode"] == "int8"
+    again = hf_llava.load_any(out, quant=cfg)
+    ids, pix = _inputs(qmodel.config)
+    np.testing.assert_array_equal(_logits(again, ids, pix), _logits(qmodel, ids, pix))
+    assert again.language_model.layers.mlp.up_proj.kernel.get_value().dtype == jnp.int8
+    with pytest.raises(ValueError, match="quantize=int8.*this run asks quantize=int4"):
+        hf_llava.load_any(out, quant=QuantConfig("int4", 16))
+    with pytest.raises(ValueError, match="quantize=int8.*this run asks quantize=none"):
+        hf_llava.load_any(out)
+    plain = hf_llava.save_orbax(hf_llava.load(tiny), str(tmp_path / "fp"))
+    with pytest.raises(ValueError, match="unquantized base and this run asks quantize=int8"):
+        hf_llava.load_any(plain, quant=cfg)
+    with pytest.raises(ValueError, match="quantized weights"):  # never exported back as if it were the original
+        hf_llava.export_tensors(qmodel)
+
+
+def test_group_size_that_does_not_divide_names_the_layer(tiny):
+    with pytest.raises(ValueError, match=r"group size 48 does not divide the input width 32 of multi_modal_projector.linear_1"):
+        hf_llava.load(tiny, quant=QuantConfig("int4", 48))
+
+
+def test_bad_settings_are_errors():
+    with pytest.raises(ValueError, match="expected one of none, int8, int4"):
+        QuantConfig("int2")
+    with pytest.raises(ValueError, match="needs quantize='int8'"):
+        QuantConfig("int4", activations=True)
+
+
+def test_quantized_weights_are_created_in_their_shardings(tiny):
+    from cgjax import sharding
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, jax.devices()[:4])
+    q = hf_llava.load(tiny, quant=QuantConfig("int8"), mesh=mesh)
+    up = q.language_model.layers.mlp.up_proj.kernel.get_value()
+    assert up.dtype == jnp.int8 and len(up.sharding.device_set) == 4
+    assert not up.sharding.is_fully_replicated
+    single = hf_llava.load(tiny, quant=QuantConfig("int8"))
+    ids, pix = _inputs(q.config)
+    want = _logits(single, ids, pix)
+    with jax.set_mesh(mesh):
+        got = _logits(q, ids, pix)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
