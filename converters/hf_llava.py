@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from cgjax import persistence, sharding as shd
-from cgjax.data.schema import OVERWRITE_HELP, atomic_dir, check_output_dir, read_json
+from cgjax.data.schema import read_json
 from cgjax.models.llama import LlamaConfig, LlamaForCausalLM
 from cgjax.models.llava import Llava, LlavaConfig
 from converters import common as C
@@ -244,9 +244,9 @@ def write_checkpoint_dir(out_dir: str, tensors: dict, config: dict, copy_from: s
     ``out_dir`` and renamed into place (nothing half-written is left on failure). With
     ``image_token_id``, the copied tokenizer gets ``<image>`` there (:func:`add_image_token`).
     An existing ``out_dir`` that cgjax did not write is refused unless ``overwrite``
-    (:func:`cgjax.data.schema.check_output_dir`), and never when it holds ``copy_from`` or ``inputs``."""
+    (:func:`cgjax.persistence.check_output_dir`), and never when it holds ``copy_from`` or ``inputs``."""
     out_dir = os.path.abspath(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite, inputs=(copy_from, *inputs)) as tmp:
+    with persistence.atomic_dir(out_dir, overwrite=overwrite, inputs=(copy_from, *inputs)) as tmp:
         C.save_safetensors(tensors, tmp, max_shard_bytes=max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True, default=str)
@@ -294,7 +294,7 @@ def save_orbax(model, out_dir: str, *, overwrite: bool = False) -> str:
     """NNX parameter state (orbax, ``state/``) + ``config.json`` (HF form) in ``out_dir`` (atomic;
     an existing folder cgjax did not write is refused unless ``overwrite``)."""
     out_dir = os.path.abspath(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite, inputs=(getattr(model, "source_dir", None),)) as tmp:
+    with persistence.atomic_dir(out_dir, overwrite=overwrite, inputs=(getattr(model, "source_dir", None),)) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.config.to_hf(), f, indent=2, sort_keys=True, default=str)
         ckptr = ocp.StandardCheckpointer()
@@ -377,9 +377,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     b.add_argument("--dtype", default=None, help="tensor dtype of the written files (default: as stored)")
     b.add_argument("--tokenizer-from", default=None, help="copy tokenizer/processor files from this directory")
     for p in (a, b):
-        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+        p.add_argument("--overwrite", action="store_true", help=persistence.OVERWRITE_HELP)
     args = ap.parse_args(argv)
-    check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
+    persistence.check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
     if args.cmd == "to-orbax":
         model = load(args.src, dtype=jnp.dtype(args.dtype))
         print(save_orbax(model, args.dst, overwrite=args.overwrite))

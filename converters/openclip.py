@@ -32,7 +32,6 @@ import difflib
 import json
 import os
 import sys
-import tempfile
 from typing import Any, NamedTuple
 
 import jax
@@ -41,8 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from cgjax import sharding as shd
-from cgjax.data.schema import atomic_dir
+from cgjax import persistence, sharding as shd
 from cgjax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from cgjax.preprocess import PreprocessConfig
 from cgjax.prototypes.head import PrototypeHead
@@ -254,22 +252,6 @@ def export(model: CLIPVisionTransformer, prefix: str = "visual.") -> dict[str, n
     return C.export_state(model, openclip_vision_rules(prefix))
 
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    import torch  # optional [torch] extra
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save(model: CLIPVisionTransformer, path: str, prefix: str = "visual.") -> str:
     """Write the tower as an open_clip state dict (``visual.*`` keys only: the text tower is
     not included; load with ``open_clip_model.load_state_dict(sd, strict=False)``).
@@ -286,7 +268,7 @@ def save(model: CLIPVisionTransformer, path: str, prefix: str = "visual.") -> st
             sd[k] = torch.from_numpy(v.view(np.int16).copy()).view(torch.bfloat16)
         else:
             sd[k] = torch.from_numpy(np.array(v))
-    _atomic_torch_save(sd, path)
+    persistence.write_file(path, lambda tmp: torch.save(sd, tmp))
     return path
 
 
@@ -302,7 +284,7 @@ def save_orbax(model: CLIPVisionTransformer, preprocess: PreprocessConfig, dst: 
     meta = {"model_name": model_name, "vision_config": dataclasses.asdict(model.config),
             "preprocess": dataclasses.asdict(preprocess)}
     # the old folder stays until the new one is complete, then is replaced whole
-    with atomic_dir(dst, overwrite=force) as tmp:
+    with persistence.atomic_dir(dst, overwrite=force) as tmp:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             ckptr.save(os.path.join(tmp, "ckpt"), ocp.args.Composite(
                 state=ocp.args.StandardSave(nnx.state(model, nnx.Param)), meta=ocp.args.JsonSave(meta)))

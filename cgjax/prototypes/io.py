@@ -11,14 +11,13 @@ counters and RNG) and ``meta`` (JSON: dimensions, concept index, CLIP model name
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cgjax.data.schema import atomic_dir
+from cgjax import persistence
 from cgjax.prototypes.head import DEFAULT_CLIP_MODEL, PrototypeSet, l2_normalize
 
 PT_SUFFIXES = (".pt", ".pth", ".bin")
@@ -45,17 +44,8 @@ def save_pt(ps: PrototypeSet, path: str | os.PathLike, dimensions: Sequence[str]
     import torch  # optional [torch] extra
 
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(to_payload(ps, dimensions), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    payload = to_payload(ps, dimensions)
+    persistence.write_file(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
@@ -162,7 +152,7 @@ def save_checkpoint(ps: PrototypeSet, path: str | os.PathLike, step: int = 0, **
     m = {"dimensions": ps.dimensions, "n_concepts": [len(ps.idx_to_concept[d]) for d in ps.dimensions],
          "clip_model_name": ps.clip_model_name, "concept_to_idx": ps.concept_to_idx,
          "idx_to_concept": ps.idx_to_concept, "temperatures": ps.temperatures, **meta}
-    with atomic_dir(path) as tmp:
+    with persistence.atomic_dir(path) as tmp:
         # one process writes this small replicated checkpoint (the others do not take part)
         only_me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                      active_processes={jax.process_index()})

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgjax import multihost
+from cgjax import multihost, persistence
 from cgjax.data.demo_data import demo_paths, make_demo
 from cgjax.data.schema import DataError, read_json
 from cgjax.prototypes import export, io as pio
@@ -131,10 +131,11 @@ def cached_embeddings(head: PrototypeHead, paths: list[str], cache_dir: str | No
             return emb
     emb, kept = head.embed_paths(paths, missing="error")
     if file and multihost.is_primary():  # every process embeds; one writes the cache
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{file}.tmp{os.getpid()}.npy"
-        np.save(tmp, emb)
-        os.replace(tmp, file)
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
+                np.save(f, emb)
+
+        persistence.write_file(file, write)
     return emb
 
 
