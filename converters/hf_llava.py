@@ -32,10 +32,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from cgjax import persistence, sharding as shd
+from cgjax import checkpoints, persistence, sharding as shd
 from cgjax.data.schema import read_json
 from cgjax.models.llama import LlamaConfig, LlamaForCausalLM
 from cgjax.models.llava import Llava, LlavaConfig
@@ -297,9 +296,7 @@ def save_orbax(model, out_dir: str, *, overwrite: bool = False) -> str:
     with persistence.atomic_dir(out_dir, overwrite=overwrite, inputs=(getattr(model, "source_dir", None),)) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.config.to_hf(), f, indent=2, sort_keys=True, default=str)
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, "state"), nnx.state(model, nnx.Param).to_pure_dict())
-        ckptr.wait_until_finished()
+        checkpoints.save_tree(os.path.join(tmp, "state"), nnx.state(model, nnx.Param).to_pure_dict())
         src = getattr(model, "source_dir", None)  # tokenizer + preprocessing travel with the weights
         for name in TOKENIZER_FILES if src else ():
             if os.path.exists(os.path.join(src, name)):
@@ -342,11 +339,8 @@ def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rul
                               state.to_pure_dict(), shardings.to_pure_dict())
     else:
         target = state.to_pure_dict()
-    ckptr = ocp.StandardCheckpointer()
-    if dtype is None and mesh is None:
-        restored = ckptr.restore(persistence.join(path, "state"))
-    else:
-        restored = ckptr.restore(persistence.join(path, "state"), target)
+    restored = checkpoints.restore_tree(persistence.join(path, "state"),
+                                        None if dtype is None and mesh is None else target)
     want = dict(jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0])
     got = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
     bad = [(jax.tree_util.keystr(k), tuple(np.shape(got[k])) if k in got else None, tuple(v.shape))

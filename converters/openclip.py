@@ -37,10 +37,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from cgjax import persistence, sharding as shd
+from cgjax import checkpoints, persistence, sharding as shd
 from cgjax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from cgjax.preprocess import PreprocessConfig
 from cgjax.prototypes.head import PrototypeHead
@@ -285,12 +284,7 @@ def save_orbax(model: CLIPVisionTransformer, preprocess: PreprocessConfig, dst: 
             "preprocess": dataclasses.asdict(preprocess)}
     # the old folder stays until the new one is complete, then is replaced whole
     with persistence.atomic_dir(dst, overwrite=force) as tmp:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            ckptr.save(os.path.join(tmp, "ckpt"), ocp.args.Composite(
-                state=ocp.args.StandardSave(nnx.state(model, nnx.Param)), meta=ocp.args.JsonSave(meta)))
-        for name in os.listdir(os.path.join(tmp, "ckpt")):
-            os.rename(os.path.join(tmp, "ckpt", name), os.path.join(tmp, name))
-        os.rmdir(os.path.join(tmp, "ckpt"))
+        checkpoints.save_items(tmp, nnx.state(model, nnx.Param), meta)
     return dst
 
 
@@ -299,8 +293,7 @@ def load_orbax(src: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = Non
     src = os.path.abspath(src)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"orbax checkpoint {src} does not exist")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(src, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = checkpoints.read_items_meta(src)
     vc = dict(meta["vision_config"])
     cfg = CLIPVisionConfig(**vc)
     model = abstract_model(cfg, dtype)
@@ -311,8 +304,7 @@ def load_orbax(src: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = Non
     else:
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dev), abstract)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        state = ckptr.restore(src, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    state = checkpoints.restore_items_state(src, target)
     nnx.update(model, state)
     pp = dict(meta["preprocess"])
     pp["size"] = tuple(pp["size"])
