@@ -1,6 +1,17 @@
-"""orbax checkpoints of a training stage: one ``CheckpointManager`` layout (``state``: params,
-optimizer state, step, RNG; ``meta``: JSON with the data-iterator state, concept index and
-validation) with keep-N and best-N policies, and save / restore on it."""
+"""Every orbax call of cgjax: the only module that imports orbax.
+
+- A training stage's ``CheckpointManager`` (:func:`manager`; items ``state``: params, optimizer
+  state, step, RNG; ``meta``: JSON with the data-iterator state, concept index and validation)
+  with keep-N and best-N policies, and save / restore on it (:func:`save`, :func:`restore`,
+  :func:`restore_latest_good`, :func:`read_meta`, :func:`saved_tree`, :func:`restore_state`).
+- A plain keep-N manager with the same two items (:func:`plain_manager`: the prototype trainer's
+  epochs, prototype checkpoints) and save / restore of one step as it is (:func:`save_step`,
+  :func:`restore_step`).
+- Single checkpoints at a path, without a manager: a pytree (:func:`save_tree`,
+  :func:`restore_tree`: params-only bases, the doctor's pod check) and the same ``state`` + ``meta``
+  items (:func:`save_items`, :func:`read_items_meta`, :func:`restore_items_state`: converted
+  open_clip towers).
+"""
 from __future__ import annotations
 
 import os
@@ -15,7 +26,10 @@ from orbax.checkpoint import checkpoint_managers as cm
 from cgjax import multihost, persistence
 
 __all__ = ["manager", "abstract", "save", "restore", "restore_latest_good", "stage_dir", "has_checkpoints",
-           "read_meta", "saved_tree", "restore_state"]
+           "read_meta", "saved_tree", "restore_state", "plain_manager", "save_step", "restore_step", "save_tree",
+           "restore_tree", "save_items", "read_items_meta", "restore_items_state"]
+
+ITEMS = ("state", "meta")
 
 
 def manager(directory: str, config, read_only: bool = False):
@@ -39,19 +53,44 @@ def abstract(tree, sharding_of: Callable[[Any], Any]):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_of(x)), tree)
 
 
+def plain_manager(directory: str, *, keep: int | None = None, create: bool = True,
+                  this_process_only: bool = False):
+    """A ``CheckpointManager`` in ``directory`` with the items ``state`` and ``meta`` and synchronous
+    saves: the last ``keep`` steps are kept (``None``: all); the folder is made if missing when
+    ``create``. With ``this_process_only`` the calling process alone writes (a small replicated
+    checkpoint the other processes take no part in)."""
+    opts = {"max_to_keep": keep, "create": create, "enable_async_checkpointing": False}
+    if this_process_only:
+        me = jax.process_index()
+        opts["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.CheckpointManager(persistence.resolve(directory), options=ocp.CheckpointManagerOptions(**opts),
+                                 item_names=ITEMS)
+
+
+def save_step(mngr, step: int, state, meta: dict, metrics: dict | None = None, *, force: bool = False) -> None:
+    """Save the pytree ``state`` and the JSON ``meta`` at ``step`` as they are (no copy); ``force``
+    saves even where the manager's save policy would skip the step."""
+    mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              metrics=metrics, force=force)
+
+
+def restore_step(mngr, step: int, abstract_state=None):
+    """``(state, meta)`` of ``step``, ``state`` restored into ``abstract_state`` (``ShapeDtypeStruct``
+    leaves, with shardings or not; ``None``: as saved)."""
+    got = mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                         meta=ocp.args.JsonRestore()))
+    return got["state"], got["meta"]
+
+
 def save(mngr, step: int, state, meta: dict, metrics: dict | None = None) -> None:
     """Save ``state`` and the JSON ``meta`` at ``step`` (a copy: the caller may donate ``state``)."""
     state = jax.tree.map(jnp.copy, state)  # the next step donates the live buffers
-    mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-              metrics=metrics, force=True)
+    save_step(mngr, step, state, meta, metrics, force=True)
 
 
 def restore(mngr, step: int, like_state):
     """``(state, meta)`` of ``step``, restored into the shapes and shardings of ``like_state``."""
-    abstract_state = abstract(like_state, lambda x: x.sharding)
-    got = mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                         meta=ocp.args.JsonRestore()))
-    return got["state"], got["meta"]
+    return restore_step(mngr, step, abstract(like_state, lambda x: x.sharding))
 
 
 def restore_latest_good(mngr, like_state):
@@ -115,5 +154,49 @@ def saved_tree(mngr, step: int):
 
 def restore_state(mngr, step: int, abstract_state):
     """The ``state`` item of ``step`` restored into ``abstract_state`` (``ShapeDtypeStruct`` leaves
-    with shardings; a sub-tree of the saved one restores only those leaves)."""
+    with shardings; a sub-tree of the saved one restores only those leaves; ``None``: all, as saved)."""
     return mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+
+# ------------------------------------------------------------------ single checkpoints at a path
+
+def save_tree(path: str, tree, *, force: bool = False) -> None:
+    """Save the pytree ``tree`` (arrays may be sharded: every process writes its shards) as a
+    checkpoint folder ``path`` (local or a URL); ``force`` replaces an existing one."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, tree, force=force)
+        ckptr.wait_until_finished()
+
+
+def restore_tree(path: str, target=None):
+    """The pytree saved by :func:`save_tree` in ``path``, restored into ``target`` (arrays or
+    ``ShapeDtypeStruct`` leaves, with shardings or not; ``None``: as saved)."""
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, target)
+
+
+def save_items(directory: str, state, meta: dict) -> None:
+    """Save the pytree ``state`` and the JSON ``meta`` as the items ``state/`` and ``meta/`` of one
+    checkpoint in the local folder ``directory``, which may exist and be empty (the temporary of
+    :func:`cgjax.persistence.atomic_dir`): orbax writes a new folder, so the checkpoint goes to one
+    inside ``directory`` and its entries are moved up."""
+    os.makedirs(directory, exist_ok=True)
+    inner = os.path.join(directory, "ckpt")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(inner, ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    for name in os.listdir(inner):
+        os.rename(os.path.join(inner, name), os.path.join(directory, name))
+    os.rmdir(inner)
+
+
+def read_items_meta(directory: str) -> dict:
+    """The JSON ``meta`` item of the checkpoint :func:`save_items` wrote in ``directory``."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        return ckptr.restore(directory, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_items_state(directory: str, abstract_state=None):
+    """The ``state`` item of the checkpoint :func:`save_items` wrote in ``directory``, restored into
+    ``abstract_state`` (``ShapeDtypeStruct`` leaves, with shardings or not; ``None``: as saved)."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        return ckptr.restore(directory, ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]

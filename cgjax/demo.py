@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cgjax import persistence
 from cgjax.demo_assets import make_tiny_llava
 from cgjax.config import load_config, override
 from cgjax.data.demo_data import ARTISTS, GENRES, STYLES, make_demo, render_painting
-from cgjax.data.schema import atomic_dir
 from cgjax.eval import cli
 from cgjax.infer import run_inference
 from cgjax.prototypes.run import train_prototypes as run_stage
@@ -98,7 +98,7 @@ def pretrain_clip(workdir: str, clip_name: str, seed: int = 0, n_images: int = 1
     src = clip_name.removeprefix("local-dir:")
     out = os.path.join(workdir, "checkpoints", "clip-pretrained", os.path.basename(src))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_dir(out) as tmp:
+    with persistence.atomic_dir(out) as tmp:
         shutil.copy2(os.path.join(src, "open_clip_config.json"), os.path.join(tmp, "open_clip_config.json"))
         save_file(state, os.path.join(tmp, "open_clip_model.safetensors"))
     _log(f"CLIP tower pretrained ({epochs} epochs on {n_images} paintings, last loss {loss.item():.3f})")

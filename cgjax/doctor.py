@@ -34,11 +34,10 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cgjax import multihost, sharding
+from cgjax import checkpoints, multihost, sharding
 from cgjax.models.llava import Llava, LlavaConfig
 from cgjax.plan import tiny_llava_hf_config
 from converters import hf_llava, openclip as oc
@@ -218,10 +217,8 @@ def pod_orbax(workdir: str | None) -> str:
     want = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
     x = jax.make_array_from_callback(want.shape, spec, lambda idx: want[idx])
     path = os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "doctor_orbax_check")
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path, {"x": x}, force=True)
-    ckptr.wait_until_finished()
-    got = ckptr.restore(path, {"x": jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=spec)})["x"]
+    checkpoints.save_tree(path, {"x": x}, force=True)
+    got = checkpoints.restore_tree(path, {"x": jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=spec)})["x"]
     ok = multihost.to_host(got)
     multihost.barrier("doctor_orbax_restored")
     if multihost.is_primary():

@@ -32,7 +32,6 @@ import numpy as np
 from cgjax import infer, persistence, provenance, torch_export
 from cgjax.concepts.gating import GatingConfig
 from cgjax.concepts.index import ConceptIndex, gating_config_from_fields
-from cgjax.data.schema import atomic_dir, check_output_dir
 from cgjax.preprocess import llava_preprocess_config
 from cgjax.prototypes import io as pio
 from converters import hf_llava, openclip
@@ -79,7 +78,8 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
 
 
     workdir = os.path.abspath(workdir)
-    check_output_dir(out, overwrite=overwrite, inputs=(workdir, stage_workdir, prototypes_workdir, llava_checkpoint))
+    persistence.check_output_dir(out, overwrite=overwrite,
+                                 inputs=(workdir, stage_workdir, prototypes_workdir, llava_checkpoint))
     stage_wd = stage_workdir or find_stage_workdir(workdir)
     protos_wd = prototypes_workdir or os.path.join(workdir, "prototypes")
     tv = infer.load_trained_values(stage_wd, step=step)
@@ -96,7 +96,7 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
     ps = _load_prototypes(protos_wd)
 
     out = os.path.abspath(out)
-    with atomic_dir(out, overwrite=overwrite, inputs=(workdir, stage_wd, protos_wd, ckpt)) as tmp:
+    with persistence.atomic_dir(out, overwrite=overwrite, inputs=(workdir, stage_wd, protos_wd, ckpt)) as tmp:
         # the LLaVA: the frozen base is exported as it is. An HF directory's files are hard-linked (or
         # copied) and checked by hash; a params-only orbax checkpoint is converted back to HF.
         llava_dir = os.path.join(tmp, "llava")

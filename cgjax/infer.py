@@ -53,7 +53,7 @@ from cgjax.concepts import gating
 from cgjax.concepts.index import ConceptIndex, gating_config_from_fields
 from cgjax.concepts.model import ConceptLlava
 from cgjax.data.records import normalize_image_path, raw_image_paths, read_dataset_json, resolve_image
-from cgjax.data.schema import normalize_split, read_json, write_atomic, write_json_atomic
+from cgjax.data.schema import normalize_split, read_json
 from cgjax.data.signals import read_signals
 from cgjax.eval import saliency as sal
 from cgjax.generate import Generator
@@ -655,7 +655,7 @@ def load_head(prototypes: Any, clip_model_name: str | None = None, clip_checkpoi
 
 def write_reasoning(path: str, reasoning: Mapping[str, Any]) -> str:
     """The original's ``json.dump(indent=4, sort_keys=True)``, written atomically."""
-    write_atomic(path, json.dumps(reasoning, indent=4, sort_keys=True))
+    persistence.write_text(path, json.dumps(reasoning, indent=4, sort_keys=True))
     return path
 
 
@@ -784,8 +784,8 @@ def run_inference(config) -> dict[str, str]:
                 else:
                     meta.setdefault("saliency_llava", {})[mode] = {"path": sal_path, "stats": sal.saliency_stats(v)}
         if maps:
-            multihost.on_primary("writing saliency.json",
-                                 lambda: write_json_atomic(sal_path, {"grid": int(s.grid), "maps": maps}, indent=None))
+            multihost.on_primary("writing saliency.json", lambda: persistence.write_json(
+                sal_path, {"grid": int(s.grid), "maps": maps}, indent=None))
             written["saliency"] = sal_path
 
     multihost.on_primary("writing the answers", write_answers)

@@ -3,7 +3,10 @@
 A work dir may be a local folder or a URL. Local paths are made absolute; URLs are kept as they
 are (never ``os.path``-joined into a local ``./gs:/...`` folder). A write is atomic on both: a
 local file is written beside its target and renamed over it; an object store replaces an object
-whole in one upload, so readers see the old object or the new one, never a part.
+whole in one upload, so readers see the old object or the new one, never a part. Every atomic
+write of cgjax goes through :func:`write_files` (a file: :func:`write_file`, :func:`write_bytes`,
+:func:`write_text`, :func:`write_json`); a whole output folder through :func:`atomic_dir`, which
+refuses to replace a folder cgjax did not write (:func:`check_output_dir`, :data:`OUTPUT_MARKER`).
 :func:`check_reachable` fails within seconds, naming the URL, when a store cannot be reached.
 
 orbax (tensorstore) opens ``gs://`` itself; gcsfs (behind ``epath``) reaches a GCS-compatible
@@ -11,11 +14,13 @@ emulator with ``STORAGE_EMULATOR_HOST``, tensorstore with ``TENSORSTORE_GCS_HTTP
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
 import threading
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 # gcsfs's bucket-type probe (hierarchical namespace) stalls for a minute against emulators and
 # answers nothing cgjax needs: off unless the user turned it on.
@@ -24,7 +29,9 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 from etils import epath  # noqa: E402
 
 __all__ = ["is_url", "resolve", "join", "Path", "exists", "isdir", "makedirs", "read_text", "write_text",
-           "write_bytes", "write_file", "upload_tree", "check_reachable"]
+           "write_bytes", "write_json", "write_file", "write_files", "upload_tree", "check_reachable", "keep_lines",
+           "append_lines", "localize", "OUTPUT_MARKER", "OVERWRITE_HELP", "check_output_dir", "atomic_dir",
+           "replace_dir"]
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -70,30 +77,40 @@ def read_text(path: str | os.PathLike) -> str:
     return Path(path).read_text()
 
 
-def write_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """``write(local_tmp_path)`` then put the file at ``path`` atomically (rename, or one upload).
-
-    The temporary file gets the user's umask (not ``mkstemp``'s 0600)."""
-    path = os.fspath(path)
-    local_dir = os.path.dirname(os.path.abspath(path)) if not is_url(path) else None
-    if local_dir:
-        os.makedirs(local_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix="." + os.path.basename(path) + ".tmp-")
-    os.close(fd)
+def write_files(files: Sequence[tuple[str | os.PathLike, Callable[[str], None]]]) -> None:
+    """``write(local_tmp_path)`` for every ``(path, write)``; once all are written, each file is put
+    at its ``path`` atomically (rename, or one upload), in the order given. A failed ``write``
+    leaves every target as it was. Temporary files get the user's umask (not ``mkstemp``'s 0600)."""
+    staged: list[tuple[str, str, str | None]] = []  # (temporary, target, local folder or None)
     try:
-        write(tmp)
-        if local_dir:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        else:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "rb") as f:
-                Path(path).write_bytes(f.read())
+        for path, write in files:
+            path = os.fspath(path)
+            local_dir = os.path.dirname(os.path.abspath(path)) if not is_url(path) else None
+            if local_dir:
+                os.makedirs(local_dir, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=local_dir, prefix="." + os.path.basename(path) + ".tmp-")
+            os.close(fd)
+            staged.append((tmp, path, local_dir))
+            write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, path, local_dir in staged:
+            if local_dir:
+                os.chmod(tmp, 0o666 & ~umask)
+                os.replace(tmp, path)
+            else:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "rb") as f:
+                    Path(path).write_bytes(f.read())
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp, _, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def write_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(local_tmp_path)`` then put the file at ``path`` atomically (:func:`write_files`)."""
+    write_files([(path, write)])
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -105,7 +122,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` as UTF-8, as it is (no newline translation)."""
     write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """``obj`` as JSON (non-ASCII kept as it is) and a final newline."""
+    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 def upload_tree(local_dir: str, dest: str | os.PathLike) -> None:
@@ -192,3 +215,87 @@ def localize(folder: str | os.PathLike, names: Iterable[str]) -> str:
             with open(os.path.join(local, name), "wb") as f:
                 f.write(src.read_bytes())
     return local
+
+
+# Every folder cgjax writes whole carries this file; a folder without it is the user's, and is
+# never replaced unless it is empty or the caller says ``overwrite``.
+OUTPUT_MARKER = ".cgjax-output"
+OVERWRITE_HELP = ("replace an existing output folder that cgjax did not write (never one that holds the input); "
+                  "without it such a folder is refused unless empty")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
+                     inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse to replace ``out_dir`` when cgjax did not write it (no :data:`OUTPUT_MARKER`) and it
+    is not empty, unless ``overwrite``; refuse always when it is one of ``inputs`` or holds one."""
+    out = os.path.realpath(os.fspath(out_dir))
+    for src in inputs:
+        if src and _inside(os.path.realpath(os.fspath(src)), out):
+            raise ValueError(f"output {out_dir} is the input {src} or a folder above it: writing there would "
+                             "delete what is read; choose another output folder")
+    if not os.path.lexists(out):
+        return
+    if not os.path.isdir(out):
+        raise FileExistsError(f"output {out_dir} exists and is not a folder; it is left as it is")
+    entries = sorted(os.listdir(out))
+    if not entries or OUTPUT_MARKER in entries or overwrite:
+        return
+    shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+    raise FileExistsError(f"output {out_dir} already exists and was not written by cgjax (it has no "
+                          f"{OUTPUT_MARKER}; it holds {shown}); refusing to replace it: choose a new or empty "
+                          "folder, or pass --overwrite to replace it whole")
+
+
+def _remove_stale_temporaries(out_dir: str) -> None:
+    """Remove the temporary folders a killed writer of ``out_dir`` left beside it."""
+    parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
+    for entry in os.listdir(parent):
+        if entry.startswith((f".{name}.tmp-", f".{name}.old-")):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
+               inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[str]:
+    """``with atomic_dir(out) as tmp:`` write into ``tmp`` (a fresh folder beside ``out``); on a
+    clean exit it replaces ``out`` whole (:func:`replace_dir`), on an error it is removed, so
+    nothing half-written is ever at ``out``. ``out`` is checked first (:func:`check_output_dir`)
+    and gets the :data:`OUTPUT_MARKER`; temporaries of an earlier killed writer are removed."""
+    if is_url(out_dir):  # never a local "gs:" folder
+        raise ValueError(f"{out_dir}: whole output folders are written to a local disk; write it there and copy it "
+                         "to the bucket (e.g. gcloud storage cp -r)")
+    check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_temporaries(out_dir)
+    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".tmp-")
+    try:
+        yield tmp
+        with open(os.path.join(tmp, OUTPUT_MARKER), "w", encoding="utf-8") as f:
+            json.dump({"written_by": "cgjax"}, f)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder the usual mode
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(tmp: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Move a finished temporary folder to ``out_dir``, replacing an old ``out_dir`` whole."""
+    tmp, out_dir = os.fspath(tmp), os.fspath(out_dir)
+    if os.path.exists(out_dir):
+        trash = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)),
+                                 prefix="." + os.path.basename(out_dir) + ".old-")
+        os.rename(out_dir, os.path.join(trash, "old"))
+        os.rename(tmp, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)

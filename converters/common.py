@@ -34,9 +34,7 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Sequence
 
@@ -46,7 +44,7 @@ import numpy as np
 from safetensors import safe_open
 from flax import nnx
 
-from cgjax import quantize, sharding as shd
+from cgjax import persistence, quantize, sharding as shd
 
 # --------------------------------------------------------------------------------------
 # Reading tensors lazily
@@ -859,17 +857,7 @@ def save_safetensors(tensors: Mapping[str, Any], path_or_dir: str, max_shard_byt
     if path_or_dir.endswith(".safetensors"):
         if max_shard_bytes is not None:
             raise ValueError("max_shard_bytes needs a directory, not a .safetensors file path")
-        folder = os.path.dirname(os.path.abspath(path_or_dir))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            _write_safetensors_file(arrays, tmp, metadata)
-            os.replace(tmp, path_or_dir)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        persistence.write_file(path_or_dir, lambda tmp: _write_safetensors_file(arrays, tmp, metadata))
         return [path_or_dir]
     # directory
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -882,31 +870,27 @@ def save_safetensors(tensors: Mapping[str, Any], path_or_dir: str, max_shard_byt
             size = 0
         shards[-1][name] = a
         size += a.nbytes
-    os.makedirs(path_or_dir, exist_ok=True)
-    tmpdir = tempfile.mkdtemp(dir=path_or_dir, prefix=".tmp-")
-    written = []
-    try:
-        if len(shards) == 1:
-            names = ["model.safetensors"]
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, shard in zip(names, shards):
-            _write_safetensors_file(shard, os.path.join(tmpdir, name), metadata)
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {k: n for n, s in zip(names, shards) for k in sorted(s)}}
-            with open(os.path.join(tmpdir, "model.safetensors.index.json"), "w") as f:
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = [(os.path.join(path_or_dir, name), lambda tmp, shard=shard: _write_safetensors_file(shard, tmp, metadata))
+             for name, shard in zip(names, shards)]
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in sorted(s)}}
+
+        def write_index(tmp: str) -> None:
+            with open(tmp, "w") as f:
                 json.dump(index, f, indent=2)
-            names.append("model.safetensors.index.json")
-        # remove a stale layout of the other kind so read_tensors() cannot pick the old one
-        stale = ["model.safetensors"] if len(shards) > 1 else ["model.safetensors.index.json"]
-        for name in names:  # index last (it is last in ``names``)
-            os.replace(os.path.join(tmpdir, name), os.path.join(path_or_dir, name))
-            written.append(os.path.join(path_or_dir, name))
-        for name in stale:
-            p = os.path.join(path_or_dir, name)
-            if os.path.exists(p):
-                os.remove(p)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return written
+
+        files.append((os.path.join(path_or_dir, "model.safetensors.index.json"), write_index))
+    # every file is written before any is put in place, the index last (it is last in ``files``)
+    persistence.write_files(files)
+    # remove a stale layout of the other kind so read_tensors() cannot pick the old one
+    stale = ["model.safetensors"] if len(shards) > 1 else ["model.safetensors.index.json"]
+    for name in stale:
+        p = os.path.join(path_or_dir, name)
+        if os.path.exists(p):
+            os.remove(p)
+    return [path for path, _ in files]

@@ -32,11 +32,10 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from cgjax import persistence, quantize, sharding as shd
-from cgjax.data.schema import OVERWRITE_HELP, atomic_dir, check_output_dir, read_json
+from cgjax import checkpoints, persistence, quantize, sharding as shd
+from cgjax.data.schema import read_json
 from cgjax.models.llama import LlamaConfig, LlamaForCausalLM
 from cgjax.models.llava import Llava, LlavaConfig
 from cgjax.quantize import QuantConfig
@@ -248,9 +247,9 @@ def write_checkpoint_dir(out_dir: str, tensors: dict, config: dict, copy_from: s
     ``out_dir`` and renamed into place (nothing half-written is left on failure). With
     ``image_token_id``, the copied tokenizer gets ``<image>`` there (:func:`add_image_token`).
     An existing ``out_dir`` that cgjax did not write is refused unless ``overwrite``
-    (:func:`cgjax.data.schema.check_output_dir`), and never when it holds ``copy_from`` or ``inputs``."""
+    (:func:`cgjax.persistence.check_output_dir`), and never when it holds ``copy_from`` or ``inputs``."""
     out_dir = os.path.abspath(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite, inputs=(copy_from, *inputs)) as tmp:
+    with persistence.atomic_dir(out_dir, overwrite=overwrite, inputs=(copy_from, *inputs)) as tmp:
         C.save_safetensors(tensors, tmp, max_shard_bytes=max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True, default=str)
@@ -298,16 +297,14 @@ def save_orbax(model, out_dir: str, *, overwrite: bool = False) -> str:
     """NNX parameter state (orbax, ``state/``) + ``config.json`` (HF form) in ``out_dir`` (atomic;
     an existing folder cgjax did not write is refused unless ``overwrite``)."""
     out_dir = os.path.abspath(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite, inputs=(getattr(model, "source_dir", None),)) as tmp:
+    with persistence.atomic_dir(out_dir, overwrite=overwrite, inputs=(getattr(model, "source_dir", None),)) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.config.to_hf(), f, indent=2, sort_keys=True, default=str)
         quant = getattr(model, "quant", None)
         if quant is not None and quant.enabled:  # a restart loads it as it is, without quantizing again
             with open(os.path.join(tmp, QUANTIZATION_FILE), "w") as f:
                 json.dump(quant.to_json(), f, indent=2)
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, "state"), nnx.state(model, nnx.Param).to_pure_dict())
-        ckptr.wait_until_finished()
+        checkpoints.save_tree(os.path.join(tmp, "state"), nnx.state(model, nnx.Param).to_pure_dict())
         src = getattr(model, "source_dir", None)  # tokenizer + preprocessing travel with the weights
         for name in TOKENIZER_FILES if src else ():
             if os.path.exists(os.path.join(src, name)):
@@ -364,11 +361,8 @@ def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rul
         target = state.to_pure_dict()
     else:
         target = state.to_pure_dict()
-    ckptr = ocp.StandardCheckpointer()
-    if dtype is None and mesh is None:
-        restored = ckptr.restore(persistence.join(path, "state"))
-    else:
-        restored = ckptr.restore(persistence.join(path, "state"), target)
+    restored = checkpoints.restore_tree(persistence.join(path, "state"),
+                                        None if dtype is None and mesh is None else target)
     want = dict(jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0])
     got = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
     bad = [(jax.tree_util.keystr(k), tuple(np.shape(got[k])) if k in got else None, tuple(v.shape))
@@ -402,9 +396,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     b.add_argument("--dtype", default=None, help="tensor dtype of the written files (default: as stored)")
     b.add_argument("--tokenizer-from", default=None, help="copy tokenizer/processor files from this directory")
     for p in (a, b):
-        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+        p.add_argument("--overwrite", action="store_true", help=persistence.OVERWRITE_HELP)
     args = ap.parse_args(argv)
-    check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
+    persistence.check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
     if args.cmd == "to-orbax":
         model = load(args.src, dtype=jnp.dtype(args.dtype),
                      quant=QuantConfig(args.quantize, args.quantize_group_size))

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgjax.data.schema import OVERWRITE_HELP, check_output_dir
+from cgjax import persistence
 from cgjax.models.llava import LlavaConfig
 from converters import common as C, hf_llava
 
@@ -87,9 +87,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     a.add_argument("src")
     a.add_argument("dst")
     a.add_argument("--dtype", default="float32")
-    a.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    a.add_argument("--overwrite", action="store_true", help=persistence.OVERWRITE_HELP)
     args = ap.parse_args(argv)
-    check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
+    persistence.check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
     print(hf_llava.save_orbax(load(args.src, dtype=jnp.dtype(args.dtype)), args.dst,
                                overwrite=args.overwrite))
 

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgjax.data.schema import OVERWRITE_HELP, check_output_dir
+from cgjax import persistence
 from cgjax.models.llava import LlavaConfig, vision_config_to_hf
 from converters import common as C, hf_llava
 
@@ -273,9 +273,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     a.add_argument("--vision-tower", default=None, help="CLIP checkpoint directory (default: mm_vision_tower)")
     a.add_argument("--image-token-index", type=int, default=None, help="cgjax image token id (default: vocab_size)")
     a.add_argument("--dtype", default="float32")
-    a.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    a.add_argument("--overwrite", action="store_true", help=persistence.OVERWRITE_HELP)
     args = ap.parse_args(argv)
-    check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
+    persistence.check_output_dir(args.dst, overwrite=args.overwrite, inputs=(args.src,))  # before the (long) load
     model = load(args.src, args.vision_tower, dtype=jnp.dtype(args.dtype), image_token_index=args.image_token_index)
     print(hf_llava.save_orbax(model, args.dst, overwrite=args.overwrite))
 

@@ -32,17 +32,14 @@ import difflib
 import json
 import os
 import sys
-import tempfile
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from cgjax import sharding as shd
-from cgjax.data.schema import atomic_dir
+from cgjax import checkpoints, persistence, sharding as shd
 from cgjax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from cgjax.preprocess import PreprocessConfig
 from cgjax.prototypes.head import PrototypeHead
@@ -254,22 +251,6 @@ def export(model: CLIPVisionTransformer, prefix: str = "visual.") -> dict[str, n
     return C.export_state(model, openclip_vision_rules(prefix))
 
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    import torch  # optional [torch] extra
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save(model: CLIPVisionTransformer, path: str, prefix: str = "visual.") -> str:
     """Write the tower as an open_clip state dict (``visual.*`` keys only: the text tower is
     not included; load with ``open_clip_model.load_state_dict(sd, strict=False)``).
@@ -286,7 +267,7 @@ def save(model: CLIPVisionTransformer, path: str, prefix: str = "visual.") -> st
             sd[k] = torch.from_numpy(v.view(np.int16).copy()).view(torch.bfloat16)
         else:
             sd[k] = torch.from_numpy(np.array(v))
-    _atomic_torch_save(sd, path)
+    persistence.write_file(path, lambda tmp: torch.save(sd, tmp))
     return path
 
 
@@ -302,13 +283,8 @@ def save_orbax(model: CLIPVisionTransformer, preprocess: PreprocessConfig, dst: 
     meta = {"model_name": model_name, "vision_config": dataclasses.asdict(model.config),
             "preprocess": dataclasses.asdict(preprocess)}
     # the old folder stays until the new one is complete, then is replaced whole
-    with atomic_dir(dst, overwrite=force) as tmp:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            ckptr.save(os.path.join(tmp, "ckpt"), ocp.args.Composite(
-                state=ocp.args.StandardSave(nnx.state(model, nnx.Param)), meta=ocp.args.JsonSave(meta)))
-        for name in os.listdir(os.path.join(tmp, "ckpt")):
-            os.rename(os.path.join(tmp, "ckpt", name), os.path.join(tmp, name))
-        os.rmdir(os.path.join(tmp, "ckpt"))
+    with persistence.atomic_dir(dst, overwrite=force) as tmp:
+        checkpoints.save_items(tmp, nnx.state(model, nnx.Param), meta)
     return dst
 
 
@@ -317,8 +293,7 @@ def load_orbax(src: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = Non
     src = os.path.abspath(src)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"orbax checkpoint {src} does not exist")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(src, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = checkpoints.read_items_meta(src)
     vc = dict(meta["vision_config"])
     cfg = CLIPVisionConfig(**vc)
     model = abstract_model(cfg, dtype)
@@ -329,8 +304,7 @@ def load_orbax(src: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = Non
     else:
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dev), abstract)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        state = ckptr.restore(src, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    state = checkpoints.restore_items_state(src, target)
     nnx.update(model, state)
     pp = dict(meta["preprocess"])
     pp["size"] = tuple(pp["size"])

@@ -8,7 +8,7 @@ import shutil
 import sys
 import tempfile
 
-from cgjax.data.schema import atomic_dir
+from cgjax import persistence
 
 
 
@@ -67,7 +67,7 @@ def make_openclip_checkpoint(out_dir: str, width: int = 64, layers: int = 2, hea
 
     pp = dict(model.visual.preprocess_cfg)
     pp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}
-    with atomic_dir(os.path.join(out_dir, f"{name}-hub")) as tmp:
+    with persistence.atomic_dir(os.path.join(out_dir, f"{name}-hub")) as tmp:
         with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
             json.dump({"model_cfg": cfg, "preprocess_cfg": pp}, f, indent=2)
         save_file(sd, os.path.join(tmp, "open_clip_model.safetensors"))

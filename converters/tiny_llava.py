@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cgjax.data.schema import atomic_dir
+from cgjax import persistence
 
 SIZES = {
     "tiny": dict(
@@ -82,7 +82,7 @@ def make_llava_checkpoint(out_dir: str, size: str = "tiny", seed: int = 0, *, vo
     model = make_llava_model(size, seed, vocab_size=vocab_size, image_size=image_size, **kwargs)
 
     out_dir = os.path.abspath(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with persistence.atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
     return out_dir
 

@@ -1,6 +1,7 @@
 """The house's one-way layers (docs/architecture.md), checked on the source: no module imports a layer
 above its own, not even inside a function; function-level imports only for optional heavy packages,
-each with a reason on its line; no import cycles; no private name used across modules."""
+each with a reason on its line; no import cycles; no private name used across modules; orbax only in
+cgjax/checkpoints.py."""
 from __future__ import annotations
 
 import ast
@@ -165,6 +166,32 @@ def test_no_import_cycles():
         if v not in index:
             visit(v)
     assert not cycles, f"import cycles: {cycles}"
+
+
+# The one module that talks to orbax: every checkpoint layout and manager lives there.
+ORBAX_HOME = "cgjax.checkpoints"
+
+
+def test_only_checkpoints_imports_orbax():
+    bad = []
+    for name, path in MODULES.items():
+        if name == ORBAX_HOME:
+            continue
+        for target, line, _, _ in imports(name, path):
+            if target == "orbax" or target.startswith("orbax."):
+                bad.append(f"{rel(path)}:{line} imports {target}")
+    assert not bad, f"orbax imported outside {ORBAX_HOME} (call its functions instead):\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("source", ["import orbax.checkpoint as ocp\n",
+                                    "def f():\n    from orbax.checkpoint import args  # planted\n"])
+def test_the_checker_sees_an_orbax_import(source, tmp_path, monkeypatch):
+    """The orbax check fails on a planted import outside cgjax/checkpoints.py (a test must be able to fail)."""
+    planted = tmp_path / "planted.py"
+    planted.write_text(source)
+    monkeypatch.setitem(MODULES, "converters.planted", planted)
+    with pytest.raises(AssertionError, match="orbax imported outside"):
+        test_only_checkpoints_imports_orbax()
 
 
 def test_no_private_name_across_modules():

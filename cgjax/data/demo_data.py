@@ -27,9 +27,10 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from cgjax import persistence
 from cgjax.data.examples import load_data
 from cgjax.data.records import format_target_keys, write_dataset_json, write_targets_csv
-from cgjax.data.schema import (DEFAULT_DIMENSIONS, Record, TargetRow, Vocabulary, read_json, atomic_dir, save_vocab)
+from cgjax.data.schema import DEFAULT_DIMENSIONS, Record, TargetRow, Vocabulary, read_json, save_vocab
 from cgjax.data.signals import Signals, write_signals
 
 
@@ -338,7 +339,7 @@ def make_demo(out_dir: str | os.PathLike, n_images: int = 240, size: int = 64, s
     if os.path.exists(out_dir) and os.listdir(out_dir):
         if not overwrite or not _is_demo_dir(out_dir):
             raise FileExistsError(f"{out_dir} exists and is not an earlier demo set; not replacing it")
-    with atomic_dir(out_dir) as tmp:
+    with persistence.atomic_dir(out_dir) as tmp:
         _write_demo(tmp, n_images, size, seed, split, image_format)
     return demo_paths(out_dir)
 

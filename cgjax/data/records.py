@@ -17,10 +17,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from PIL import Image
 
-from cgjax.data.schema import (DEFAULT_DIMENSIONS, MISSING_LABELS, SCHEMA_VERSION, UNKNOWN, DataError,
-                               Dataset, ProblemLog, Record, TargetRow, Targets, Vocabulary, normalize_label,
-                               input_dir, input_exists, normalize_split, read_input_bytes, read_json,
-                               write_atomic, write_json_atomic)
+from cgjax import persistence
+from cgjax.data.schema import (DEFAULT_DIMENSIONS, MISSING_LABELS, SCHEMA_VERSION, UNKNOWN, DataError, Dataset,
+                               ProblemLog, Record, TargetRow, Targets, Vocabulary, normalize_label, input_dir,
+                               input_exists, normalize_split, read_input_bytes, read_json)
 
 TARGET_COLUMNS = ("target_keys", "target_reason")
 _RECORD_KEYS = ("image", "concepts", "title", "date", "split", "schema_version")
@@ -219,7 +219,7 @@ def record_to_json(record: Record, dimensions: Sequence[str], *, schema_version:
 def write_dataset_json(path: str | os.PathLike, records: Sequence[Record],
                        dimensions: Sequence[str] = DEFAULT_DIMENSIONS, *, schema_version: bool = True) -> None:
     """Writes records in the original format (+ ``split`` and ``schema_version`` per record), atomically."""
-    write_json_atomic(path, [record_to_json(r, dimensions, schema_version=schema_version) for r in records])
+    persistence.write_json(path, [record_to_json(r, dimensions, schema_version=schema_version) for r in records])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,4 +360,4 @@ def targets_csv_text(rows: Sequence[TargetRow], dimensions: Sequence[str] = DEFA
 def write_targets_csv(path: str | os.PathLike, rows: Sequence[TargetRow],
                       dimensions: Sequence[str] = DEFAULT_DIMENSIONS) -> None:
     """Writes the original ``synth_targets.csv`` format, atomically."""
-    write_atomic(path, targets_csv_text(rows, dimensions), newline="")
+    persistence.write_text(path, targets_csv_text(rows, dimensions))

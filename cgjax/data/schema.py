@@ -5,14 +5,11 @@ the field-by-field description lives in ``docs/schema.md``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import cgjax
 from cgjax import persistence
@@ -229,7 +226,7 @@ def vocab_from_json(obj: Any, file: str | None = None) -> dict[str, Vocabulary]:
 
 def save_vocab(path: str | os.PathLike, vocabs: Mapping[str, Vocabulary], **extra: Any) -> None:
     """Writes ``{"schema_version", "format": "cgjax.vocab", "dimensions", "concepts": {dim: [names]}}``."""
-    write_json_atomic(path, vocab_to_json(vocabs, **extra))
+    persistence.write_json(path, vocab_to_json(vocabs, **extra))
 
 
 def load_vocab(path: str | os.PathLike) -> dict[str, Vocabulary]:
@@ -279,105 +276,3 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(path, f"line {e.lineno} column {e.colno}", f"invalid JSON: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise DataError(path, None, f"not UTF-8 text: {e}") from None
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes, *, newline: str | None = None) -> None:
-    """Writes ``data`` atomically (:func:`cgjax.persistence.write_file`: a temporary beside ``path``
-    renamed into place, or one whole upload for a URL), with the user's umask."""
-    def write(tmp: str) -> None:
-        if isinstance(data, bytes):
-            with open(tmp, "wb") as f:
-                f.write(data)
-        else:
-            with open(tmp, "w", encoding="utf-8", newline=newline) as f:
-                f.write(data)
-
-    persistence.write_file(path, write)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    write_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
-
-
-# Every folder cgjax writes whole carries this file; a folder without it is the user's, and is
-# never replaced unless it is empty or the caller says ``overwrite``.
-OUTPUT_MARKER = ".cgjax-output"
-OVERWRITE_HELP = ("replace an existing output folder that cgjax did not write (never one that holds the input); "
-                  "without it such a folder is refused unless empty")
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
-                     inputs: Iterable[str | os.PathLike | None] = ()) -> None:
-    """Refuse to replace ``out_dir`` when cgjax did not write it (no :data:`OUTPUT_MARKER`) and it
-    is not empty, unless ``overwrite``; refuse always when it is one of ``inputs`` or holds one."""
-    out = os.path.realpath(os.fspath(out_dir))
-    for src in inputs:
-        if src and _inside(os.path.realpath(os.fspath(src)), out):
-            raise ValueError(f"output {out_dir} is the input {src} or a folder above it: writing there would "
-                             "delete what is read; choose another output folder")
-    if not os.path.lexists(out):
-        return
-    if not os.path.isdir(out):
-        raise FileExistsError(f"output {out_dir} exists and is not a folder; it is left as it is")
-    entries = sorted(os.listdir(out))
-    if not entries or OUTPUT_MARKER in entries or overwrite:
-        return
-    shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
-    raise FileExistsError(f"output {out_dir} already exists and was not written by cgjax (it has no "
-                          f"{OUTPUT_MARKER}; it holds {shown}); refusing to replace it: choose a new or empty "
-                          "folder, or pass --overwrite to replace it whole")
-
-
-def _remove_stale_temporaries(out_dir: str) -> None:
-    """Remove the temporary folders a killed writer of ``out_dir`` left beside it."""
-    parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
-    for entry in os.listdir(parent):
-        if entry.startswith((f".{name}.tmp-", f".{name}.old-")):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
-               inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[str]:
-    """``with atomic_dir(out) as tmp:`` write into ``tmp`` (a fresh folder beside ``out``); on a
-    clean exit it replaces ``out`` whole (:func:`replace_dir`), on an error it is removed, so
-    nothing half-written is ever at ``out``. ``out`` is checked first (:func:`check_output_dir`)
-    and gets the :data:`OUTPUT_MARKER`; temporaries of an earlier killed writer are removed."""
-    if "://" in os.fspath(out_dir):  # never a local "gs:" folder
-        raise ValueError(f"{out_dir}: whole output folders are written to a local disk; write it there and copy it "
-                         "to the bucket (e.g. gcloud storage cp -r)")
-    check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
-    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".tmp-")
-    try:
-        yield tmp
-        with open(os.path.join(tmp, OUTPUT_MARKER), "w", encoding="utf-8") as f:
-            json.dump({"written_by": "cgjax"}, f)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder the usual mode
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(tmp: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Move a finished temporary folder to ``out_dir``, replacing an old ``out_dir`` whole."""
-    tmp, out_dir = os.fspath(tmp), os.fspath(out_dir)
-    if os.path.exists(out_dir):
-        trash = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)),
-                                 prefix="." + os.path.basename(out_dir) + ".old-")
-        os.rename(out_dir, os.path.join(trash, "old"))
-        os.rename(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)

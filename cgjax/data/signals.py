@@ -24,10 +24,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cgjax import persistence
 from cgjax.data.schema import (DEFAULT_DIMENSIONS, SCHEMA_VERSION, UNKNOWN, DataError, Dataset, ProblemLog,
-                               Record, Vocabulary, check_schema_version, input_exists, read_input_bytes,
-                               read_json, write_atomic,
-                               write_json_atomic)
+                               Record, Vocabulary, check_schema_version, input_exists, read_input_bytes, read_json)
 from cgjax.data.records import normalize_image_path
 
 KEYED_FORMAT = "cgjax.signals"
@@ -204,7 +203,7 @@ def write_signals_json(path: str | os.PathLike, signals: Signals,
     """
     if records is not None:
         signals = signals.align(_image_paths_of(records))
-    write_json_atomic(path, signals_json_entries(signals, dims), indent=None)
+    persistence.write_json(path, signals_json_entries(signals, dims), indent=None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,8 +237,8 @@ def signals_csv_text(signals: Signals, dim: str, records: Dataset | Sequence[Rec
 def write_signals_csv(path: str | os.PathLike, signals: Signals, dim: str, records: Dataset | Sequence[Record], *,
                       topk: int = 3, label_dimensions: Sequence[str] | None = None) -> None:
     """Writes the original ``concept_signals_<dim>.csv`` (one row per record, top-k concepts by s)."""
-    write_atomic(path, signals_csv_text(signals, dim, records, topk=topk, label_dimensions=label_dimensions),
-                 newline="")
+    persistence.write_text(path, signals_csv_text(signals, dim, records, topk=topk,
+                                                  label_dimensions=label_dimensions))
 
 
 _TOP_RE = re.compile(r"^(?P<dim>.+)_top(?P<k>\d+)_(?P<kind>name|score)$")
@@ -351,7 +350,7 @@ def signals_to_keyed(signals: Signals) -> dict[str, Any]:
 
 def write_signals_keyed(path: str | os.PathLike, signals: Signals) -> None:
     """Writes cgjax's keyed signals JSON (see ``docs/schema.md``), atomically."""
-    write_json_atomic(path, signals_to_keyed(signals), indent=None)
+    persistence.write_json(path, signals_to_keyed(signals), indent=None)
 
 
 def read_signals_keyed(path: str | os.PathLike, *, vocabs: Mapping[str, Vocabulary] | None = None,

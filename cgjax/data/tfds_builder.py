@@ -24,9 +24,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cgjax import persistence
 from cgjax.data.examples import LoadedData, load_data, make_example, read_image_bytes
-from cgjax.data.schema import (DataError, ProblemLog, SCHEMA_VERSION, SPLITS, Vocabulary, atomic_dir, log,
-                               normalize_split, read_json, save_vocab, vocab_from_json, write_json_atomic)
+from cgjax.data.schema import (DataError, ProblemLog, SCHEMA_VERSION, SPLITS, Vocabulary, log, normalize_split,
+                               read_json, save_vocab, vocab_from_json)
 
 BUILDER_NAME = "cgjax_dataset"
 BUILDER_VERSION = "1.0.0"
@@ -161,7 +162,7 @@ def pack(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None,
     if not examples:
         raise DataError(dataset_json, None, "no usable records to pack")
     splits = _assign_splits(data, split_fractions, seed)
-    with atomic_dir(out_dir) as tmp:
+    with persistence.atomic_dir(out_dir) as tmp:
         if not verbose:
             tfds.disable_progress_bar()
         builder = CgjaxDataset(data_dir=tmp, file_format="array_record",
@@ -172,7 +173,7 @@ def pack(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None,
         shutil.rmtree(os.path.join(tmp, "downloads"), ignore_errors=True)
         save_vocab(os.path.join(tmp, "vocab.json"), data.vocabs,
                    signal_concepts={d: v.names for d, v in data.signal_vocabs.items()})
-        write_json_atomic(os.path.join(tmp, "pack.json"), {
+        persistence.write_json(os.path.join(tmp, "pack.json"), {
             "schema_version": SCHEMA_VERSION, "format": "cgjax.pack",
             "builder": BUILDER_NAME, "version": BUILDER_VERSION,
             "dimensions": list(data.dimensions), "signal_dimensions": list(data.signal_vocabs),

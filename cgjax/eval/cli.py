@@ -18,8 +18,9 @@ import posixpath
 import sys
 from typing import Any, Sequence
 
+from cgjax import persistence
 from cgjax.data.records import read_dataset_json, read_targets_csv
-from cgjax.data.schema import DataError, load_vocab, read_json, write_json_atomic
+from cgjax.data.schema import DataError, load_vocab, read_json
 from cgjax.eval.metrics import EvidenceLexicon, compare, evaluate, label_vocabs, match_records
 from cgjax.eval.parser import AnswerParser, DEFAULT_SENTINELS
 from cgjax.eval.report import write_report
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lexicon = EvidenceLexicon.from_targets(targets, exclude_images=_evaluated_paths(targets, evaluated))
         log.info("evidence lexicon from %d training reasons", lexicon.n_documents)
         if args.lexicon_out:
-            write_json_atomic(args.lexicon_out, lexicon.to_json())
+            persistence.write_json(args.lexicon_out, lexicon.to_json())
 
     every = dict(reasoning)
     every.update({k: v for k, v in (baseline or {}).items() if k not in every})
@@ -116,9 +117,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         baseline_metrics["inputs"] = {**metrics["inputs"], "reasoning_json": os.path.abspath(args.baseline_json)}
         metrics["comparison"] = compare(metrics, baseline_metrics)
         out_b = args.baseline_out or os.path.join(os.path.dirname(os.path.abspath(args.out)), "metrics_baseline.json")
-        write_json_atomic(out_b, baseline_metrics)
+        persistence.write_json(out_b, baseline_metrics)
         log.info("wrote %s", out_b)
-    write_json_atomic(args.out, metrics)
+    persistence.write_json(args.out, metrics)
     log.info("wrote %s (%d images, %d unmatched)", args.out, metrics["n_images"], metrics["n_unmatched"])
     if args.report_dir:
         saliency = None

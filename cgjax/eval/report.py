@@ -20,8 +20,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from cgjax import persistence
 from cgjax.data.records import read_dataset_json, resolve_image
-from cgjax.data.schema import UNKNOWN, Dataset, read_json, write_atomic
+from cgjax.data.schema import UNKNOWN, Dataset, read_json
 from cgjax.eval.metrics import (activation_entry, collect, compare, comparison_rows, label_vocabs,
                                 name_list)
 from cgjax.eval.parser import DEFAULT_SENTINELS, MODES, AnswerParser
@@ -300,7 +301,7 @@ def draw_concept_graph(reasoning: Mapping[str, Any] | str, out_path: str | os.Pa
         ax.set_ylim(-1.45, 1.45)
         ax.set_title("concept co-activation (node size: images activated; edge: images co-activated)", fontsize=9)
     png = _fig_png(fig)
-    write_atomic(out_path, png)
+    persistence.write_bytes(out_path, png)
     return os.fspath(out_path)
 
 
@@ -508,5 +509,5 @@ def write_report(out_dir: str | os.PathLike, metrics: Mapping[str, Any] | str, r
     doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
     path = os.path.join(out_dir, "report.html")
-    write_atomic(path, doc)
+    persistence.write_text(path, doc)
     return path

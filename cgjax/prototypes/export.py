@@ -17,8 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cgjax import persistence
 from cgjax.data.records import normalize_image_path, read_dataset_json
-from cgjax.data.schema import DEFAULT_DIMENSIONS, Vocabulary, read_json, write_atomic, write_json_atomic
+from cgjax.data.schema import DEFAULT_DIMENSIONS, Vocabulary, read_json
 from cgjax.data.signals import Signals, signals_csv_text, signals_json_entries, write_signals_keyed
 from cgjax.prototypes.calibrate import postprocess
 from cgjax.prototypes.head import PrototypeSet, record_paths
@@ -108,9 +109,9 @@ def write_outputs(signals: Any, ds: Any, row_images: Sequence[str | None], dims:
     by_image = dict(zip(signals.image_paths, signals_json_entries(signals, dims)))
     entries = [by_image.get(p, {}) if p is not None else {} for p in row_images]
     if fmt == "json":
-        write_json_atomic(output, entries, indent=None)
+        persistence.write_json(output, entries, indent=None)
     else:
-        write_atomic(output, csv_text(signals, ds, dims, row_images, max(1, int(topk))), newline="")
+        persistence.write_text(output, csv_text(signals, ds, dims, row_images, max(1, int(topk))))
     written["output"] = output
     if keyed is not None:
         keyed = keyed or f"{stem}.keyed.json"

@@ -11,14 +11,11 @@ counters and RNG) and ``meta`` (JSON: dimensions, concept index, CLIP model name
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Sequence
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from cgjax.data.schema import atomic_dir
+from cgjax import checkpoints, persistence
 from cgjax.prototypes.head import DEFAULT_CLIP_MODEL, PrototypeSet, l2_normalize
 
 PT_SUFFIXES = (".pt", ".pth", ".bin")
@@ -45,17 +42,8 @@ def save_pt(ps: PrototypeSet, path: str | os.PathLike, dimensions: Sequence[str]
     import torch  # optional [torch] extra
 
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(to_payload(ps, dimensions), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    payload = to_payload(ps, dimensions)
+    persistence.write_file(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
@@ -124,13 +112,12 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None, ema: bool 
             raise ValueError(f"{path}: not a cgjax checkpoint (no numbered step directories, "
                              f"and not a step directory itself)")
         path, step = parent, int(name)
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False),
-                                 item_names=("state", "meta"))
+    mngr = checkpoints.plain_manager(path, create=False)
     step = mngr.latest_step() if step is None else step
     if step is None or step not in mngr.all_steps():
         raise ValueError(f"{path}: no checkpoint step {step} (steps: {list(mngr.all_steps())})")
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    meta = checkpoints.read_meta(mngr, step)
+    state = checkpoints.restore_state(mngr, step, None)
     mngr.close()
     src = f"{path} (step {step})"
     for key in ("dimensions", "idx_to_concept"):
@@ -155,22 +142,15 @@ def save_checkpoint(ps: PrototypeSet, path: str | os.PathLike, step: int = 0, **
     """Write a prototypes-only cgjax checkpoint (``state = {"protos"}``, ``meta`` with the index).
 
     Written into a temporary folder that replaces ``path`` at the end (an older one is replaced)."""
-
-
     path = os.path.abspath(os.fspath(path))
     padded, _ = ps.padded()
     m = {"dimensions": ps.dimensions, "n_concepts": [len(ps.idx_to_concept[d]) for d in ps.dimensions],
          "clip_model_name": ps.clip_model_name, "concept_to_idx": ps.concept_to_idx,
          "idx_to_concept": ps.idx_to_concept, "temperatures": ps.temperatures, **meta}
-    with atomic_dir(path) as tmp:
+    with persistence.atomic_dir(path) as tmp:
         # one process writes this small replicated checkpoint (the others do not take part)
-        only_me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                                     active_processes={jax.process_index()})
-        mngr = ocp.CheckpointManager(tmp, options=ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=False, create=False, multiprocessing_options=only_me),
-            item_names=("state", "meta"))
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"protos": padded}),
-                                                meta=ocp.args.JsonSave(m)))
+        mngr = checkpoints.plain_manager(tmp, create=False, this_process_only=True)
+        checkpoints.save_step(mngr, step, {"protos": padded}, m)
         mngr.wait_until_finished()
         mngr.close()
     return path

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgjax import demo_assets, multihost
+from cgjax import demo_assets, multihost, persistence
 from cgjax.prototypes import export, io as pio
 from cgjax.prototypes.calibrate import calibrate
 from cgjax.prototypes.head import AugmentedEncoder, PrototypeHead, build_prototypes, read_records, record_paths
@@ -84,10 +84,11 @@ def cached_embeddings(head: PrototypeHead, paths: list[str], cache_dir: str | No
             return emb
     emb, kept = head.embed_paths(paths, missing="error")
     if file and multihost.is_primary():  # every process embeds; one writes the cache
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{file}.tmp{os.getpid()}.npy"
-        np.save(tmp, emb)
-        os.replace(tmp, file)
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
+                np.save(f, emb)
+
+        persistence.write_file(file, write)
     return emb
 
 

@@ -21,14 +21,14 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
+
+from cgjax import checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -287,9 +287,7 @@ class PrototypeTrainer:
 
     # -- checkpoints
     def _manager(self, ckpt_dir: str):
-        opts = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.max_to_keep, create=True,
-                                            enable_async_checkpointing=False)
-        return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=opts, item_names=("state", "meta"))
+        return checkpoints.plain_manager(ckpt_dir, keep=self.cfg.max_to_keep)
 
     def _meta(self, epoch: int) -> dict[str, Any]:
         return {**self.metadata, "dimensions": self.dimensions,
@@ -297,16 +295,14 @@ class PrototypeTrainer:
                 "trainer": {k: v for k, v in dataclasses.asdict(self.cfg).items()}}
 
     def save(self, mngr, state: dict[str, Any], epoch: int) -> None:
-        mngr.save(int(epoch), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(self._meta(epoch))))
+        checkpoints.save_step(mngr, epoch, jax.device_get(state), self._meta(epoch))
         mngr.wait_until_finished()
 
     def restore(self, mngr, epoch: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         epoch = mngr.latest_step() if epoch is None else epoch
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), jax.device_get(self.init_state()))
-        got = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                          meta=ocp.args.JsonRestore()))
-        meta = dict(got["meta"])
+        state, meta = checkpoints.restore_step(mngr, epoch, abstract)
+        meta = dict(meta)
         if meta.get("dimensions") != self.dimensions or meta.get("n_concepts") != [int(x) for x in self.n_concepts]:
             raise ValueError(f"checkpoint {mngr.directory} step {epoch} holds dimensions {meta.get('dimensions')} "
                              f"with {meta.get('n_concepts')} concepts; this run has {self.dimensions} with "
@@ -314,7 +310,7 @@ class PrototypeTrainer:
         for key in ("concept_to_idx", "idx_to_concept"):
             if key in self.metadata and key in meta and meta[key] != self.metadata[key]:
                 raise ValueError(f"checkpoint {mngr.directory} step {epoch}: its {key} differs from this run's")
-        return jax.tree.map(jnp.asarray, got["state"]), meta
+        return jax.tree.map(jnp.asarray, state), meta
 
     # -- loop
     def evaluate(self, state: dict[str, Any], feats: Any, labels: Any) -> dict[str, dict[str, float]]:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any, Mapping, Sequence
 
+from cgjax import persistence
 from cgjax.prototypes import io as pio
 from cgjax.prototypes.head import read_records
 
@@ -243,13 +243,8 @@ def ground_truth_from_dataset(dataset_json: str, dims: Sequence[str], images_roo
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write JSON to a temporary file and rename it (nothing half-written)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+    """Write JSON (indented by 2, ASCII, no final newline) atomically (:func:`cgjax.persistence.write_text`)."""
+    persistence.write_text(path, json.dumps(obj, indent=2))
 
 
 if __name__ == "__main__":

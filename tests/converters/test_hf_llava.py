@@ -202,7 +202,7 @@ def test_load_with_mesh_places_shards(src, model):
 def test_cli_orbax_round_trip(src, model, tmp_path):
     orb, back = str(tmp_path / "orbax"), str(tmp_path / "back")
     hf_llava.main(["to-orbax", src, orb])
-    from cgjax.data.schema import OUTPUT_MARKER
+    from cgjax.persistence import OUTPUT_MARKER
 
     listed = set(os.listdir(orb))  # weights, config, the marker and the source's tokenizer/processor files
     assert {"config.json", "state", OUTPUT_MARKER} <= listed

@@ -151,7 +151,7 @@ def test_vocabulary_order_and_file(tmp_path):
 
 
 def test_atomic_dir_replaces_whole_or_leaves_the_old(tmp_path):
-    from cgjax.data.schema import OUTPUT_MARKER, atomic_dir
+    from cgjax.persistence import OUTPUT_MARKER, atomic_dir
 
     out = tmp_path / "out"
     out.mkdir()

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cgjax.data.records import read_dataset_json, read_targets_csv
-from cgjax.data.schema import DataError, load_vocab, write_json_atomic
+from cgjax.data.schema import DataError, load_vocab
+from cgjax.persistence import write_json
 from cgjax.data.signals import read_signals, write_signals
 from cgjax.eval.cli import _read_reasoning
 from cgjax.data.demo_data import write_label_signals
@@ -32,7 +33,7 @@ def files(demo, tmp_path_factory):
     csv_sig = os.path.join(d, "concept_signals_style.csv")
     write_signals(csv_sig, data.signals, fmt="csv", records=data.dataset, dim="style")
     reasoning = os.path.join(d, "reasoning.json")
-    write_json_atomic(reasoning, {r.image: {"__meta__": {"activation": {}}, "prompt": "artist: x"}
+    write_json(reasoning, {r.image: {"__meta__": {"activation": {}}, "prompt": "artist: x"}
                                   for r in data.records[:4]})
     root = demo["images_root"]
     return {

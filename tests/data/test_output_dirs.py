@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cgjax.data.schema import OUTPUT_MARKER, atomic_dir, check_output_dir
+from cgjax.persistence import OUTPUT_MARKER, atomic_dir, check_output_dir, write_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,6 +75,29 @@ def test_a_failed_writer_leaves_the_old_output(tmp_path):
             _write(tmp, text="v2")
             raise RuntimeError("killed")
     assert (out / "new.txt").read_text() == "v1"
+
+
+def test_files_written_together_are_all_kept_when_one_write_fails(tmp_path):
+    """persistence.write_files puts nothing in place until every file is written; no temporary is left."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("old a")
+
+    def fail(tmp):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        write_files([(a, lambda tmp: _write_file(tmp, "new a")), (b, fail)])
+    assert a.read_text() == "old a" and sorted(os.listdir(tmp_path)) == ["a.txt"]
+    write_files([(a, lambda tmp: _write_file(tmp, "new a")), (b, lambda tmp: _write_file(tmp, "b"))])
+    assert (a.read_text(), b.read_text()) == ("new a", "b") and sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(b).st_mode & 0o777 == 0o666 & ~umask  # the user's umask, not mkstemp's 0600
+
+
+def _write_file(path, text):
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def test_hf_llava_cli_refuses_a_users_folder(tmp_path):
