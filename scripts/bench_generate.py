@@ -9,6 +9,12 @@ batches run) and a one-shot ``cgjax.generate`` call (which lays them out inside 
 speed-up is the Generator's.
 
     python scripts/bench.py generate [--batch 4] [--new 32] [--text 16] [--repeats 3] [--dtype float32]
+        [--quantize int8|int4 [--quantize-activations] [--group-size 128]]
+
+With ``--quantize``, cgjax runs on the quantized base (``cgjax.quantize``: the language model's
+decoder layers and the projector) and a third peer joins the interleaved run: PyTorch's own
+dynamic int8 (``torch.ao.quantization.quantize_dynamic``) on the same Linear layers. The speed-up
+line then compares cgjax quantized with both HF fp32 and the PyTorch int8 peer.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ import numpy as np
 from flax import nnx
 
 import cgjax
-from cgjax import flops
+from cgjax import flops, quantize
+from cgjax.quantize import QuantConfig
 from converters import hf_llava
 from converters.tiny_llava import make_llava_checkpoint
 
@@ -39,7 +46,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--size", default="small")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--quantize", default="none", choices=quantize.MODES)
+    ap.add_argument("--quantize-activations", action="store_true", help="int8 activations too (w8a8)")
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size")
     args = ap.parse_args(argv or [])
+    quant = QuantConfig(args.quantize, args.group_size, args.quantize_activations)
 
     import torch  # optional [torch] extra
 
@@ -50,10 +61,17 @@ def main(argv: list[str] | None = None) -> dict:
 
         tdtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
         hf = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=tdtype).eval()
-        model = hf_llava.load(path, dtype=jnp.dtype(args.dtype))
+        model = hf_llava.load(path, dtype=jnp.dtype(args.dtype), quant=quant)
     cfg = model.config
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hf = hf.to(dev)
+    tq = None
+    if quant.enabled:  # the peer: PyTorch's dynamic int8 on the Linear layers cgjax quantizes
+        import copy
+
+        names = {n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)
+                 and ("language_model.layers" in n or "multi_modal_projector" in n)}
+        tq = torch.ao.quantization.quantize_dynamic(copy.deepcopy(hf).cpu(), names, dtype=torch.qint8).eval()
 
     B, n_img, n_txt = args.batch, cfg.num_image_tokens, args.text
     T = n_img + n_txt
@@ -87,6 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         return out
 
+    def run_torch_int8(n=args.new):
+        with torch.inference_mode():
+            return tq.generate(input_ids=tids.cpu(), pixel_values=tpix.cpu(), attention_mask=tmask.cpu(),
+                               **dict(kw, max_new_tokens=n, min_new_tokens=n))
+
     def timed(fn, *a):
         t0 = time.perf_counter()
         out = fn(*a)
@@ -99,7 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
     for one_shot in (False, True):
         run_cgjax(1, one_shot)  # a 1-token call (prefill only) is another shape bucket: compile it now
     ref = run_torch()  # warm-up
-    times, shot_times, ttimes = [], [], []
+    if tq is not None:
+        run_torch_int8()
+    times, shot_times, ttimes, qtimes = [], [], [], []
+    qref = None
     for _ in range(args.repeats):  # interleaved, so all see the same machine load
         dt, out = timed(run_cgjax)
         times.append(dt)
@@ -107,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         shot_times.append(dt)
         dt, ref = timed(run_torch)
         ttimes.append(dt)
+        if tq is not None:
+            dt, qref = timed(run_torch_int8)
+            qtimes.append(dt)
     jx, js, th = min(times), min(shot_times), min(ttimes)
     # breakdown: a 1-token call is vision tower + prefill + first token
     pj, pt = [], []
@@ -120,12 +149,17 @@ def main(argv: list[str] | None = None) -> dict:
     n = B * args.new
 
     call_flops = flops.generate_flops(cfg, flops.param_counts(nnx.state(model)), B, T, args.new)
-    res = {"label": f"greedy generation, {args.size} LLaVA, batch {B}, {args.new} tokens (`cgjax.Generator`)",
+    qlabel = "" if not quant.enabled else f", {quant.mode}{' w8a8' if quant.activations else ''} base"
+    res = {"label": f"greedy generation, {args.size} LLaVA{qlabel}, batch {B}, {args.new} tokens (`cgjax.Generator`)",
            "flops_per_unit": call_flops / n, "cgjax": n / jx, "torch": n / th, "speedup": th / jx, "unit": "tokens/s",
            "compile_s": compile_s, "cgjax_s": jx, "torch_s": th, "token_agreement": same,
            "cgjax_one_shot": n / js, "cgjax_one_shot_s": js, "speedup_one_shot": th / js,
            "cgjax_prefill_s": pj, "torch_prefill_s": pt,
-           "device": str(jax.devices()[0].platform) + "/" + dev, "dtype": args.dtype}
+           "device": str(jax.devices()[0].platform) + "/" + dev, "dtype": args.dtype, "quantize": quant.to_json()}
+    if qtimes:
+        tq_s = min(qtimes)
+        res.update({"torch_int8": n / tq_s, "torch_int8_s": tq_s, "speedup_vs_torch_int8": tq_s / jx,
+                    "torch_int8_token_agreement_with_fp32": float((qref[:, T:].numpy() == ref[:, T:].cpu().numpy()).mean())})
     print(f"generate ({args.size} LLaVA, batch {B}, prompt {T} = {n_txt} text + {n_img} image tokens, "
           f"{args.new} new greedy tokens, {args.dtype}, jax on {jax.devices()[0].platform}, torch on {dev})")
     print(f"  cgjax Generator : {res['cgjax']:8.1f} tokens/s  ({jx * 1e3:.1f} ms/call; compile + first call "
@@ -135,6 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  torch           : {res['torch']:8.1f} tokens/s  ({th * 1e3:.1f} ms/call)")
     print(f"  prefill (vision + prompt, 1st token): cgjax {pj * 1e3:.1f} ms, torch {pt * 1e3:.1f} ms; "
           f"decode per step: cgjax {(jx - pj) / (args.new - 1) * 1e3:.1f} ms, torch {(th - pt) / (args.new - 1) * 1e3:.1f} ms")
+    if qtimes:
+        print(f"  torch dyn. int8 : {res['torch_int8']:8.1f} tokens/s  ({res['torch_int8_s'] * 1e3:.1f} ms/call; "
+              f"quantize_dynamic on the same Linear layers)  -> cgjax {quant.mode} is "
+              f"{res['speedup_vs_torch_int8']:.2f}x the PyTorch int8 peer; the peer's greedy tokens identical to "
+              f"fp32 HF: {res['torch_int8_token_agreement_with_fp32'] * 100:.1f}%")
     print(f"  speed-up {res['speedup']:.2f}x (one-shot generate {res['speedup_one_shot']:.2f}x); greedy tokens "
           f"identical to HF: {same * 100:.1f}%, one-shot to Generator: {same_shot * 100:.1f}%")
     return res
