@@ -65,9 +65,10 @@ def parse(define: Define, argv: Sequence[str], prog: str = "cgjax") -> flags.Fla
     return fv
 
 
-def run(define: Define, main: Callable[[flags.FlagValues], int | None]) -> None:
+def run(define: Define, main: Callable[[flags.FlagValues], Any]) -> None:
     """The script entry point: ``define``'s flags on ``flags.FLAGS``, then ``absl.app.run`` calls
-    ``main(flags.FLAGS)``; its return value is the exit status."""
+    ``main(flags.FLAGS)``. An ``int`` it returns is the exit status (anything else, e.g. a report
+    dict, is 0); a :class:`UsageError` it raises prints the usage and exits 1."""
     before = set(flags.FLAGS)
     define(flags.FLAGS, None)
     # --help lists the main module's key flags: the command's own, wherever define() lives
@@ -75,12 +76,13 @@ def run(define: Define, main: Callable[[flags.FlagValues], int | None]) -> None:
     for flag in new.values():
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
-    def entry(argv: Sequence[str]) -> int | None:
+    def entry(argv: Sequence[str]) -> int:
         try:
             _no_positional(argv[1:])
+            status = main(flags.FLAGS)
         except UsageError as e:
             raise app.UsageError(str(e)) from e
-        return main(flags.FLAGS)
+        return status if isinstance(status, int) else 0
 
     def parse_flags(argv: Sequence[str]) -> list[str]:
         try:
