@@ -146,6 +146,8 @@ def test_mesh_and_override_parsing():
         commandline.parse(P.define_flags, ["--config", "configs/stageA.py:preset=demo", "--set", "batch_size=16"])
     with pytest.raises(flags.Error, match="Unknown command line flag 'stict'"):
         commandline.parse(P.define_flags, ["--config", "configs/stageA.py:preset=demo", "--stict"])
+    with pytest.raises(commandline.UsageError, match="unexpected argument"):
+        commandline.parse(P.define_flags, ["--config", "configs/stageA.py:preset=demo", "stray"])
 
 
 def test_inference_plan_llava_7b_on_one_and_two_v5e_chips():
