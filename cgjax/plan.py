@@ -405,7 +405,7 @@ def compile_train_step(model, config, sc, rules, mesh_shape: Mapping[str, int], 
     devices = jax.devices()
     if len(devices) < n:
         raise RuntimeError(f"the mesh needs {n} devices and {len(devices)} are visible "
-                           f"(scripts/plan.py asks for {n} CPU stand-ins before importing jax)")
+                           f"(scripts/plan.py asks for {n} CPU stand-ins before JAX starts)")
     mesh = sharding.make_mesh(dict(mesh_shape), devices[:n])
     filt = trainable_filter(tuple(config.trainable))
     graphdef, trainable, frozen = nnx.split(model, filt, ...)
