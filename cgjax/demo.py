@@ -19,7 +19,7 @@ from cgjax import persistence
 from cgjax.demo_assets import make_tiny_llava
 from cgjax.config import load_config, override
 from cgjax.data.demo_data import ARTISTS, GENRES, STYLES, make_demo, render_painting
-from cgjax.eval import cli
+from cgjax.eval.cli import evaluate_reasoning
 from cgjax.infer import run_inference
 from cgjax.prototypes.run import train_prototypes as run_stage
 from cgjax.train import load_trained_model, train_stage
@@ -200,10 +200,9 @@ def evaluate(workdir: str, llava_dir: str, paths: dict[str, str], n_images: int 
     config.data.limit = n_images
     out = run_inference(config)
     eval_dir = os.path.join(workdir, "eval")
-    metrics = cli.main(["--reasoning-json", out["reasoning"], "--baseline-json", out["reasoning_baseline"],
-                        "--dataset-json", paths["dataset_json"], "--targets-csv", paths["targets_csv"],
-                        "--out", os.path.join(eval_dir, "metrics.json"), "--report-dir", eval_dir]
-                       + (["--saliency-json", out["saliency"]] if out.get("saliency") else []))
+    metrics = evaluate_reasoning(out["reasoning"], paths["dataset_json"], os.path.join(eval_dir, "metrics.json"),
+                                 baseline_json=out["reasoning_baseline"], targets_csv=paths["targets_csv"],
+                                 report_dir=eval_dir, saliency_json=out.get("saliency") or None)
     keys = metrics.get("keys", {})
     return {"report": os.path.join(eval_dir, "report.html"), "keys_macro_f1": keys.get("macro_f1"),
             "comparison": metrics.get("comparison", {}).get("keys", {}).get("macro_f1")}

@@ -17,7 +17,6 @@ torch is a FAIL. Exit status 0 when every check that ran passed, 1 otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata
 import importlib.util
@@ -34,10 +33,11 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cgjax import checkpoints, multihost, sharding
+from cgjax import checkpoints, commandline, multihost, sharding
 from cgjax.models.llava import Llava, LlavaConfig
 from cgjax.plan import tiny_llava_hf_config
 from converters import hf_llava, openclip as oc
@@ -228,24 +228,35 @@ def pod_orbax(workdir: str | None) -> str:
     return f"{want.shape} sharded over {n} devices saved and restored in {path}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cgjax.doctor", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--no-torch", action="store_true",
-                    help="skip the PyTorch parity checks (for an install without torch / open_clip)")
-    ap.add_argument("--mesh", default=None, help="also show this mesh, e.g. data=2,fsdp=4")
-    pod = ap.add_argument_group("pod checks (several processes: a cross-process psum and a sharded orbax "
-                                "save/restore in --workdir)")
-    pod.add_argument("--distributed", action="store_true", help="jax.distributed with JAX's cluster detection")
-    pod.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (explicit launch)")
-    pod.add_argument("--num_processes", type=int, default=None)
-    pod.add_argument("--process_id", type=int, default=None)
-    pod.add_argument("--coordinator_timeout", type=int, default=300)
-    pod.add_argument("--workdir", default=None, help="a folder every process sees (the run's work dir)")
-    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+PROG = "python -m cgjax.doctor"
 
-    multihost.initialize(args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed,
-                         timeout_s=args.coordinator_timeout)
 
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """The doctor's flags on ``fv`` (see :mod:`cgjax.commandline`): ``--no-torch``, ``--mesh``, the
+    launch flags of :func:`cgjax.multihost.define_flags` and ``--workdir`` for the pod checks."""
+    del argv  # no config file
+    flags.DEFINE_bool("no-torch", False, "skip the PyTorch parity checks (for an install without torch / "
+                      "open_clip)", flag_values=fv)
+    flags.DEFINE_string("mesh", None, "also show this mesh, e.g. data=2,fsdp=4", flag_values=fv)
+    multihost.define_flags(fv)
+    flags.DEFINE_string("workdir", None, "pod checks (a cross-process psum and a sharded orbax save/restore): "
+                        "a folder every process sees (the run's work dir)", flag_values=fv)
+
+
+def main(argv: Sequence[str]) -> int:
+    """The doctor's command line, in this process: ``main(["--no-torch"])``; the exit status."""
+    return run(commandline.parse(define_flags, argv, PROG))
+
+
+def run(fv: flags.FlagValues) -> int:
+    """The doctor from the parsed flags of :func:`define_flags`: starts the multi-process runtime, then :func:`check`."""
+    multihost.initialize_from_flags(fv)
+    return check(no_torch=fv["no-torch"].value, show_mesh=fv.mesh, workdir=fv.workdir)
+
+
+def check(*, no_torch: bool = False, show_mesh: str | None = None, workdir: str | None = None) -> int:
+    """Print the versions, devices and mesh (and ``show_mesh``), run the pod checks (several processes or ``workdir``) and
+    the self-test; 0 when every check that ran passed, else 1."""
     print("cgjax doctor")
     print("versions")
     for label, v in versions():
@@ -275,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     print("mesh")
-    specs = [None] + ([args.mesh] if args.mesh else [])
+    specs = [None] + ([show_mesh] if show_mesh else [])
     for spec in specs:
         try:
             mesh = sharding.make_mesh(sharding.parse_mesh(spec) if spec else None)
@@ -285,9 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures += 1
             print(f"  FAIL  make_mesh({spec or ''}): {type(e).__name__}: {e}")
 
-    if jax.process_count() > 1 or args.workdir:
+    if jax.process_count() > 1 or workdir:
         print(f"pod (process {jax.process_index()} of {jax.process_count()})")
-        for name, fn in (("psum", pod_psum), ("orbax", lambda: pod_orbax(args.workdir))):
+        for name, fn in (("psum", pod_psum), ("orbax", lambda: pod_orbax(workdir))):
             try:
                 print(f"  PASS  {name}: {fn()}")
             except Exception as e:  # noqa: BLE001 - report, keep going
@@ -296,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     has_torch = torch_available()
     print(f"self-test (fp32, matmul precision 'highest', atol {ATOL:g}, backend {jax.default_backend()})")
-    torch_checks = not args.no_torch and has_torch
+    torch_checks = not no_torch and has_torch
     if torch_checks:
         t0 = time.perf_counter()
         try:
@@ -309,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, desc, fn, needs_torch in CHECKS:
         if not needs_torch and torch_checks:
             continue  # the parity checks run the same JAX code paths, and compiling twice costs seconds
-        if needs_torch and args.no_torch:
+        if needs_torch and no_torch:
             print(f"  SKIP  {name}: {desc}  (--no-torch: PyTorch parity not checked)")
             continue
         if needs_torch and not has_torch:
@@ -331,11 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {desc}  max abs diff {diff:.2e}  "
               f"({time.perf_counter() - t0:.1f} s)")
     elapsed = time.perf_counter() - t_all
-    if args.no_torch or not has_torch:
+    if no_torch or not has_torch:
         print("  note: without the PyTorch checks the converters are not verified on this install")
     print(f"{'all checks passed' if not failures else f'{failures} check(s) FAILED'} (self-test {elapsed:.1f} s)")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    commandline.run(define_flags, run)

@@ -264,24 +264,29 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._prev)
 
 
-def define_flags() -> dict[str, Any]:
-    """The launch flags every multi-process script takes (absl): call once at module level."""
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, Any]:
+    """The launch flags every multi-process script takes (absl): call once at module level (or on a
+    command's own ``FlagValues``, see :mod:`cgjax.commandline`)."""
+    fv = flag_values
     return {
         "distributed": flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with JAX's own "
-                                         "cluster detection (TPU pod, SLURM, Open MPI)."),
+                                         "cluster detection (TPU pod, SLURM, Open MPI).", flag_values=fv),
         "coordinator_address": flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's "
-                                                   "coordinator (explicit multi-process launch)."),
-        "num_processes": flags.DEFINE_integer("num_processes", None, "Number of processes of the launch."),
-        "process_id": flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes)."),
+                                                   "coordinator (explicit multi-process launch).", flag_values=fv),
+        "num_processes": flags.DEFINE_integer("num_processes", None, "Number of processes of the launch.",
+                                              flag_values=fv),
+        "process_id": flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).",
+                                           flag_values=fv),
         "coordinator_timeout": flags.DEFINE_integer("coordinator_timeout", 300, "Seconds to wait for the "
-                                                    "coordinator and the other processes."),
+                                                    "coordinator and the other processes.", flag_values=fv),
         "single_process": flags.DEFINE_bool("single_process", False, "Run one process even where the "
-                                            "environment shows a cluster."),
+                                            "environment shows a cluster.", flag_values=fv),
     }
 
 
-def initialize_from_flags(fl: Mapping[str, Any]) -> None:
-    """:func:`initialize` from the flags of :func:`define_flags`."""
+def initialize_from_flags(fl: Mapping[str, Any] | flags.FlagValues) -> None:
+    """:func:`initialize` from the flags of :func:`define_flags` (its dict, or the ``FlagValues``
+    they were defined on)."""
     initialize(fl["coordinator_address"].value, fl["num_processes"].value, fl["process_id"].value,
                auto=fl["distributed"].value, single_process=fl["single_process"].value,
                timeout_s=fl["coordinator_timeout"].value)

@@ -17,26 +17,24 @@ fp32), so read it as an estimate, checked against the analytic figure printed ne
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
 import json
 import os
 import re
-import sys
 import time
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+from ml_collections import config_flags
 
-from cgjax import sharding, text
+from cgjax import commandline, sharding, text
 from cgjax.concepts.index import ConceptIndex, gating_config
 from cgjax.concepts.model import ConceptLlava
-from cgjax.config import load_config
 from cgjax.flops import attention_flops, param_counts, step_flops
 from cgjax.models.llava import Llava, LLAVA_PRESETS, LlavaConfig
 from cgjax.sharding import canonical_sharding
@@ -407,7 +405,7 @@ def compile_train_step(model, config, sc, rules, mesh_shape: Mapping[str, int], 
     devices = jax.devices()
     if len(devices) < n:
         raise RuntimeError(f"the mesh needs {n} devices and {len(devices)} are visible "
-                           f"(scripts/plan.py asks for {n} CPU stand-ins before importing jax)")
+                           f"(scripts/plan.py asks for {n} CPU stand-ins before JAX starts)")
     mesh = sharding.make_mesh(dict(mesh_shape), devices[:n])
     filt = trainable_filter(tuple(config.trainable))
     graphdef, trainable, frozen = nnx.split(model, filt, ...)
@@ -736,58 +734,51 @@ def format_plan(p: Plan) -> str:
 # CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="scripts/plan.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="config spec, e.g. configs/stageA.py:preset=llava-1.5-7b")
-    ap.add_argument("--mesh", default=None, help="data=A,fsdp=B,tensor=C (default: the config's mesh)")
-    ap.add_argument("--num-devices", type=int, default=None,
-                    help="device count for a mesh with a -1 axis (default 8)")
-    ap.add_argument("--device", default="tpu-v5e", choices=sorted(DEVICES), help="accelerator kind")
-    ap.add_argument("--model", default=None,
-                    help="LLaVA architecture: a preset (llava-1.5-7b, llava-1.5-13b), tiny/small, or an HF dir")
-    ap.add_argument("--concepts", default=DEFAULT_CONCEPTS,
-                    help=f"concept dimensions name=count,... (size the trained values; default {DEFAULT_CONCEPTS})")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a config field, e.g. --set batch_size=16 --set text.max_text_tokens=128")
-    ap.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time (default 0.4)")
-    ap.add_argument("--gen-batch", type=int, default=None, help="KV cache batch (default config.val.batch_size)")
-    ap.add_argument("--gen-len", type=int, default=None,
-                    help="KV cache length (default sequence + config.val.max_new_tokens)")
-    ap.add_argument("--no-compile", action="store_true", help="analytic activations only (no XLA compile)")
-    ap.add_argument("--strict", action="store_true", help="exit status 1 when a WARNING is printed")
-    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    return ap
+PROG = "scripts/plan.py"
 
 
-def apply_overrides(config, overrides: Sequence[str]) -> None:
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r} is not of the form field=value")
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass  # a bare string
-        node = config
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"--set {key}: the config has no field {key!r}")
-        node[leaf] = value
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """The planner's flags on ``fv`` (see :mod:`cgjax.commandline`); config fields are overridden
+    as for ``scripts/train.py``: ``--config.batch_size=16 --config.text.max_text_tokens=128``."""
+    config_flags.DEFINE_config_file("config", None, "config spec, e.g. configs/stageA.py:preset=llava-1.5-7b; "
+                                    "override fields with --config.FIELD=VALUE", flag_values=fv, sys_argv=argv)
+    flags.mark_flag_as_required("config", flag_values=fv)
+    flags.DEFINE_string("mesh", None, "data=A,fsdp=B,tensor=C (default: the config's mesh)", flag_values=fv)
+    flags.DEFINE_integer("num-devices", None, "device count for a mesh with a -1 axis (default 8)", flag_values=fv)
+    flags.DEFINE_enum("device", "tpu-v5e", sorted(DEVICES), "accelerator kind", flag_values=fv)
+    flags.DEFINE_string("model", None, "LLaVA architecture: a preset (llava-1.5-7b, llava-1.5-13b), tiny/small, "
+                        "or an HF dir", flag_values=fv)
+    flags.DEFINE_string("concepts", DEFAULT_CONCEPTS, "concept dimensions name=count,... (size the trained "
+                        "values)", flag_values=fv)
+    flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation for the step time", flag_values=fv)
+    flags.DEFINE_integer("gen-batch", None, "KV cache batch (default config.val.batch_size)", flag_values=fv)
+    flags.DEFINE_integer("gen-len", None, "KV cache length (default sequence + config.val.max_new_tokens)",
+                         flag_values=fv)
+    flags.DEFINE_bool("no-compile", False, "analytic activations only (no XLA compile)", flag_values=fv)
+    flags.DEFINE_bool("strict", False, "exit status 1 when a WARNING is printed", flag_values=fv)
+    flags.DEFINE_string("json", None, "also write the numbers to this JSON file", flag_values=fv)
+    flags.DEFINE_multi_string("set", [], "removed: override config fields with --config.FIELD=VALUE",
+                              flag_values=fv)
+    flags.register_validator("set", lambda v: not v, flag_values=fv,
+                             message="--set is gone: override config fields as scripts/train.py does, "
+                                     "e.g. --config.batch_size=16 --config.text.max_text_tokens=128")
 
 
-def mesh_devices_needed(argv: Sequence[str]) -> int:
-    """Devices a plan of ``argv`` compiles on (for ``XLA_FLAGS`` before jax is imported)."""
-    args, _ = build_parser().parse_known_args(list(argv))
-    mesh = args.mesh
-    if mesh is None:
-        mesh = str(load_config(args.config).mesh)
-    sizes = [int(s) for s in (sharding.parse_mesh(mesh) or {"data": -1}).values()]
+def mesh_devices_needed(mesh: str, num_devices: int | None = None) -> int:
+    """Devices a plan on ``mesh`` compiles on: its size, or ``num_devices`` (default 8) where an axis is -1."""
+    sizes = list((sharding.parse_mesh(mesh) or {"data": -1}).values())
     if -1 in sizes:
-        return int(args.num_devices or 8)
-    return int(np.prod(sizes)) if sizes else 1
+        return int(num_devices or 8)
+    return max(1, int(np.prod(sizes)))
+
+
+def use_cpu_stand_ins(n: int) -> None:
+    """Compile on ``n`` CPU devices standing in for the accelerators: sets ``XLA_FLAGS`` and JAX's
+    platform, so it must run before anything starts a JAX backend (parsing flags and reading the
+    config do not)."""
+    xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{xla} --xla_force_host_platform_device_count={max(1, int(n))}".strip()
+    jax.config.update("jax_platforms", "cpu")
 
 
 def to_json(p: Plan) -> dict:
@@ -802,20 +793,28 @@ def to_json(p: Plan) -> dict:
             "notes": p.notes}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    config = load_config(args.config)
-    apply_overrides(config, args.set)
-    n = args.num_devices
-    if n is None and args.mesh is None and "-1" in str(config.mesh):
+def run(fv: flags.FlagValues, *, stand_ins: bool = False) -> int:
+    """Plan from the parsed flags of :func:`define_flags`, print it (and ``--json``); the exit status.
+    ``stand_ins``: first ask for the mesh's CPU stand-in devices (:func:`use_cpu_stand_ins`), as
+    ``scripts/plan.py`` does before any JAX backend starts."""
+    config = fv.config
+    mesh = fv.mesh or str(config.mesh)
+    n = fv["num-devices"].value
+    if n is None and -1 in (sharding.parse_mesh(mesh) or {"data": -1}).values():
         n = 8
-    if n is None and args.mesh is not None and "-1" in args.mesh:
-        n = 8
-    plan = make_plan(config, config_spec=args.config, mesh=args.mesh or str(config.mesh), device=args.device,
-                     num_devices=n, model=args.model, concepts=args.concepts, mfu=args.mfu,
-                     gen_batch=args.gen_batch, gen_len=args.gen_len, compile=not args.no_compile)
+    if stand_ins:
+        use_cpu_stand_ins(mesh_devices_needed(mesh, n))
+    plan = make_plan(config, config_spec=fv["config"].config_filename, mesh=mesh, device=fv.device,
+                     num_devices=n, model=fv.model, concepts=fv.concepts, mfu=fv.mfu,
+                     gen_batch=fv["gen-batch"].value, gen_len=fv["gen-len"].value, compile=not fv["no-compile"].value)
     print(format_plan(plan))
-    if args.json:
-        with open(args.json, "w") as f:
+    if fv.json:
+        with open(fv.json, "w") as f:
             json.dump(to_json(plan), f, indent=2, default=str)
-    return 1 if (args.strict and plan.warnings) else 0
+    return 1 if (fv.strict and plan.warnings) else 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``scripts/plan.py``'s command line, in this process (on the devices JAX already has):
+    ``main(["--config", "configs/stageA.py:preset=demo", "--config.batch_size=16", "--no-compile"])``."""
+    return run(commandline.parse(define_flags, argv, PROG))

@@ -1,27 +1,31 @@
-"""Run the whole cgjax pipeline on the embedded demo data: ``python scripts/demo.py --workdir DIR``."""
+"""Run the whole cgjax pipeline on the embedded demo data: ``python scripts/demo.py --workdir DIR``.
+
+Thin entry point: the work is ``cgjax.demo.run``.
+"""
 from __future__ import annotations
 
-import argparse
+from absl import app, flags
 
 from cgjax import demo
 
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "where data, checkpoints and reports go")
+_N_IMAGES = flags.DEFINE_integer("n_images", 240, "paintings in the demo data set")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "image side in pixels")
+_SEED = flags.DEFINE_integer("seed", 0, "random seed")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 300, "base LLaVA pretraining (blank images)")
+_CLIP_EPOCHS = flags.DEFINE_integer("clip_pretrain_epochs", 10, "CLIP tower pretraining (0 = random tower)")
+_CLIP_IMAGES = flags.DEFINE_integer("clip_pretrain_images", 1536, "paintings in the CLIP pretraining corpus")
+_STAGE_STEPS = flags.DEFINE_integer("stage_steps", 64, "steps of Stage A and of Stage B")
+_EVAL_IMAGES = flags.DEFINE_integer("eval_images", 0, "test images to evaluate (0 = the whole test split)")
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--workdir", default="workdir/demo", help="where data, checkpoints and reports go")
-    p.add_argument("--n_images", type=int, default=240)
-    p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretrain_steps", type=int, default=300, help="base LLaVA pretraining (blank images)")
-    p.add_argument("--clip_pretrain_epochs", type=int, default=10, help="CLIP tower pretraining (0 = random tower)")
-    p.add_argument("--clip_pretrain_images", type=int, default=1536, help="paintings in the CLIP pretraining corpus")
-    p.add_argument("--stage_steps", type=int, default=64, help="steps of Stage A and of Stage B")
-    p.add_argument("--eval_images", type=int, default=0, help="test images to evaluate (0 = the whole test split)")
-    a = p.parse_args()
-    demo.run(a.workdir, n_images=a.n_images, image_size=a.image_size, seed=a.seed,
-             pretrain_steps=a.pretrain_steps, clip_pretrain_epochs=a.clip_pretrain_epochs,
-             clip_pretrain_images=a.clip_pretrain_images, stage_steps=a.stage_steps, eval_images=a.eval_images)
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    demo.run(_WORKDIR.value, n_images=_N_IMAGES.value, image_size=_IMAGE_SIZE.value, seed=_SEED.value,
+             pretrain_steps=_PRETRAIN_STEPS.value, clip_pretrain_epochs=_CLIP_EPOCHS.value,
+             clip_pretrain_images=_CLIP_IMAGES.value, stage_steps=_STAGE_STEPS.value, eval_images=_EVAL_IMAGES.value)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -3,9 +3,11 @@
     python scripts/evaluate.py --reasoning-json R --dataset-json D --out metrics.json \\
         [--images-root ROOT] [--targets-csv C] [--baseline-json B] [--report-dir DIR]
 
-The logic lives in ``cgjax.eval.cli`` (importable from Colab); definitions: ``docs/evaluation.md``.
+The logic lives in ``cgjax.eval.cli`` (``evaluate_reasoning``, importable from Colab); definitions:
+``docs/evaluation.md``. Errors in the inputs print one line and exit 2.
 """
-from cgjax.eval.cli import run
+from cgjax import commandline
+from cgjax.eval import cli
 
 if __name__ == "__main__":
-    run()
+    commandline.run(cli.define_flags, cli.run)

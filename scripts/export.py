@@ -5,31 +5,32 @@ prototypes, the concept values, the signals, ``concept_tokens.py`` and ``example
 """
 from __future__ import annotations
 
-import argparse
+from absl import app, flags
 
 from cgjax.export import export
 
+_WORKDIR = flags.DEFINE_string("workdir", None, "work dir of scripts/demo.py (stageA/B, prototypes)", required=True)
+_OUT = flags.DEFINE_string("out", None, "output folder: new, empty, or an earlier export (replaced whole)",
+                           required=True)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing --out that cgjax did not write")
+_ACCEPT_MISMATCH = flags.DEFINE_bool("accept_mismatch", False,
+                                     "export with a LLaVA other than the one the values were trained on")
+_STAGE_WORKDIR = flags.DEFINE_string("stage-workdir", None, "default: WORKDIR/stageB, else WORKDIR/stageA")
+_PROTOTYPES_WORKDIR = flags.DEFINE_string("prototypes-workdir", None, "default: WORKDIR/prototypes")
+_LLAVA_CHECKPOINT = flags.DEFINE_string("llava-checkpoint", None,
+                                        "default: the one named by the stage's concepts json")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True, help="work dir of scripts/demo.py (stageA/B, prototypes)")
-    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export (replaced whole)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that cgjax did not write")
-    p.add_argument("--accept_mismatch", action="store_true",
-                   help="export with a LLaVA other than the one the values were trained on")
-    p.add_argument("--stage-workdir", default=None, help="default: WORKDIR/stageB, else WORKDIR/stageA")
-    p.add_argument("--prototypes-workdir", default=None, help="default: WORKDIR/prototypes")
-    p.add_argument("--llava-checkpoint", default=None, help="default: the one named by the stage's concepts json")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    a = p.parse_args(argv)
-
-    written = export(a.workdir, a.out, stage_workdir=a.stage_workdir, prototypes_workdir=a.prototypes_workdir,
-                     llava_checkpoint=a.llava_checkpoint, step=a.step, overwrite=a.overwrite,
-                     accept_mismatch=a.accept_mismatch)
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    written = export(_WORKDIR.value, _OUT.value, stage_workdir=_STAGE_WORKDIR.value,
+                     prototypes_workdir=_PROTOTYPES_WORKDIR.value, llava_checkpoint=_LLAVA_CHECKPOINT.value,
+                     step=_STEP.value, overwrite=_OVERWRITE.value, accept_mismatch=_ACCEPT_MISMATCH.value)
     for k, v in written.items():
         print(f"{k}: {v}")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

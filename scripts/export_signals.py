@@ -15,65 +15,65 @@ validate_signals report (``--report``; threshold 0.6, backoff 0.05, top-k 2, bud
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from typing import Sequence
 
+from absl import flags
+
+from cgjax import commandline
 from cgjax.prototypes import export, io as pio
 from cgjax.prototypes.calibrate import MODES
-from cgjax.prototypes.validate_signals import add_gating_args
+from cgjax.prototypes.validate_signals import define_gating_flags, gating_kwargs
 from converters import openclip
+
+DIMS = ("artist", "style", "genre")  # the original's per-dimension flags (--ckpt_<dim>)
 
 
 def _bool(v: str) -> bool:
     return str(v).strip().lower() in {"1", "true", "yes", "y"}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset_json", required=True)
-    ap.add_argument("--images_root", default=None, help="default: the dataset JSON's folder")
-    ap.add_argument("--ckpt", default=None, help="prototypes: original .pt or cgjax checkpoint dir (comma list ok)")
-    ap.add_argument("--dimensions", default="", help="comma list; empty = every dimension in the checkpoint(s)")
-    ap.add_argument("--output", default=None, help="output file (single mode)")
-    ap.add_argument("--format", default="json", help="json, anything else = csv (as the original)")
-    ap.add_argument("--topk", type=int, default=3)
-    ap.add_argument("--normalize", default=None, choices=MODES, help="default none (bulk: zscore)")
-    ap.add_argument("--temperature", type=float, default=None, help="default 1.0 (bulk: 0.8)")
-    ap.add_argument("--clip", default="true", help="clip cosines to [-1, 1] before mapping")
-    ap.add_argument("--clip_checkpoint", default=None, help="local open_clip weights (file or folder)")
-    ap.add_argument("--clip_model", default=None, help="open_clip model name (default: the checkpoint's)")
-    ap.add_argument("--batch_size", type=int, default=32, help="CLIP encode batch (fixed shape)")
-    ap.add_argument("--ema", action="store_true", help="cgjax checkpoints: use the EMA prototypes")
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """The flags (the original's names) on ``fv`` (see ``cgjax.commandline``)."""
+    del argv  # no config file
+    flags.DEFINE_string("dataset_json", None, "the dataset JSON", flag_values=fv, required=True)
+    flags.DEFINE_string("images_root", None, "default: the dataset JSON's folder", flag_values=fv)
+    flags.DEFINE_string("ckpt", None, "prototypes: original .pt or cgjax checkpoint dir (comma list ok)",
+                        flag_values=fv)
+    flags.DEFINE_string("dimensions", "", "comma list; empty = every dimension in the checkpoint(s)", flag_values=fv)
+    flags.DEFINE_string("output", None, "output file (single mode)", flag_values=fv)
+    flags.DEFINE_string("format", "json", "json, anything else = csv (as the original)", flag_values=fv)
+    flags.DEFINE_integer("topk", 3, "top concepts per image in the output", flag_values=fv)
+    flags.DEFINE_enum("normalize", None, list(MODES), "default none (bulk: zscore)", flag_values=fv)
+    flags.DEFINE_float("temperature", None, "default 1.0 (bulk: 0.8)", flag_values=fv)
+    flags.DEFINE_string("clip", "true", "clip cosines to [-1, 1] before mapping", flag_values=fv)
+    flags.DEFINE_string("clip_checkpoint", None, "local open_clip weights (file or folder)", flag_values=fv)
+    flags.DEFINE_string("clip_model", None, "open_clip model name (default: the checkpoint's)", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "CLIP encode batch (fixed shape)", flag_values=fv)
+    flags.DEFINE_bool("ema", False, "cgjax checkpoints: use the EMA prototypes", flag_values=fv)
     # bulk mode
-    ap.add_argument("--all", action="store_true", help="export_all_signals: one JSON per dimension")
-    ap.add_argument("--output_dir", default="artifacts")
-    for d in ("artist", "style", "genre"):
-        ap.add_argument(f"--ckpt_{d}", default=None)
-    ap.add_argument("--ckpt_for", nargs="*", default=[], help="DIM=PATH per-dimension checkpoints")
-    ap.add_argument("--csv", default="false", help="bulk mode: also write concept_signals_<dim>.csv")
+    flags.DEFINE_bool("all", False, "export_all_signals: one JSON per dimension", flag_values=fv)
+    flags.DEFINE_string("output_dir", "artifacts", "bulk mode: output folder", flag_values=fv)
+    for d in DIMS:
+        flags.DEFINE_string(f"ckpt_{d}", None, f"prototypes of {d} (bulk mode)", flag_values=fv)
+    flags.DEFINE_multi_string("ckpt_for", [], "DIM=PATH per-dimension checkpoint; repeat the flag for several",
+                              flag_values=fv)
+    flags.DEFINE_string("csv", "false", "bulk mode: also write concept_signals_<dim>.csv", flag_values=fv)
     # cgjax outputs
-    ap.add_argument("--keyed", default="", help="keyed signals JSON ('' = beside the output, 'none' = skip)")
-    ap.add_argument("--report", default="", help="validate_signals report ('' = beside the output, 'none' = skip)")
-    add_gating_args(ap)
-    a = ap.parse_args(argv)
-    if a.normalize is None:
-        a.normalize = "zscore" if a.all else "none"
-    if a.temperature is None:
-        a.temperature = 0.8 if a.all else 1.0
-    if not a.all and not a.output:
-        ap.error("--output is required (or use --all --output_dir DIR)")
-    return a
+    flags.DEFINE_string("keyed", "", "keyed signals JSON ('' = beside the output, 'none' = skip)", flag_values=fv)
+    flags.DEFINE_string("report", "", "validate_signals report ('' = beside the output, 'none' = skip)",
+                        flag_values=fv)
+    define_gating_flags(fv)
 
 
-def load_checkpoints(a: argparse.Namespace):
-    per_dim = {d: getattr(a, f"ckpt_{d}") for d in ("artist", "style", "genre") if getattr(a, f"ckpt_{d}")}
+def load_checkpoints(a: flags.FlagValues):
+    per_dim = {d: a[f"ckpt_{d}"].value for d in DIMS if a[f"ckpt_{d}"].value}
     for item in a.ckpt_for:
         d, _, p = item.partition("=")
         if not p:
-            raise SystemExit(f"--ckpt_for expects DIM=PATH, got {item!r}")
+            raise commandline.UsageError(f"--ckpt_for expects DIM=PATH, got {item!r}")
         per_dim[d] = p
     ps = None
     if a.ckpt:
@@ -86,32 +86,35 @@ def load_checkpoints(a: argparse.Namespace):
         q = q.subset([d])
         ps = q if ps is None else ps.merged(q)
     if ps is None:
-        raise SystemExit("no prototypes: give --ckpt (or --ckpt_<dim> / --ckpt_for DIM=PATH)")
+        raise commandline.UsageError("no prototypes: give --ckpt (or --ckpt_<dim> / --ckpt_for DIM=PATH)")
     return ps
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    a = parse_args(argv)
-
+def run(a: flags.FlagValues) -> dict:
+    """The export from the parsed flags of :func:`define_flags`; -> what was written."""
+    bulk = a["all"].value
+    normalize = a.normalize or ("zscore" if bulk else "none")
+    temperature = a.temperature if a.temperature is not None else (0.8 if bulk else 1.0)
+    if not bulk and not a.output:
+        raise commandline.UsageError("--output is required (or use --all --output_dir DIR)")
     ps = load_checkpoints(a)
     dims = [d.strip() for d in a.dimensions.split(",") if d.strip()] or ps.dimensions
     for d in dims:
         ps.require(d)  # clear error naming the checkpoint and its dimensions
     model_name = a.clip_model or ps.clip_model_name
     if a.clip_checkpoint is None and not model_name.startswith(("local-dir:", "hf-hub:")):
-        raise SystemExit(f"--clip_checkpoint is required for {model_name!r} (no hub access)")
+        raise commandline.UsageError(f"--clip_checkpoint is required for {model_name!r} (no hub access)")
     head = openclip.load_head(model_name, a.clip_checkpoint, batch_size=a.batch_size)
     head.load_prototypes(ps)  # checks the embedding width
     ds, row_images = export.read_aligned(a.dataset_json, a.images_root, dims)
     emb, present = export.embed_records(head, ds)
-    sig = export.make_signals(ps, ds, emb, present, dims, a.normalize, a.temperature, _bool(a.clip),
+    sig = export.make_signals(ps, ds, emb, present, dims, normalize, temperature, _bool(a.clip),
                               dataset_json=os.path.abspath(a.dataset_json))
-    vkw = dict(threshold=a.threshold, backoff_delta=a.backoff_delta, topk_per_dim=a.topk_per_dim, budget=a.budget,
-               fairness=_bool(a.fairness), priority=a.priority.split(","))
+    vkw = gating_kwargs(a)
     keyed = None if a.keyed.lower() == "none" else a.keyed
     report = None if a.report.lower() == "none" else a.report
     out: dict = {}
-    if a.all:
+    if bulk:
         out = export.write_bulk(sig, ds, row_images, dims, a.output_dir, _bool(a.csv), a.topk, keyed, report, vkw)
     else:
         fmt = "json" if a.format == "json" else "csv"
@@ -125,5 +128,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return out
 
 
+def main(argv: Sequence[str]) -> dict:
+    """The command line, in this process: ``main(["--dataset_json", D, "--ckpt", C, "--output", O])``."""
+    return run(commandline.parse(define_flags, argv, "scripts/export_signals.py"))
+
+
 if __name__ == "__main__":
-    main()
+    commandline.run(define_flags, run)

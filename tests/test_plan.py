@@ -3,10 +3,11 @@ and its optimizer state, the compiled step's arguments, and the out-of-memory wa
 import jax
 import jax.numpy as jnp
 import pytest
+from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cgjax import plan as P, sharding, steps
+from cgjax import commandline, plan as P, sharding, steps
 from cgjax.concepts.index import ConceptIndex, gating_config
 from cgjax.concepts.model import ConceptLlava
 from cgjax.config import load_config
@@ -129,11 +130,24 @@ def test_mesh_and_override_parsing():
         P.resolve_mesh_shape("fsdp=-1", None)
     with pytest.raises(ValueError, match="unknown mesh axes"):
         P.resolve_mesh_shape("pipe=2", None)
-    config = load_config("configs/stageA.py:preset=demo")
-    P.apply_overrides(config, ["batch_size=16", "text.max_text_tokens=64", "dtype=bfloat16"])
+    # config fields are overridden as for scripts/train.py: --config.FIELD=VALUE (absl, config_flags)
+    fv = commandline.parse(P.define_flags, ["--config", "configs/stageA.py:preset=demo", "--config.batch_size=16",
+                                            "--config.text.max_text_tokens", "64", "--config.dtype=bfloat16",
+                                            "--num-devices=4", "--no-compile", "--mesh", "fsdp=-1"])
+    config = fv.config
     assert (config.batch_size, config.text.max_text_tokens, config.dtype) == (16, 64, "bfloat16")
-    with pytest.raises(KeyError, match="no field"):
-        P.apply_overrides(config, ["nope=1"])
+    assert fv["num-devices"].value == 4 and fv["no-compile"].value and fv.mesh == "fsdp=-1"
+    assert fv["config"].config_filename == "configs/stageA.py:preset=demo"
+    assert P.mesh_devices_needed(fv.mesh, 4) == 4 and P.mesh_devices_needed("data=2,fsdp=4") == 8
+    assert P.mesh_devices_needed("") == 8
+    with pytest.raises(commandline.UsageError, match=r"--config\.nope"):
+        commandline.parse(P.define_flags, ["--config", "configs/stageA.py:preset=demo", "--config.nope=1"])
+    with pytest.raises(flags.Error, match="--set is gone.*--config.batch_size=16"):
+        commandline.parse(P.define_flags, ["--config", "configs/stageA.py:preset=demo", "--set", "batch_size=16"])
+    with pytest.raises(flags.Error, match="Unknown command line flag 'stict'"):
+        commandline.parse(P.define_flags, ["--config", "configs/stageA.py:preset=demo", "--stict"])
+    with pytest.raises(commandline.UsageError, match="unexpected argument"):
+        commandline.parse(P.define_flags, ["--config", "configs/stageA.py:preset=demo", "stray"])
 
 
 def test_inference_plan_llava_7b_on_one_and_two_v5e_chips():

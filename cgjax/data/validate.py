@@ -1,7 +1,8 @@
 """Checks a data set in the original formats and reports EVERY problem with its file and row.
 
-``python scripts/validate_data.py --dataset_json D --images_root R [--targets_csv C] [--signals S ...]``
-prints one line per problem and exits 1 if there is any (0 otherwise; 2 for bad arguments).
+``python scripts/validate_data.py --dataset_json D --images_root R [--targets_csv C] [--signals S1 --signals S2 ...]``
+prints one line per problem and exits 1 if there is any (0 otherwise; a usage error, such as a
+mistyped flag, also exits 1 after a ``FATAL Flags parsing error`` line).
 Problems: unreadable files, bad records/rows (missing fields or columns, labels not strings or
 outside the vocabulary, duplicate image paths, malformed ``target_keys``), missing or unreadable
 images, targets or signals for images the dataset does not have, signals lists of the wrong
@@ -11,14 +12,14 @@ length or with malformed entries, concept names that disagree with the vocabular
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import sys
 from typing import Mapping, Sequence
 
 import numpy as np
+from absl import flags
 
+from cgjax import commandline
 from cgjax.data.records import parse_target_keys, raw_image_paths, read_dataset_json, read_targets_csv
 from cgjax.data.schema import DataError, Vocabulary, load_vocab
 from cgjax.data.signals import read_signals
@@ -138,30 +139,44 @@ def validate_data(dataset_json: str | os.PathLike, images_root: str | os.PathLik
     return rep
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Validate a data set in the original formats; report every problem.")
-    ap.add_argument("--dataset_json", required=True)
-    ap.add_argument("--images_root", default=None, help="default: the dataset JSON's folder")
-    ap.add_argument("--targets_csv", default=None)
-    ap.add_argument("--signals", nargs="+", default=[], help="signals files (original JSON/CSV or cgjax keyed)")
-    ap.add_argument("--dimensions", default=None, help="comma list (default: from --vocab, else artist,style,genre)")
-    ap.add_argument("--vocab", default=None, help="a vocab.json fixing the label vocabularies")
-    ap.add_argument("--no_image_check", action="store_true", help="do not open the images")
-    ap.add_argument("--strict", action="store_true", help="warnings count as problems")
-    ap.add_argument("--allow_outside_root", action="store_true",
-                    help="accept image paths that are absolute or leave the images root with '..'")
-    args = ap.parse_args(argv)
-    dims = None if args.dimensions is None else [d.strip() for d in args.dimensions.split(",") if d.strip()]
-    rep = validate_data(args.dataset_json, args.images_root, args.targets_csv, args.signals, dimensions=dims,
-                        vocab=args.vocab, check_images=not args.no_image_check,
-                        allow_outside_root=args.allow_outside_root)
+PROG = "scripts/validate_data.py"
+
+
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """``scripts/validate_data.py``'s flags on ``fv`` (see :mod:`cgjax.commandline`)."""
+    del argv  # no config file
+    flags.DEFINE_string("dataset_json", None, "the dataset JSON", flag_values=fv, required=True)
+    flags.DEFINE_string("images_root", None, "default: the dataset JSON's folder", flag_values=fv)
+    flags.DEFINE_string("targets_csv", None, "the targets CSV", flag_values=fv)
+    flags.DEFINE_multi_string("signals", [], "a signals file (original JSON/CSV or cgjax keyed); repeat the flag "
+                              "for several: --signals A --signals B", flag_values=fv)
+    flags.DEFINE_string("dimensions", None, "comma list (default: from --vocab, else artist,style,genre)",
+                        flag_values=fv)
+    flags.DEFINE_string("vocab", None, "a vocab.json fixing the label vocabularies", flag_values=fv)
+    flags.DEFINE_bool("no_image_check", False, "do not open the images", flag_values=fv)
+    flags.DEFINE_bool("strict", False, "warnings count as problems", flag_values=fv)
+    flags.DEFINE_bool("allow_outside_root", False, "accept image paths that are absolute or leave the images root "
+                      "with '..'", flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> int:
+    """:func:`validate_data` from the parsed flags of :func:`define_flags`: prints the report; the exit status."""
+    dims = None if fv.dimensions is None else [d.strip() for d in fv.dimensions.split(",") if d.strip()]
+    rep = validate_data(fv.dataset_json, fv.images_root, fv.targets_csv, fv.signals, dimensions=dims,
+                        vocab=fv.vocab, check_images=not fv.no_image_check, allow_outside_root=fv.allow_outside_root)
     for line in rep.lines():
         print(line)
-    bad = len(rep.problems) + (len(rep.warnings) if args.strict else 0)
+    bad = len(rep.problems) + (len(rep.warnings) if fv.strict else 0)
     print(f"{rep.n_records} good record(s), {rep.n_targets} target row(s), {rep.n_signals} signals file(s) read; "
           f"{len(rep.problems)} problem(s), {len(rep.warnings)} warning(s)")
     return 1 if bad else 0
 
 
+def main(argv: Sequence[str]) -> int:
+    """The command line, in this process: ``main(["--dataset_json", D])``; the exit status (bad flags
+    raise ``absl.flags.Error``)."""
+    return run(commandline.parse(define_flags, argv, PROG))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    commandline.run(define_flags, run)

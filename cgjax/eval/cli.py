@@ -10,7 +10,6 @@ and adds ``comparison`` to the metrics. ``--report-dir`` writes ``report.html`` 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -18,7 +17,9 @@ import posixpath
 import sys
 from typing import Any, Sequence
 
-from cgjax import persistence
+from absl import flags
+
+from cgjax import commandline, persistence
 from cgjax.data.records import read_dataset_json, read_targets_csv
 from cgjax.data.schema import DataError, load_vocab, read_json
 from cgjax.eval.metrics import EvidenceLexicon, compare, evaluate, label_vocabs, match_records
@@ -56,42 +57,52 @@ def _evaluated_paths(targets, records) -> set[str]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reasoning-json", required=True, help="reasoning.json of the concept model")
-    ap.add_argument("--dataset-json", required=True, help="dataset JSON with the ground-truth labels")
-    ap.add_argument("--images-root", default=None, help="images root (default: the dataset JSON's folder)")
-    ap.add_argument("--targets-csv", default=None, help="targets CSV whose reasons train the coherence lexicon")
-    ap.add_argument("--vocab-json", default=None, help="cgjax vocab.json: extra label names to snap answers to")
-    ap.add_argument("--baseline-json", default=None, help="reasoning_baseline.json of the no-concept baseline")
-    ap.add_argument("--out", required=True, help="metrics JSON to write")
-    ap.add_argument("--baseline-out", default=None, help="baseline metrics JSON (default: beside --out)")
-    ap.add_argument("--dimensions", default=None, help="comma-separated dimensions (default artist,style,genre)")
-    ap.add_argument("--sentinels", default=",".join(DEFAULT_SENTINELS), help="JSON start,end sentinels")
-    ap.add_argument("--n-bins", type=int, default=10, help="calibration bins")
-    ap.add_argument("--lexicon-out", default=None, help="also write the learned evidence lexicon here")
-    ap.add_argument("--report-dir", default=None, help="write report.html and concept_graph.png here")
-    ap.add_argument("--gallery-n", type=int, default=12)
-    ap.add_argument("--saliency-json", default=None, help="saliency.json from scripts/infer.py, drawn in the report")
-    ap.add_argument("--allow_outside_root", action="store_true",
-                    help="accept image paths that are absolute or leave the images root with '..'")
-    return ap
+PROG = "scripts/evaluate.py"
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    dims = [d.strip() for d in args.dimensions.split(",") if d.strip()] if args.dimensions else None
-    sentinels = tuple(s.strip() for s in args.sentinels.split(","))
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """``scripts/evaluate.py``'s flags on ``fv`` (see :mod:`cgjax.commandline`)."""
+    del argv  # no config file
+    flags.DEFINE_string("reasoning-json", None, "reasoning.json of the concept model", flag_values=fv, required=True)
+    flags.DEFINE_string("dataset-json", None, "dataset JSON with the ground-truth labels", flag_values=fv,
+                        required=True)
+    flags.DEFINE_string("images-root", None, "images root (default: the dataset JSON's folder)", flag_values=fv)
+    flags.DEFINE_string("targets-csv", None, "targets CSV whose reasons train the coherence lexicon", flag_values=fv)
+    flags.DEFINE_string("vocab-json", None, "cgjax vocab.json: extra label names to snap answers to", flag_values=fv)
+    flags.DEFINE_string("baseline-json", None, "reasoning_baseline.json of the no-concept baseline", flag_values=fv)
+    flags.DEFINE_string("out", None, "metrics JSON to write", flag_values=fv, required=True)
+    flags.DEFINE_string("baseline-out", None, "baseline metrics JSON (default: beside --out)", flag_values=fv)
+    flags.DEFINE_string("dimensions", None, "comma-separated dimensions (default artist,style,genre)", flag_values=fv)
+    flags.DEFINE_string("sentinels", ",".join(DEFAULT_SENTINELS), "JSON start,end sentinels", flag_values=fv)
+    flags.DEFINE_integer("n-bins", 10, "calibration bins", flag_values=fv)
+    flags.DEFINE_string("lexicon-out", None, "also write the learned evidence lexicon here", flag_values=fv)
+    flags.DEFINE_string("report-dir", None, "write report.html and concept_graph.png here", flag_values=fv)
+    flags.DEFINE_integer("gallery-n", 12, "images in the report's gallery", flag_values=fv)
+    flags.DEFINE_string("saliency-json", None, "saliency.json from scripts/infer.py, drawn in the report",
+                        flag_values=fv)
+    flags.DEFINE_bool("allow_outside_root", False, "accept image paths that are absolute or leave the images root "
+                      "with '..'", flag_values=fv)
+
+
+def evaluate_reasoning(reasoning_json: str, dataset_json: str, out: str, *, images_root: str | None = None,
+                       targets_csv: str | None = None, vocab_json: str | None = None,
+                       baseline_json: str | None = None, baseline_out: str | None = None,
+                       dimensions: Sequence[str] | None = None, sentinels: Sequence[str] = DEFAULT_SENTINELS,
+                       n_bins: int = 10, lexicon_out: str | None = None, report_dir: str | None = None,
+                       gallery_n: int = 12, saliency_json: str | None = None,
+                       allow_outside_root: bool = False) -> dict[str, Any]:
+    """Metrics of ``reasoning_json`` against ``dataset_json``, written to ``out`` (see the module
+    docstring for the optional inputs and outputs); -> the metrics."""
+    sentinels = tuple(sentinels)
     if len(sentinels) != 2:
-        raise SystemExit(f"--sentinels needs two comma-separated markers, got {args.sentinels!r}")
-    dataset = read_dataset_json(args.dataset_json, args.images_root, dimensions=dims,
-                                allow_outside_root=args.allow_outside_root)
+        raise ValueError(f"sentinels: expected a start and an end marker, got {sentinels!r}")
+    dataset = read_dataset_json(dataset_json, images_root, dimensions=list(dimensions) if dimensions else None,
+                                allow_outside_root=allow_outside_root)
     root = dataset.images_root
-    reasoning = _read_reasoning(args.reasoning_json)
-    baseline = _read_reasoning(args.baseline_json) if args.baseline_json else None
-    vocabs = load_vocab(args.vocab_json) if args.vocab_json else None
-    targets = read_targets_csv(args.targets_csv, root, dimensions=dataset.dimensions) if args.targets_csv else None
+    reasoning = _read_reasoning(reasoning_json)
+    baseline = _read_reasoning(baseline_json) if baseline_json else None
+    vocabs = load_vocab(vocab_json) if vocab_json else None
+    targets = read_targets_csv(targets_csv, root, dimensions=dataset.dimensions) if targets_csv else None
 
     lexicon = None
     if targets is not None:
@@ -100,34 +111,49 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             evaluated += list(match_records(baseline, dataset, root)[0].values())
         lexicon = EvidenceLexicon.from_targets(targets, exclude_images=_evaluated_paths(targets, evaluated))
         log.info("evidence lexicon from %d training reasons", lexicon.n_documents)
-        if args.lexicon_out:
-            persistence.write_json(args.lexicon_out, lexicon.to_json())
+        if lexicon_out:
+            persistence.write_json(lexicon_out, lexicon.to_json())
 
     every = dict(reasoning)
     every.update({k: v for k, v in (baseline or {}).items() if k not in every})
     parser = AnswerParser(label_vocabs(dataset, every, targets, vocabs), dataset.dimensions, sentinels=sentinels)
-    kw = dict(images_root=root, lexicon=lexicon, n_bins=args.n_bins, parser=parser)
+    kw = dict(images_root=root, lexicon=lexicon, n_bins=n_bins, parser=parser)
     metrics = evaluate(reasoning, dataset, **kw)
-    metrics["inputs"] = {"reasoning_json": os.path.abspath(args.reasoning_json),
-                         "dataset_json": os.path.abspath(args.dataset_json),
-                         "targets_csv": os.path.abspath(args.targets_csv) if args.targets_csv else None}
+    metrics["inputs"] = {"reasoning_json": os.path.abspath(reasoning_json),
+                         "dataset_json": os.path.abspath(dataset_json),
+                         "targets_csv": os.path.abspath(targets_csv) if targets_csv else None}
     baseline_metrics = None
     if baseline is not None:
         baseline_metrics = evaluate(baseline, dataset, **kw)
-        baseline_metrics["inputs"] = {**metrics["inputs"], "reasoning_json": os.path.abspath(args.baseline_json)}
+        baseline_metrics["inputs"] = {**metrics["inputs"], "reasoning_json": os.path.abspath(baseline_json)}
         metrics["comparison"] = compare(metrics, baseline_metrics)
-        out_b = args.baseline_out or os.path.join(os.path.dirname(os.path.abspath(args.out)), "metrics_baseline.json")
+        out_b = baseline_out or os.path.join(os.path.dirname(os.path.abspath(out)), "metrics_baseline.json")
         persistence.write_json(out_b, baseline_metrics)
         log.info("wrote %s", out_b)
-    persistence.write_json(args.out, metrics)
-    log.info("wrote %s (%d images, %d unmatched)", args.out, metrics["n_images"], metrics["n_unmatched"])
-    if args.report_dir:
-        saliency = None
-        if args.saliency_json:
-            saliency = load_saliency(args.saliency_json)
-        path = write_report(args.report_dir, metrics, reasoning, dataset, baseline_metrics, root,
-                            gallery_n=args.gallery_n, sentinels=sentinels, saliency=saliency)
+    persistence.write_json(out, metrics)
+    log.info("wrote %s (%d images, %d unmatched)", out, metrics["n_images"], metrics["n_unmatched"])
+    if report_dir:
+        saliency = load_saliency(saliency_json) if saliency_json else None
+        path = write_report(report_dir, metrics, reasoning, dataset, baseline_metrics, root,
+                            gallery_n=gallery_n, sentinels=sentinels, saliency=saliency)
         log.info("wrote %s", path)
+    return metrics
+
+
+def evaluate_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
+    """:func:`evaluate_reasoning` from the parsed flags of :func:`define_flags`; prints a summary line per mode."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    dims = [d.strip() for d in fv.dimensions.split(",") if d.strip()] if fv.dimensions else None
+    sentinels = tuple(s.strip() for s in fv.sentinels.split(","))
+    if len(sentinels) != 2:
+        raise commandline.UsageError(f"--sentinels needs two comma-separated markers, got {fv.sentinels!r}")
+    metrics = evaluate_reasoning(
+        fv["reasoning-json"].value, fv["dataset-json"].value, fv.out, images_root=fv["images-root"].value,
+        targets_csv=fv["targets-csv"].value, vocab_json=fv["vocab-json"].value,
+        baseline_json=fv["baseline-json"].value, baseline_out=fv["baseline-out"].value, dimensions=dims,
+        sentinels=sentinels, n_bins=fv["n-bins"].value, lexicon_out=fv["lexicon-out"].value,
+        report_dir=fv["report-dir"].value, gallery_n=fv["gallery-n"].value, saliency_json=fv["saliency-json"].value,
+        allow_outside_root=fv.allow_outside_root)
     for mode in metrics["modes"]:
         m = metrics[mode]
         print(f"{mode:10s} n={m['n']:4d} all-correct={m['multi_label_all_correct']} macro-F1="
@@ -135,10 +161,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return metrics
 
 
-def run(argv: Sequence[str] | None = None) -> None:
-    """The command line: errors in the inputs print one line and exit 2."""
+def main(argv: Sequence[str]) -> dict[str, Any]:
+    """``scripts/evaluate.py``'s command line, in this process; -> the metrics."""
+    return evaluate_from_flags(commandline.parse(define_flags, argv, PROG))
+
+
+def run(fv: flags.FlagValues) -> int:
+    """The script (under ``absl.app.run``): errors in the inputs print one line and exit 2."""
     try:
-        main(sys.argv[1:] if argv is None else argv)
+        evaluate_from_flags(fv)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0

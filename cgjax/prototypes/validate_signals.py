@@ -18,11 +18,12 @@ Names are compared after ``strip().lower()`` with ``_`` and ``-`` -> space.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any, Mapping, Sequence
 
-from cgjax import persistence
+from absl import flags
+
+from cgjax import commandline, persistence
 from cgjax.prototypes import io as pio
 from cgjax.prototypes.head import read_records
 
@@ -173,62 +174,83 @@ def validate_signals(
     return report
 
 
-def add_gating_args(ap: argparse.ArgumentParser) -> None:
-    """The original's gating flags (threshold 0.6, backoff 0.05, top-k 2, budget 3, fairness, priority)."""
-    ap.add_argument("--threshold", type=float, default=0.6)
-    ap.add_argument("--backoff_delta", type=float, default=0.05)
-    ap.add_argument("--topk_per_dim", type=int, default=2)
-    ap.add_argument("--budget", type=int, default=3)
-    ap.add_argument("--fairness", default="true")
-    ap.add_argument("--priority", default="artist,style,genre")
+def define_gating_flags(fv: flags.FlagValues) -> None:
+    """The original's gating flags (threshold 0.6, backoff 0.05, top-k 2, budget 3, fairness, priority)
+    on ``fv`` (absl; see :mod:`cgjax.commandline`)."""
+    d = DEFAULTS
+    flags.DEFINE_float("threshold", d["threshold"], "a concept is selected when its signal reaches this",
+                       flag_values=fv)
+    flags.DEFINE_float("backoff_delta", d["backoff_delta"], "none passes: take the best within this below the "
+                       "threshold", flag_values=fv)
+    flags.DEFINE_integer("topk_per_dim", d["topk_per_dim"], "concepts kept per dimension", flag_values=fv)
+    flags.DEFINE_integer("budget", d["budget"], "concepts per image over all dimensions", flag_values=fv)
+    flags.DEFINE_string("fairness", "true" if d["fairness"] else "false", "true: every dimension first gets its "
+                        "top-1 (priority order)", flag_values=fv)
+    flags.DEFINE_string("priority", ",".join(d["priority"]), "dimension order for the budget", flag_values=fv)
+
+
+def gating_kwargs(fv: flags.FlagValues) -> dict[str, Any]:
+    """The flags of :func:`define_gating_flags` as :func:`validate_signals` keyword arguments."""
+    return dict(threshold=fv.threshold, backoff_delta=fv.backoff_delta, topk_per_dim=fv.topk_per_dim,
+                budget=fv.budget, fairness=_bool(fv.fairness), priority=fv.priority.split(","))
 
 
 def _bool(v: str) -> bool:
     return str(v).strip().lower() in {"1", "true", "yes", "y"}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI with the original's flags; dimensions are any ``--signals DIM=PATH`` (plus the
-    original's ``--signals_{artist,style,genre}_json`` / ``--ckpt_{dim}``)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset_json", required=True)
-    ap.add_argument("--images_root", default=None)
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """``python -m cgjax.prototypes.validate_signals``'s flags (the original's) on ``fv``."""
+    del argv  # no config file
+    flags.DEFINE_string("dataset_json", None, "the dataset JSON (ground truth)", flag_values=fv, required=True)
+    flags.DEFINE_string("images_root", None, "default: the dataset JSON's folder", flag_values=fv)
     for d in ("artist", "style", "genre"):
-        ap.add_argument(f"--signals_{d}_json", default=None)
-        ap.add_argument(f"--ckpt_{d}", default=None)
-    ap.add_argument("--signals", nargs="*", default=[], help="DIM=PATH pairs (any dimension)")
-    ap.add_argument("--ckpt", default=None, help="one prototype checkpoint holding every dimension")
-    ap.add_argument("--threshold_mode", default="similarity", choices=("similarity", "distance"))
-    add_gating_args(ap)
-    ap.add_argument("--output", default="artifacts/validation_metrics.json")
-    a = ap.parse_args(argv)
-    paths = {d: getattr(a, f"signals_{d}_json") for d in ("artist", "style", "genre") if getattr(a, f"signals_{d}_json")}
-    for item in a.signals:
+        flags.DEFINE_string(f"signals_{d}_json", None, f"signals of {d}", flag_values=fv)
+        flags.DEFINE_string(f"ckpt_{d}", None, f"prototype checkpoint naming the {d} concepts", flag_values=fv)
+    flags.DEFINE_multi_string("signals", [], "DIM=PATH (any dimension); repeat the flag for several",
+                              flag_values=fv)
+    flags.DEFINE_string("ckpt", None, "one prototype checkpoint holding every dimension", flag_values=fv)
+    flags.DEFINE_enum("threshold_mode", "similarity", ["similarity", "distance"], "how signals compare with the "
+                      "threshold", flag_values=fv)
+    define_gating_flags(fv)
+    flags.DEFINE_string("output", "artifacts/validation_metrics.json", "report JSON to write", flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> dict[str, Any]:
+    """The report from the parsed flags of :func:`define_flags`; written to ``--output`` and printed.
+    Dimensions are any ``--signals DIM=PATH`` (plus the original's ``--signals_{artist,style,genre}_json``
+    / ``--ckpt_{dim}``)."""
+    paths = {d: fv[f"signals_{d}_json"].value for d in ("artist", "style", "genre") if fv[f"signals_{d}_json"].value}
+    for item in fv.signals:
         d, _, p = item.partition("=")
         if not p:
-            raise SystemExit(f"--signals expects DIM=PATH, got {item!r}")
+            raise commandline.UsageError(f"--signals expects DIM=PATH, got {item!r}")
         paths[d] = p
     if not paths:
-        raise SystemExit("no signals given (--signals_<dim>_json or --signals DIM=PATH)")
+        raise commandline.UsageError("no signals given (--signals_<dim>_json or --signals DIM=PATH)")
     signals = {}
     for d, p in paths.items():
         with open(p) as fh:
             signals[d] = json.load(fh)
         if not isinstance(signals[d], list):
-            raise SystemExit(f"{p}: expected a JSON list aligned with the dataset records")
+            raise ValueError(f"{p}: expected a JSON list aligned with the dataset records")
     idx_to_concept: dict[str, list[str]] = {}
-    if a.ckpt:
-        idx_to_concept.update(pio.load_prototypes(a.ckpt).idx_to_concept)
+    if fv.ckpt:
+        idx_to_concept.update(pio.load_prototypes(fv.ckpt).idx_to_concept)
     for d in paths:
-        ck = getattr(a, f"ckpt_{d}", None)
+        ck = fv[f"ckpt_{d}"].value if f"ckpt_{d}" in fv else None
         if ck:
             idx_to_concept[d] = pio.load_prototypes(ck).idx_to_concept[d]
-    gt = ground_truth_from_dataset(a.dataset_json, list(paths), a.images_root)
-    rep = validate_signals(signals, gt, idx_to_concept, a.threshold, a.backoff_delta, a.topk_per_dim,
-                           a.budget, _bool(a.fairness), a.priority.split(","), a.threshold_mode)
-    write_json(a.output, rep)
+    gt = ground_truth_from_dataset(fv.dataset_json, list(paths), fv.images_root)
+    rep = validate_signals(signals, gt, idx_to_concept, threshold_mode=fv.threshold_mode, **gating_kwargs(fv))
+    write_json(fv.output, rep)
     print(json.dumps(rep, indent=2))
     return rep
+
+
+def main(argv: Sequence[str]) -> dict[str, Any]:
+    """The command line, in this process; -> the report."""
+    return run(commandline.parse(define_flags, argv, "python -m cgjax.prototypes.validate_signals"))
 
 
 def ground_truth_from_dataset(dataset_json: str, dims: Sequence[str], images_root: str | None = None) -> dict[str, list]:
@@ -248,4 +270,4 @@ def write_json(path: str, obj: Any) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    commandline.run(define_flags, run)

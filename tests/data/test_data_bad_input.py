@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
 
 from cgjax.data.examples import load_data
 from cgjax.data.records import read_dataset_json, read_targets_csv, write_targets_csv
@@ -158,9 +159,13 @@ def test_validate_cli_exit_codes(demo, small, capsys):
     assert V.main(["--dataset_json", str(root / "d.json"), "--images_root", str(root)]) == 1
     out = capsys.readouterr().out
     assert f"ERROR {root / 'd.json'}: row 2 (image '{recs[2]['image']}'): image file not found" in out
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(flags.IllegalFlagValueError, match="--dataset_json"):
         V.main(["--images_root", str(root)])
-    assert e.value.code == 2
+    # absl flags: a mistyped flag is an error naming it; --signals is repeated for several files
+    with pytest.raises(flags.UnrecognizedFlagError, match="images_rot"):
+        V.main(["--dataset_json", str(root / "d.json"), "--images_rot", str(root)])
+    with pytest.raises(flags.Error, match="--signals A --signals B"):
+        V.main(["--dataset_json", str(root / "d.json"), "--signals", "a.json", "b.json"])
 
 
 def test_an_empty_data_set_fails_validation(tmp_path):

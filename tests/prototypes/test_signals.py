@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from absl import flags
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -154,5 +155,9 @@ def test_bad_inputs(tmp_path, demo, tiny_clip, pt_file):
         export_signals.main(base + ["--ckpt", str(wide), "--clip_model", tiny_clip[0]])
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         export_signals.main(base + ["--ckpt", str(tmp_path / "nothing.pt")])
-    with pytest.raises(SystemExit):
+    with pytest.raises(flags.IllegalFlagValueError, match="--normalize=softmax"):
         export_signals.main(base + ["--ckpt", pt_file, "--normalize", "softmax"])
+    with pytest.raises(flags.Error, match="--output is required"):
+        export_signals.main(["--dataset_json", demo["dataset_json"], "--ckpt", pt_file])
+    with pytest.raises(flags.Error, match="--ckpt_for expects DIM=PATH"):
+        export_signals.main(base + ["--ckpt_for", pt_file])
