@@ -19,6 +19,7 @@ line then compares cgjax quantized with both HF fp32 and the PyTorch int8 peer.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -67,8 +68,6 @@ def main(argv: list[str] | None = None) -> dict:
     hf = hf.to(dev)
     tq = None
     if quant.enabled:  # the peer: PyTorch's dynamic int8 on the Linear layers cgjax quantizes
-        import copy
-
         names = {n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)
                  and ("language_model.layers" in n or "multi_modal_projector" in n)}
         tq = torch.ao.quantization.quantize_dynamic(copy.deepcopy(hf).cpu(), names, dtype=torch.qint8).eval()
