@@ -37,6 +37,7 @@ from cgjax.concepts.index import ConceptIndex, gating_config
 from cgjax.concepts.model import ConceptLlava
 from cgjax.flops import attention_flops, param_counts, step_flops
 from cgjax.models.llava import Llava, LLAVA_PRESETS, LlavaConfig
+from cgjax.quantize import SCALE_SUFFIX, QuantConfig
 from cgjax.sharding import canonical_sharding
 from cgjax.steps import (StepConfig, dtype_from_name, make_optimizer, path_str, prefix_length, train_step,
                          trainable_filter)
@@ -69,7 +70,11 @@ DEVICES: dict[str, DeviceSpec] = {
     "a100-80g": DeviceSpec("a100-80g", 80 * GiB, 312e12, "A100 80GB SXM"),
     "h100": DeviceSpec("h100", 80 * GiB, 989e12, "H100 80GB SXM"),
     "h200": DeviceSpec("h200", 141 * GiB, 989e12, "H200 141GB SXM"),
+    "t4": DeviceSpec("t4", 15 * GiB, 65e12, "NVIDIA T4 16GB (about 15 GiB usable; fp16 peak: no bf16)"),
+    "l4": DeviceSpec("l4", 22 * GiB, 121e12, "NVIDIA L4 24GB (about 22 GiB usable)"),
 }
+# The single chips of a Colab runtime (and a v5e-1): what "fits on one chip" is checked against.
+SINGLE_CHIPS = ("tpu-v5e", "t4", "l4")
 # JAX preallocates this fraction of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise.
 GPU_DEFAULT_MEM_FRACTION = 0.75
 
@@ -138,10 +143,12 @@ def parse_concepts(text: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(dims), tuple(sizes)
 
 
-def abstract_concept_llava(llava_cfg, gating_cfg, dtype=jnp.float32, param_dtype=jnp.float32):
-    """A shape-only :class:`~cgjax.concepts.model.ConceptLlava` (``nnx.eval_shape``: no arrays)."""
+def abstract_concept_llava(llava_cfg, gating_cfg, dtype=jnp.float32, param_dtype=jnp.float32,
+                           quant: QuantConfig | None = None):
+    """A shape-only :class:`~cgjax.concepts.model.ConceptLlava` (``nnx.eval_shape``: no arrays);
+    ``quant``: the base's weights quantized as ``config.quantize`` asks."""
     return nnx.eval_shape(lambda: ConceptLlava(Llava(llava_cfg, dtype=dtype, param_dtype=param_dtype,
-                                                     rngs=nnx.Rngs(0)), gating_cfg, rngs=nnx.Rngs(0)))
+                                                     rngs=nnx.Rngs(0), quant=quant), gating_cfg, rngs=nnx.Rngs(0)))
 
 
 def module_of(path: str) -> str:
@@ -164,6 +171,12 @@ def _mesh_sizes(mesh) -> dict[str, int]:
     return {k: int(v) for k, v in dict(mesh.shape).items()}
 
 
+def nbytes(count: float, dtype) -> int:
+    """Bytes of ``count`` elements of ``dtype`` (int4: two per byte)."""
+    bits = 4 if np.dtype(dtype) in (np.dtype(jnp.int4), np.dtype(jnp.uint4)) else 8 * np.dtype(dtype).itemsize
+    return int(-(-int(count) * bits // 8))
+
+
 def per_device_bytes(shape: Sequence[int], dtype, spec, mesh) -> int:
     """Bytes of the largest shard of an array of ``shape`` sharded by ``spec`` over ``mesh``."""
     sizes = _mesh_sizes(mesh)
@@ -173,7 +186,7 @@ def per_device_bytes(shape: Sequence[int], dtype, spec, mesh) -> int:
         axes = (e,) if isinstance(e, str) else tuple(e or ())
         div = int(np.prod([sizes[a] for a in axes])) if axes else 1
         n *= -(-int(dim) // div)
-    return n * np.dtype(dtype).itemsize
+    return nbytes(n, dtype)
 
 
 def _var_spec(var, rules, mesh):
@@ -192,6 +205,11 @@ class ParamInfo:
     @property
     def count(self) -> int:
         return int(np.prod(self.shape))
+
+    @property
+    def is_scale(self) -> bool:
+        """A quantized weight's scale (:mod:`cgjax.quantize`): memory, not a model parameter."""
+        return self.path.endswith(SCALE_SUFFIX)
 
 
 def param_table(model, trainable_patterns: Sequence[str], rules, mesh) -> list[ParamInfo]:
@@ -236,7 +254,7 @@ def plan_inference(params: Sequence[ParamInfo], llava_cfg, dev: DeviceSpec, ames
     ``fsdp=n`` mesh of this device that holds it when this one does not (weights split evenly: an
     estimate)."""
     weights = sum(per_device_bytes(p.shape, p.dtype, p.spec, amesh) for p in params)
-    weights_total = sum(p.count * np.dtype(p.dtype).itemsize for p in params)
+    weights_total = sum(nbytes(p.count, p.dtype) for p in params)
     kv_total = kv_cache_bytes(llava_cfg.text_config, batch, length, cdt)
     kv_div = (b_div if batch % b_div == 0 else 1) * (tensor if llava_cfg.text_config.num_key_value_heads % tensor == 0
                                                      else 1)
@@ -276,6 +294,7 @@ class Plan:
     n_devices: int
     dtype: str
     param_dtype: str
+    quant: QuantConfig
     batch: int
     batch_per_device: int
     batch_sharded: bool
@@ -307,7 +326,8 @@ class Plan:
         """Parameters per module, in model order (vision tower, projector, language model, concepts)."""
         out: dict[str, int] = {}
         for p in self.params:
-            out[module_of(p.path)] = out.get(module_of(p.path), 0) + p.count
+            if not p.is_scale:
+                out[module_of(p.path)] = out.get(module_of(p.path), 0) + p.count
         order = ("vision_tower", "multi_modal_projector", "language_model.embed_tokens", "language_model.layers",
                  "language_model.norm", "language_model.lm_head", "concepts")
         rank = lambda k: next((i for i, o in enumerate(order) if k.startswith(o)), len(order))  # noqa: E731
@@ -315,11 +335,11 @@ class Plan:
 
     @property
     def n_total(self) -> int:
-        return sum(p.count for p in self.params)
+        return sum(p.count for p in self.params if not p.is_scale)
 
     @property
     def n_llava(self) -> int:
-        return sum(p.count for p in self.params if not p.path.startswith("concepts/"))
+        return sum(p.count for p in self.params if not p.path.startswith("concepts/") and not p.is_scale)
 
     @property
     def n_trainable(self) -> int:
@@ -348,6 +368,14 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.total_per_device <= self.device.hbm_bytes
+
+    def single_chip_fits(self) -> list[tuple[DeviceSpec, bool, bool]]:
+        """For a one-device plan: ``(chip, Stage step fits, inference fits)`` on each of
+        :data:`SINGLE_CHIPS` (the per-device figures do not depend on the chip)."""
+        if self.n_devices != 1:
+            return []
+        return [(DEVICES[d], self.total_per_device <= DEVICES[d].hbm_bytes,
+                 self.inference["total"] <= DEVICES[d].hbm_bytes) for d in SINGLE_CHIPS]
 
 
 def _prompt_head_len(config, llava_cfg) -> tuple[int, bool]:
@@ -480,7 +508,8 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
     index = ConceptIndex(dims, names, int(config.gating.k_max))
     gcfg = gating_config(config, index)
     cdt, pdt = dtype_from_name(config.dtype), dtype_from_name(config.param_dtype)
-    abstract = abstract_concept_llava(llava_cfg, gcfg, cdt, pdt)
+    quant = QuantConfig.from_config(config)
+    abstract = abstract_concept_llava(llava_cfg, gcfg, cdt, pdt, quant)
     params = param_table(abstract, tuple(config.trainable), rules, amesh)
     if not any(p.trainable for p in params):
         raise ValueError(f"config.trainable {tuple(config.trainable)} matches no parameter")
@@ -578,6 +607,7 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
 
     plan = Plan(config_spec=config_spec, stage=stage, model=model_desc, llava_cfg=llava_cfg, device=dev,
                 mesh=mesh_shape, n_devices=n_dev, dtype=str(config.dtype), param_dtype=str(config.param_dtype),
+                quant=quant,
                 batch=batch, batch_per_device=batch_dev, batch_sharded=batch % b_div == 0 and b_div > 1,
                 grad_accum=int(config.grad_accum), seq_len=seq_len, n_image_tokens=n_img,
                 n_concept_tokens=gcfg.n_tokens, text_tokens=text_tokens, prefix_len=prefix_len,
@@ -643,7 +673,11 @@ def format_plan(p: Plan) -> str:
         f"model     {p.model}: CLIP {v.width}w x {v.layers}L, {_hw(v.image_size)}px / patch {_hw(v.patch_size)}; "
         f"LLaMA {t.hidden_size}d x {t.num_hidden_layers}L, {t.num_attention_heads} heads "
         f"({t.num_key_value_heads} KV), FFN {t.intermediate_size}, vocab {t.vocab_size}",
-        f"dtypes    compute {p.dtype}, frozen weights {p.param_dtype}, trained values float32",
+        f"dtypes    compute {p.dtype}, frozen weights {p.param_dtype}"
+        + (f" (language model and projector: {p.quant.mode}"
+           + (f" in groups of {p.quant.group_size}" if p.quant.mode == "int4" else " per output channel")
+           + (", int8 activations" if p.quant.activations else "") + ")" if p.quant.enabled else "")
+        + ", trained values float32",
         f"device    {p.device.name}: {_gib(p.device.hbm_bytes)} HBM, {p.device.peak_bf16_flops / 1e12:.0f} TFLOP/s "
         f"bf16 peak ({p.device.note})",
         f"mesh      {mesh} ({p.n_devices} devices)",
@@ -719,6 +753,13 @@ def format_plan(p: Plan) -> str:
               f"  expected step time at {p.mfu:.0%} MFU: {_seconds(p.step_seconds)} "
               f"({p.batch * p.seq_len / p.step_seconds:,.0f} tokens/s; an optimizer update every {p.grad_accum} "
               f"steps: {_seconds(p.step_seconds * p.grad_accum)})"]
+    chips = p.single_chip_fits()
+    if chips:
+        lines += ["", f"one chip (Colab / v5e-1): Stage {p.stage} step {_gib(p.total_per_device)}, inference "
+                  f"{_gib(p.inference['total'])}"]
+        for dev, train_ok, infer_ok in chips:
+            lines.append(f"  {dev.name:8} {_gib(dev.hbm_bytes):>10}: Stage {p.stage} "
+                         f"{'fits' if train_ok else 'does NOT fit'}, inference {'fits' if infer_ok else 'does NOT fit'}")
     if p.notes:
         lines.append("")
         lines += [f"note: {n}" for n in p.notes]
@@ -788,7 +829,9 @@ def to_json(p: Plan) -> dict:
             "activations": p.activations, "activations_source": p.activations_source,
             "activations_analytic": p.activations_analytic, "compiled": p.compiled,
             "total_per_device": p.total_per_device, "hbm": p.device.hbm_bytes, "fits": p.fits, "kv_cache": p.kv,
-            "inference": p.inference,
+            "inference": p.inference, "quantize": p.quant.to_json(),
+            "single_chip": {d.name: {"hbm": d.hbm_bytes, "stage_fits": t, "inference_fits": i}
+                            for d, t, i in p.single_chip_fits()},
             "flops": p.flops, "mfu": p.mfu, "step_seconds": p.step_seconds, "warnings": p.warnings,
             "notes": p.notes}
 

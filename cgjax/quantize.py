@@ -71,17 +71,18 @@ class QuantConfig:
 
 def scale_shape(shape: Sequence[int], n_in: int, cfg: QuantConfig, where: str) -> tuple[int, ...]:
     """The scale of a ``[*in, *out]`` weight: int8 one per output channel, int4 one per output
-    channel and ``group_size`` inputs of the last input axis (which must divide: else an error
-    naming ``where``, the layer)."""
+    channel and group of ``group_size`` consecutive inputs (the last input axis must divide by it:
+    else an error naming ``where``, the layer)."""
     shape = tuple(int(s) for s in shape)
-    out = [1] * n_in + list(shape[n_in:])
-    if cfg.mode == "int4":
-        width = shape[n_in - 1]
-        if width % cfg.group_size:
-            raise ValueError(f"quantize=int4: group size {cfg.group_size} does not divide the input width {width} "
-                             f"of {where} (shape {shape}); set quantize_group_size to a divisor of {width}")
-        out[n_in - 1] = width // cfg.group_size
-    return tuple(out)
+    if cfg.mode != "int4":
+        return (1,) * n_in + shape[n_in:]
+    width = shape[n_in - 1]
+    if width % cfg.group_size:
+        raise ValueError(f"quantize=int4: group size {cfg.group_size} does not divide the input width {width} "
+                         f"of {where} (shape {shape}); set quantize_group_size to a divisor of {width}")
+    # groups of group_size consecutive inputs of the flattened input: every index of the leading
+    # input axes (e.g. o_proj's heads) is its own block, the last input axis is split
+    return shape[: n_in - 1] + (width // cfg.group_size,) + shape[n_in:]
 
 
 def scale_axes(axes: Sequence[str | None], n_in: int) -> tuple[str | None, ...]:

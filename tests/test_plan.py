@@ -168,3 +168,34 @@ def test_inference_plan_llava_7b_on_one_and_two_v5e_chips():
     assert two.inference["fits"] and two.inference["weights"] < 0.51 * inf["weights"]
     assert two.inference["kv_cache"] == -(-kv_want // 2)  # the batch of 8 shards over fsdp=2
     assert "inference (scripts/infer.py" in P.format_plan(two)
+
+
+@pytest.mark.parametrize("mode,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_7b_weights_and_the_single_chip_verdicts(mode, bits):
+    """llava-1.5-7b with config.quantize: the language model's decoder weights and the projector
+    take ``bits`` per parameter (+ one fp32 scale per output channel, or per 128 inputs for int4);
+    the rest stays bf16. Sizes from the published architecture, not from the planner's tables."""
+    config = load_config("configs/stageA.py:preset=llava-1.5-7b")
+    config.quantize = mode
+    p = P.make_plan(config, model="llava-1.5-7b", mesh="data=1", device="tpu-v5e", gen_batch=4, gen_len=1024,
+                    compile=False)
+    L, D, F, dv = 32, 4096, 11008, 1024
+    lm = L * (4 * D * D + 3 * D * F)  # q, k, v, o (32 heads x 128 = D, no GQA) + gate, up, down
+    proj = dv * D + D * D
+    quantized = lm + proj
+    if mode == "int8":  # one scale per output channel: q, k, v, o (D each), gate, up (F), down (D); projector (2 D)
+        scales = (L * (5 * D + 2 * F) + 2 * D) * 4
+    else:  # one per output channel and 128 inputs (o_proj: per head, its 128 head dims)
+        scales = (L * (4 * (D // 128) * D + 2 * (D // 128) * F + (F // 128) * D) + (dv // 128) * D + (D // 128) * D) * 4
+    assert p.n_llava == PUBLISHED["llava-1.5-7b"]  # scales are memory, not parameters
+    want = (p.n_llava - quantized) * 2 + quantized * bits // 8 + scales
+    assert p.memory["params_frozen"] == pytest.approx(want, rel=1e-6)
+    verdicts = {d.name: (t, i) for d, t, i in p.single_chip_fits()}
+    assert set(verdicts) == {"tpu-v5e", "t4", "l4"}
+    for name, (train_ok, infer_ok) in verdicts.items():
+        hbm = P.DEVICES[name].hbm_bytes
+        assert train_ok == (p.total_per_device <= hbm) and infer_ok == (p.inference["total"] <= hbm)
+    assert "one chip (Colab / v5e-1)" in P.format_plan(p)
+    bf16 = P.make_plan(load_config("configs/stageA.py:preset=llava-1.5-7b"), model="llava-1.5-7b", mesh="data=1",
+                       device="tpu-v5e", gen_batch=4, gen_len=1024, compile=False)
+    assert p.inference["weights"] < bf16.inference["weights"] * (0.55 if bits == 8 else 0.35)
