@@ -22,6 +22,7 @@ from cgjax.data.demo_data import ARTISTS, GENRES, STYLES, make_demo, render_pain
 from cgjax.eval.cli import evaluate_reasoning
 from cgjax.infer import run_inference
 from cgjax.prototypes.run import train_prototypes as run_stage
+from cgjax.quantize import QuantConfig
 from cgjax.train import load_trained_model, train_stage
 from converters import hf_llava, openclip
 from converters.tiny_clip import make_openclip_checkpoint
@@ -179,21 +180,27 @@ def pretrain_base(workdir: str, llava_dir: str, paths: dict[str, str], signals: 
     return out
 
 
-def train_concepts(workdir: str, llava_dir: str, paths: dict[str, str], signals: str, steps: int) -> dict[str, Any]:
-    """Stage A (keys) then Stage B (keys + reason, from Stage A's final checkpoint): values only."""
+def train_concepts(workdir: str, llava_dir: str, paths: dict[str, str], signals: str, steps: int,
+                   quant: QuantConfig = QuantConfig()) -> dict[str, Any]:
+    """Stage A (keys) then Stage B (keys + reason, from Stage A's final checkpoint): values only,
+    on the base quantized as ``quant`` says."""
     stage_a = os.path.join(workdir, "stageA")
+    q = {"quantize": quant.mode, "quantize_group_size": quant.group_size, "quantize_activations": quant.activations}
     a = train_stage(stage_config("A", llava_dir, paths, signals, num_steps=steps,
-                                 **{"val.no_concept_baseline": True}), stage_a)
+                                 **{"val.no_concept_baseline": True}, **q), stage_a)
     b = train_stage(stage_config("B", llava_dir, paths, signals, num_steps=steps, init_from=stage_a,
-                                 **{"val.no_concept_baseline": True}), os.path.join(workdir, "stageB"))
+                                 **{"val.no_concept_baseline": True}, **q), os.path.join(workdir, "stageB"))
     pick = lambda r: {k: round(float(v), 4) for k, v in r.items() if k.startswith("val_") and "acc" in k}  # noqa: E731
     return {"stageA": pick(a), "stageB": pick(b), "stageB_pt": b.get("pt")}
 
 
-def evaluate(workdir: str, llava_dir: str, paths: dict[str, str], n_images: int = 0) -> dict[str, Any]:
+def evaluate(workdir: str, llava_dir: str, paths: dict[str, str], n_images: int = 0,
+             quant: QuantConfig = QuantConfig()) -> dict[str, Any]:
     """Inference on the test split (concept model and no-concept baseline, with saliency), then
     metrics and the HTML report in ``workdir/eval``."""
     config = load_config("infer.py:preset=demo")
+    config.quantize, config.quantize_group_size = quant.mode, quant.group_size
+    config.quantize_activations = quant.activations
     config.workdir = workdir  # the preset's paths follow the demo layout under workdir
     config.llava_checkpoint = llava_dir
     config.prompt.mode = "stageB,structured"
@@ -210,8 +217,9 @@ def evaluate(workdir: str, llava_dir: str, paths: dict[str, str], n_images: int 
 
 def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0, pretrain_steps: int = 300,
         stage_steps: int = 64, eval_images: int = 0, clip_pretrain_epochs: int = 10,
-        clip_pretrain_images: int = 1536) -> dict[str, Any]:
-    """The whole demo: data -> checkpoints -> (the stages available in this build)."""
+        clip_pretrain_images: int = 1536, quant: QuantConfig = QuantConfig()) -> dict[str, Any]:
+    """The whole demo: data -> checkpoints -> (the stages available in this build). ``quant``: Stage
+    A/B and inference on the pretrained base quantized (the pretraining itself is full precision)."""
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
     summary: dict[str, Any] = {"workdir": os.path.abspath(workdir)}
@@ -239,10 +247,11 @@ def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0, 
     _log(f"pretraining the tiny base LLaVA ({pretrain_steps} steps, blank images: a stand-in for a pretrained VLM)")
     base = pretrain_base(workdir, llava_dir, paths, signals, pretrain_steps)
     _log(f"Stage A then Stage B ({stage_steps} steps each; only the concept values train)")
-    summary["stages"] = train_concepts(workdir, base, paths, signals, stage_steps)
+    summary["quantize"] = quant.to_json()
+    summary["stages"] = train_concepts(workdir, base, paths, signals, stage_steps, quant)
     _log(f"validation: {json.dumps(summary['stages'])}")
     _log("inference on the test split (concept model and no-concept baseline), metrics and report")
-    summary["eval"] = evaluate(workdir, base, paths, n_images=eval_images)
+    summary["eval"] = evaluate(workdir, base, paths, n_images=eval_images, quant=quant)
     _log(f"report: {summary['eval']['report']}; keys macro-F1: {json.dumps(summary['eval']['keys_macro_f1'])}")
     summary["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
