@@ -34,6 +34,7 @@ from cgjax.concepts.gating import GatingConfig
 from cgjax.concepts.index import ConceptIndex, gating_config_from_fields
 from cgjax.preprocess import llava_preprocess_config
 from cgjax.prototypes import io as pio
+from cgjax.quantize import QuantConfig
 from converters import hf_llava, openclip
 from converters.hf_llava import TOKENIZER_FILES
 
@@ -75,8 +76,6 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
     ``overwrite``; never when it holds an input); returns the written paths."""
     import torch  # optional [torch] extra
 
-
-
     workdir = os.path.abspath(workdir)
     persistence.check_output_dir(out, overwrite=overwrite,
                                  inputs=(workdir, stage_workdir, prototypes_workdir, llava_checkpoint))
@@ -88,6 +87,9 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
         raise ValueError(f"{stage_wd}: its concepts_stage*.json names no llava_checkpoint; pass llava_checkpoint")
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         raise FileNotFoundError(f"LLaVA checkpoint {ckpt} (from {stage_wd}) has no config.json")
+    if os.path.exists(os.path.join(ckpt, hf_llava.QUANTIZATION_FILE)):
+        raise ValueError(f"LLaVA checkpoint {ckpt} (from {stage_wd}) is a quantized copy of the base: the export ships "
+                         "the original, unquantized base; pass llava_checkpoint=<the HF checkpoint it was made from>")
 
     mine = {"base": {"checkpoint": ckpt, "fingerprint": provenance.base_fingerprint(ckpt)}}
     provenance.check(provenance.read(stage_wd), mine, f"the values of {stage_wd}", keys=("base",),
@@ -136,7 +138,9 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
                 "dim_ranges": {d: list(r) for d, r in zip(idx.dims, idx.ranges)},
                 "k_max": int(idx.k_max), "n_concepts": int(idx.n_concepts), "embed_dim": int(tv.values.shape[-1]),
                 "gating": _gating_json(gcfg, list(idx.dims)), "llava_checkpoint": os.path.abspath(ckpt),
-                "source": os.path.abspath(tv.directory)}
+                "source": os.path.abspath(tv.directory),
+                # the values were trained on this quantization of the base (example.py --load-in matches it)
+                "trained_on_quantize": (tv.export_meta or {}).get("quantize", QuantConfig().to_json())}
         with open(os.path.join(tmp, "concepts.json"), "w") as f:
             json.dump(meta, f, indent=2)
         # signals as exported (original JSON / CSV, keyed JSON)
@@ -190,10 +194,11 @@ def copy_hf_checkpoint(src: str, dst: str) -> dict[str, str]:
 
 
 def write_values_pt(workdir: str, stage: str, step: int, values: np.ndarray, index: ConceptIndex,
-                    gating: GatingConfig, llava_checkpoint: str) -> tuple[str, str]:
+                    gating: GatingConfig, llava_checkpoint: str, quant: QuantConfig | None = None) -> tuple[str, str]:
     """``concepts_stage{A,B}.pt`` in ``workdir`` (the original's ``{step: {"values": Tensor}}``,
     ``torch.load(weights_only=True)``) and ``concepts_stage{A,B}.json``, its metadata (dimensions,
-    concept names, ranges, K_max, gating, base); both written atomically. Returns the two paths."""
+    concept names, ranges, K_max, gating, base and how the base was quantized while they trained);
+    both written atomically. Returns the two paths."""
     import torch  # optional [torch] extra
 
     base = persistence.join(workdir, f"concepts_stage{stage}")
@@ -203,6 +208,7 @@ def write_values_pt(workdir: str, stage: str, step: int, values: np.ndarray, ind
             "gating": {"threshold": gating.threshold, "backoff_delta": gating.backoff_delta,
                        "topk_per_dim": gating.topk_per_dim, "max_concepts": gating.max_concepts,
                        "priority": [index.dims[i] for i in (gating.priority or ())]},
-            "llava_checkpoint": persistence.resolve(llava_checkpoint)}
+            "llava_checkpoint": persistence.resolve(llava_checkpoint),
+            "quantize": (quant or QuantConfig()).to_json()}
     persistence.write_text(base + ".json", json.dumps(meta, indent=2))
     return base + ".pt", base + ".json"

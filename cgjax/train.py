@@ -292,7 +292,8 @@ class Trainer:
         returns the two paths, the others return None once it has."""
         values = self.values(params).astype(np.dtype(str(self.config.export.pt_dtype)))
         return multihost.on_primary("the .pt export", lambda: write_values_pt(
-            self.workdir, self.stage, step, values, self.index, self.gating, self.config.llava_checkpoint))
+            self.workdir, self.stage, step, values, self.index, self.gating, self.config.llava_checkpoint,
+            QuantConfig.from_config(self.config)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ def test_files_and_formats(exported):
     assert meta["names"] == {d: list(n) for d, n in zip(idx.dims, idx.names)}
     assert meta["dim_ranges"] == {d: list(r) for d, r in zip(idx.dims, idx.ranges)}
     assert meta["gating"]["max_concepts"] == 3 and meta["gating"]["priority"] == list(DIMS)
+    assert meta["trained_on_quantize"]["mode"] == "none"
     for d in DIMS:
         pt = torch.load(os.path.join(out, f"prototypes_{d}_trained.pt"), weights_only=True)
         assert set(pt) == {"clip_model_name", "prototypes", "concept_to_idx", "idx_to_concept"}
@@ -119,6 +120,13 @@ def test_files_and_formats(exported):
         spec.loader.exec_module(example)
         assert example.ConceptTokens.__module__ == "concept_tokens" and callable(example.main)
         assert sys.modules["concept_tokens"].__file__ == os.path.join(out, "concept_tokens.py")
+        # --load-in 8bit/4bit: bitsandbytes loads the exported (unquantized) base in 8 or 4 bits
+        assert example.quantization_kwargs(None) == {}
+        if importlib.util.find_spec("bitsandbytes") is None:
+            with pytest.raises(SystemExit, match="needs bitsandbytes"):
+                example.quantization_kwargs("8bit")
+        else:
+            assert example.quantization_kwargs("4bit")["quantization_config"].load_in_4bit
     finally:
         sys.path.remove(out)
         sys.modules.pop("concept_tokens", None)
@@ -245,3 +253,15 @@ def test_frozen_base_is_linked_not_rewritten(exported):
     src_pp = os.path.join(src, "preprocessor_config.json")
     assert os.path.isfile(pp)
     assert not os.path.exists(src_pp) or os.stat(src_pp).st_ino != os.stat(pp).st_ino
+
+
+def test_a_quantized_base_is_not_exported(exported, tmp_path):
+    """The export ships the original base: a quantized params-only copy is refused, naming it."""
+    from cgjax import export
+    from cgjax.quantize import QuantConfig
+    from converters import hf_llava
+
+    q8 = hf_llava.save_orbax(hf_llava.load(exported["ckpt"], quant=QuantConfig("int8")), str(tmp_path / "q8"))
+    with pytest.raises(ValueError, match=r"q8 .* is a quantized copy of the base"):
+        export.export(exported["work"], str(tmp_path / "out"), llava_checkpoint=q8, accept_mismatch=True)
+    assert not os.path.exists(tmp_path / "out")
