@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cgjax.quantize import SCALE_SUFFIX
+
 __all__ = ["param_counts", "step_flops", "attention_flops", "generate_flops", "encode_flops", "feature_blocks",
            "matmul_peak"]
 
@@ -22,10 +24,13 @@ __all__ = ["param_counts", "step_flops", "attention_flops", "generate_flops", "e
 def param_counts(state: Any) -> dict[str, int]:
     """Parameter counts of a LLaVA / ConceptLlava state by part: ``vision``, ``projector``,
     ``lm`` (decoder layers + final norm + lm_head), ``embed`` (token embedding) and
-    ``concepts`` (everything else)."""
+    ``concepts`` (everything else). A quantized weight's scale (:mod:`cgjax.quantize`) is not a
+    parameter and is not counted."""
     counts = {"vision": 0, "projector": 0, "lm": 0, "embed": 0, "concepts": 0}
     for path, v in nnx.to_flat_state(state):
         p = "/".join(map(str, path))
+        if p.endswith(SCALE_SUFFIX):
+            continue
         n = int(np.prod(np.shape(v.get_value() if isinstance(v, nnx.Variable) else v)))
         if "vision_tower" in p:
             counts["vision"] += n

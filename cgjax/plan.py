@@ -369,12 +369,18 @@ class Plan:
     def fits(self) -> bool:
         return self.total_per_device <= self.device.hbm_bytes
 
-    def single_chip_fits(self) -> list[tuple[DeviceSpec, bool, bool]]:
-        """For a one-device plan: ``(chip, Stage step fits, inference fits)`` on each of
-        :data:`SINGLE_CHIPS` (the per-device figures do not depend on the chip)."""
+    @property
+    def total_analytic(self) -> int:
+        """:attr:`total_per_device` with the analytic activations (what an accelerator keeps)."""
+        return self.total_per_device - self.activations + self.activations_analytic
+
+    def single_chip_fits(self) -> list[tuple[DeviceSpec, bool, bool, bool]]:
+        """For a one-device plan: ``(chip, stage step fits, stage step fits with the analytic
+        activations, inference fits)`` on each of :data:`SINGLE_CHIPS` (the per-device figures do
+        not depend on the chip)."""
         if self.n_devices != 1:
             return []
-        return [(DEVICES[d], self.total_per_device <= DEVICES[d].hbm_bytes,
+        return [(DEVICES[d], self.total_per_device <= DEVICES[d].hbm_bytes, self.total_analytic <= DEVICES[d].hbm_bytes,
                  self.inference["total"] <= DEVICES[d].hbm_bytes) for d in SINGLE_CHIPS]
 
 
@@ -755,11 +761,16 @@ def format_plan(p: Plan) -> str:
               f"steps: {_seconds(p.step_seconds * p.grad_accum)})"]
     chips = p.single_chip_fits()
     if chips:
-        lines += ["", f"one chip (Colab / v5e-1): Stage {p.stage} step {_gib(p.total_per_device)}, inference "
-                  f"{_gib(p.inference['total'])}"]
-        for dev, train_ok, infer_ok in chips:
-            lines.append(f"  {dev.name:8} {_gib(dev.hbm_bytes):>10}: Stage {p.stage} "
-                         f"{'fits' if train_ok else 'does NOT fit'}, inference {'fits' if infer_ok else 'does NOT fit'}")
+        yes = lambda ok: "fits" if ok else "does NOT fit"  # noqa: E731
+        lines += ["", f"one chip (Colab / v5e-1): Stage {p.stage} step {_gib(p.total_per_device)} ({p.activations_source} "
+                  f"activations), {_gib(p.total_analytic)} (analytic activations); inference {_gib(p.inference['total'])}"]
+        for dev, train_ok, analytic_ok, infer_ok in chips:
+            lines.append(f"  {dev.name:8} {_gib(dev.hbm_bytes):>10}: Stage {p.stage} {yes(train_ok)}"
+                         + (f" ({yes(analytic_ok)} with the analytic activations)" if p.activations_compiled is not None
+                            else "") + f", inference {yes(infer_ok)}")
+        if p.activations_compiled is not None and p.dtype != "float32":
+            lines.append("  (XLA:CPU's memory analysis also counts an fp32 copy of every bf16 / int8 / int4 weight it "
+                         "multiplies, which TPU and GPU matmuls do not make: on an accelerator, trust the analytic line)")
     if p.notes:
         lines.append("")
         lines += [f"note: {n}" for n in p.notes]
@@ -830,8 +841,9 @@ def to_json(p: Plan) -> dict:
             "activations_analytic": p.activations_analytic, "compiled": p.compiled,
             "total_per_device": p.total_per_device, "hbm": p.device.hbm_bytes, "fits": p.fits, "kv_cache": p.kv,
             "inference": p.inference, "quantize": p.quant.to_json(),
-            "single_chip": {d.name: {"hbm": d.hbm_bytes, "stage_fits": t, "inference_fits": i}
-                            for d, t, i in p.single_chip_fits()},
+            "total_analytic": p.total_analytic,
+            "single_chip": {d.name: {"hbm": d.hbm_bytes, "stage_fits": t, "stage_fits_analytic": a,
+                                     "inference_fits": i} for d, t, a, i in p.single_chip_fits()},
             "flops": p.flops, "mfu": p.mfu, "step_seconds": p.step_seconds, "warnings": p.warnings,
             "notes": p.notes}
 

@@ -190,11 +190,12 @@ def test_quantized_7b_weights_and_the_single_chip_verdicts(mode, bits):
     assert p.n_llava == PUBLISHED["llava-1.5-7b"]  # scales are memory, not parameters
     want = (p.n_llava - quantized) * 2 + quantized * bits // 8 + scales
     assert p.memory["params_frozen"] == pytest.approx(want, rel=1e-6)
-    verdicts = {d.name: (t, i) for d, t, i in p.single_chip_fits()}
+    verdicts = {d.name: (t, a, i) for d, t, a, i in p.single_chip_fits()}
     assert set(verdicts) == {"tpu-v5e", "t4", "l4"}
-    for name, (train_ok, infer_ok) in verdicts.items():
+    for name, (train_ok, analytic_ok, infer_ok) in verdicts.items():
         hbm = P.DEVICES[name].hbm_bytes
         assert train_ok == (p.total_per_device <= hbm) and infer_ok == (p.inference["total"] <= hbm)
+        assert analytic_ok == (p.total_per_device - p.activations + p.activations_analytic <= hbm)
     assert "one chip (Colab / v5e-1)" in P.format_plan(p)
     bf16 = P.make_plan(load_config("configs/stageA.py:preset=llava-1.5-7b"), model="llava-1.5-7b", mesh="data=1",
                        device="tpu-v5e", gen_batch=4, gen_len=1024, compile=False)
