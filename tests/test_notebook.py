@@ -91,3 +91,10 @@ def test_notebook_executes(installed, tmp_path, monkeypatch):
     assert os.path.getsize(work / "eval" / "report.html") > 0
     assert f"report: {work / 'eval' / 'report.html'}" in _text(plots)
     assert "RUN_REAL_CHECKPOINT is False" in _text(_cell(nb, "real-checkpoint"))
+
+    # one chip: the planner's llava-1.5-7b figures by quantization, and int8 on the tiny base
+    one = _text(_cell(nb, "one-chip"))
+    weights = {m: float(g) for m, g in re.findall(r"quantize=(\w+) *: weights +([\d.]+) GiB", one)}
+    assert set(weights) == {"none", "int8", "int4"} and weights["int4"] < weights["int8"] < 0.6 * weights["none"]
+    m = re.search(r"int8 vs fp32: next-token KL (\S+), greedy tokens identical (\d+)%", one)
+    assert m and float(m.group(1)) < 1e-3
