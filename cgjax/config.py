@@ -88,3 +88,21 @@ def config_paths(x) -> list[str]:
     if isinstance(x, str):
         return [p.strip() for p in x.split(",") if p.strip()]
     return [str(p.get() if hasattr(p, "get") and not isinstance(p, str) else p) for p in x]
+
+
+def check_choices(config, choices) -> None:
+    """Every enumerated field holds one of its values: ``choices`` maps a dotted field name to the
+    allowed values (a field the config lacks is skipped). Else a ``ValueError`` naming the field,
+    its value, the nearest choice and all of them; run before anything is loaded or compiled."""
+    for key, allowed in choices.items():
+        node = config
+        for part in key.split("."):
+            if node is None or part not in node:
+                node = None
+                break
+            node = node[part]
+        if node is None:
+            continue
+        if str(node) not in allowed:
+            raise ValueError(f"config.{key}={node!r}{_nearest(str(node), allowed)}: expected one of "
+                             f"{', '.join(repr(a) for a in allowed)}")

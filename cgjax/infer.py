@@ -48,20 +48,22 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from cgjax import checkpoints, multihost, persistence, provenance, sharding, text
+from cgjax import checkpoints, multihost, persistence, provenance, quantize, sharding, text
 from cgjax.concepts import gating
 from cgjax.concepts.index import ConceptIndex, gating_config_from_fields
 from cgjax.concepts.model import ConceptLlava
+from cgjax.config import check_choices
 from cgjax.data.records import normalize_image_path, raw_image_paths, read_dataset_json, resolve_image
 from cgjax.data.schema import normalize_split, read_json
 from cgjax.data.signals import read_signals
 from cgjax.eval import saliency as sal
 from cgjax.generate import Generator
 from cgjax.losses import IGNORE_INDEX
-from cgjax.preprocess import llava_preprocess_config, preprocess_image
+from cgjax.preprocess import PREPROCESS_MODES, llava_preprocess_config, preprocess_image
 from cgjax.prototypes import io as pio
 from cgjax.prototypes.calibrate import postprocess
 from cgjax.quantize import QuantConfig
+from cgjax.steps import DTYPES, dtype_from_name
 from converters import hf_llava, openclip
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,9 @@ __all__ = ["Inferencer", "run_inference", "load_trained_values", "TrainedValues"
 
 DEFAULT_SENTINELS = ("<BEGIN_JSON>", "<END_JSON>")
 PROMPT_MODES = ("structured", "natural", "stageA", "stageB")
+# the enumerated fields of an inference config, checked first (cgjax.config.check_choices)
+INFER_CHOICES = {"dtype": tuple(DTYPES), "param_dtype": ("",) + tuple(DTYPES), "data.preprocess": PREPROCESS_MODES,
+                 "quantize": quantize.MODES}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,9 +191,7 @@ def load_trained_values(stage_workdir: str, index: ConceptIndex | None = None,
 
 
 def _dtype(name: Any):
-    if not isinstance(name, str):
-        return name
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    return dtype_from_name(name) if isinstance(name, str) else name
 
 
 def llava_preprocess(llava_checkpoint: str, model_config: Any, mode: str = "auto"):
@@ -681,6 +684,8 @@ def run_inference(config) -> dict[str, str]:
     saliency)}``.
     """
     c = config
+    check_choices(c, INFER_CHOICES)  # before any file is read or model loaded
+    prompt_modes(c.prompt.mode)
     out_dir = c.output_dir or os.path.join(c.workdir, "eval")
     dims = tuple(c.data.dimensions)
     ds = read_dataset_json(c.data.dataset_json, c.data.images_root or None, dimensions=dims,

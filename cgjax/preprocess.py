@@ -186,11 +186,14 @@ class PreprocessConfig:
                 "do_convert_rgb": True}
 
 
+PREPROCESS_MODES = ("auto", "hf")
+
+
 def llava_preprocess_config(llava_checkpoint: str, vision_image_size: Any, mode: str = "auto") -> PreprocessConfig:
     """How cgjax preprocesses a LLaVA checkpoint's images (training, inference, export): its
     ``preprocessor_config.json`` (``mode="auto"``), else HF CLIP preprocessing at the tower's
     ``vision_image_size`` (``mode="hf"`` forces that)."""
-    if mode not in ("auto", "hf"):
+    if mode not in PREPROCESS_MODES:
         raise ValueError(f"preprocess mode must be auto or hf, got {mode!r}")
     path = os.path.join(llava_checkpoint, "preprocessor_config.json")
     if mode == "auto" and os.path.exists(path):

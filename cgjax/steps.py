@@ -67,6 +67,10 @@ class StepConfig:
             use_concepts=bool(config.gating.use_concepts))
 
 
+SCHEDULES = ("constant", "warmup_cosine")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
 def lr_schedule(sc: StepConfig) -> optax.Schedule:
     if sc.schedule == "constant":
         return optax.constant_schedule(sc.lr)
@@ -74,7 +78,7 @@ def lr_schedule(sc: StepConfig) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(0.0, sc.lr, max(sc.warmup_updates, 0),
                                                   max(sc.decay_updates, sc.warmup_updates + 1),
                                                   end_value=sc.lr * sc.end_lr_fraction)
-    raise ValueError(f"unknown schedule {sc.schedule!r}; expected constant or warmup_cosine")
+    raise ValueError(f"unknown schedule {sc.schedule!r}; expected one of {', '.join(SCHEDULES)}")
 
 
 def make_optimizer(sc: StepConfig) -> optax.GradientTransformation:
@@ -184,7 +188,7 @@ def greedy_generate(model: ConceptLlava, input_ids, pixel_values, attention_mask
 
 def dtype_from_name(name: str):
     """``"float32"`` / ``"bfloat16"`` / ``"float16"`` -> the jnp dtype."""
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[str(name)]
+    return DTYPES[str(name)]
 
 
 def path_str(path) -> str:

@@ -39,25 +39,30 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from cgjax import checkpoints, multihost, persistence, provenance, sharding, text
+from cgjax import checkpoints, multihost, persistence, provenance, quantize, sharding, text
 from cgjax.concepts.index import ConceptIndex, concept_index_from_vocabs, gating_config
 from cgjax.concepts.model import ConceptLlava
-from cgjax.config import config_paths
+from cgjax.config import check_choices, config_paths
 from cgjax.data.pipeline import PackedSource, image_dataset, split_sources
 from cgjax.demo_assets import ensure_demo_assets
 from cgjax.export import write_values_pt
 from cgjax.flops import param_counts, step_flops
 from cgjax.metrics_log import MetricsLog
 from cgjax.multihost import Preemption, gather_host_strings, host_data_state
-from cgjax.preprocess import llava_preprocess_config
+from cgjax.preprocess import PREPROCESS_MODES, llava_preprocess_config
 from cgjax.quantize import QuantConfig
 from cgjax.sharding import canonical_sharding
-from cgjax.steps import (StepConfig, dtype_from_name, eval_step, greedy_generate, lr_schedule, make_optimizer,
-                         path_str, prefix_length, train_step, trainable_filter)
+from cgjax.steps import (DTYPES, SCHEDULES, StepConfig, dtype_from_name, eval_step, greedy_generate, lr_schedule,
+                         make_optimizer, path_str, prefix_length, train_step, trainable_filter)
 from cgjax.text_rows import Collate, TextRows, parse_key_lines
 from converters import hf_llava
 
-__all__ = ["train_stage", "Trainer", "load_trained_model"]
+__all__ = ["train_stage", "Trainer", "load_trained_model", "STAGE_CHOICES"]
+
+# the enumerated fields of a stage config, checked before anything is loaded (cgjax.config.check_choices)
+STAGE_CHOICES = {"stage": ("A", "B"), "dtype": tuple(DTYPES), "param_dtype": tuple(DTYPES),
+                 "optim.schedule": SCHEDULES, "data.preprocess": PREPROCESS_MODES, "quantize": quantize.MODES,
+                 "export.pt_dtype": tuple(DTYPES)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,6 +362,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     ``step_callback(step, metrics)`` is called on the host after every step (``step`` = steps done).
     Raises ``FloatingPointError`` on a NaN/inf loss (the last good checkpoint stays the latest).
     """
+    check_choices(config, STAGE_CHOICES)  # a mistyped enumerated field fails here, not after the model loads
     workdir = persistence.resolve(workdir)
     persistence.check_reachable(workdir, float(config.get("storage_timeout_s", 30)))  # before any compute
     persistence.makedirs(workdir)

@@ -77,3 +77,32 @@ def test_cgjax_does_not_import_configs(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr[-4000:]
     assert out.stdout.split() == ["[]"]
+
+
+@pytest.mark.parametrize("field,value,nearest", [("optim.schedule", "warmup_cosin", "warmup_cosine"),
+                                                 ("quantize", "int16", "int8"), ("dtype", "bfloat", "bfloat16")])
+def test_a_mistyped_choice_fails_before_anything_loads(tmp_path, field, value, nearest):
+    """An enumerated field with a value it cannot take stops train_stage at once (no model, no data
+    read: the checkpoint and data paths here do not even exist), naming the field and the nearest value."""
+    from cgjax.config import override
+    from cgjax.train import train_stage
+
+    config = load_config("stageA.py:preset=demo")
+    config.llava_checkpoint = str(tmp_path / "no-such-llava")
+    override(config, **{field: value})
+    with pytest.raises(ValueError, match=rf"config\.{field}='{value}' \(did you mean '{nearest}'\?\)"):
+        train_stage(config, str(tmp_path / "work"))
+    assert not (tmp_path / "work").exists()
+
+
+def test_inference_checks_its_choices_first(tmp_path):
+    from cgjax.infer import run_inference
+
+    config = load_config("infer.py")
+    config.data.dataset_json = str(tmp_path / "missing.json")
+    config.quantize = "int3"
+    with pytest.raises(ValueError, match=r"config\.quantize='int3'"):
+        run_inference(config)
+    config.quantize, config.prompt.mode = "int8", "strctured"
+    with pytest.raises(ValueError, match="unknown prompt mode 'strctured'"):
+        run_inference(config)
