@@ -32,9 +32,8 @@ PROG = "scripts/bench.py startup"
 CHILD = r"""
 import json, os, sys, time
 t0 = float(sys.argv[1])
-from cgjax.data.demo_data import write_label_signals
+from cgjax import train
 from cgjax.config import load_config
-from cgjax.data.demo_data import write_label_signals
 spec = json.loads(sys.argv[2])
 c = load_config(os.path.join(spec["code"], "configs", "stageA.py") + ":preset=demo")
 c.demo.root = spec["demo_root"]
