@@ -1,6 +1,6 @@
 """Benchmark: CLIP image encoding, cgjax (jitted ``encode_image``) vs open_clip (PyTorch).
 
-``python scripts/bench.py encode [--model ViT-B-32] [--batch 32] [--iters 10] [--warmup 2]``
+``python scripts/bench.py encode [--model ViT-B-32] [--batch 32] [--iters 5] [--warmup 1]``
 
 Both sides use the same random open_clip weights (converted), fp32, the same batch, in the
 same run; open_clip runs under ``torch.inference_mode()``. The two are timed in alternation

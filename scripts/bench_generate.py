@@ -8,7 +8,7 @@ cgjax is timed twice: ``cgjax.Generator`` (the decoder layers laid out once, as 
 batches run) and a one-shot ``cgjax.generate`` call (which lays them out inside every call); the
 speed-up is the Generator's.
 
-    python scripts/bench.py generate [--batch 4] [--new 32] [--text 16] [--repeats 3] [--dtype float32]
+    python scripts/bench.py generate [--batch 4] [--new 32] [--text 16] [--repeats 5] [--dtype float32]
         [--quantize int8|int4 [--quantize-activations] [--group-size 128]]
 
 With ``--quantize``, cgjax runs on the quantized base (``cgjax.quantize``: the language model's
