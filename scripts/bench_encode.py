@@ -1,6 +1,6 @@
 """Benchmark: CLIP image encoding, cgjax (jitted ``encode_image``) vs open_clip (PyTorch).
 
-``python scripts/bench.py encode [--model ViT-B-32] [--batch 32] [--iters 10] [--warmup 2]``
+``python scripts/bench.py encode [--model ViT-B-32] [--batch 32] [--iters 5] [--warmup 1]``
 
 Both sides use the same random open_clip weights (converted), fp32, the same batch, in the
 same run; open_clip runs under ``torch.inference_mode()``. The two are timed in alternation
@@ -8,17 +8,18 @@ and the median per batch is reported, as images/s.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
+from typing import Sequence
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
 
-from cgjax import flops
+from cgjax import commandline, flops
 from converters import openclip as oc
 
+PROG = "scripts/bench.py encode"
 
 
 def _interleaved(fns: dict, iters: int, warmup: int) -> dict:
@@ -36,15 +37,23 @@ def _interleaved(fns: dict, iters: int, warmup: int) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="bench_encode", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="ViT-B-32")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv or [])
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """This benchmark's flags on ``fv`` (see :mod:`cgjax.commandline`)."""
+    del argv  # no config file
+    flags.DEFINE_string("model", "ViT-B-32", "open_clip model name (random weights)", flag_values=fv)
+    flags.DEFINE_integer("batch", 32, "images per call", flag_values=fv)
+    flags.DEFINE_integer("iters", 5, "timed calls per side (median)", flag_values=fv)
+    flags.DEFINE_integer("warmup", 1, "untimed calls per side first", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "weights and input seed", flag_values=fv)
 
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """The benchmark in this process: ``main(["--batch", "8"])``; its figures."""
+    return run(commandline.parse(define_flags, argv or (), PROG))
+
+
+def run(args: flags.FlagValues) -> dict:
+    """The benchmark from the parsed flags of :func:`define_flags`."""
     import open_clip  # optional [torch] extra
     import torch  # optional [torch] extra
 
@@ -98,4 +107,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    commandline.run(define_flags, run)

@@ -8,7 +8,7 @@ cgjax is timed twice: ``cgjax.Generator`` (the decoder layers laid out once, as 
 batches run) and a one-shot ``cgjax.generate`` call (which lays them out inside every call); the
 speed-up is the Generator's.
 
-    python scripts/bench.py generate [--batch 4] [--new 32] [--text 16] [--repeats 3] [--dtype float32]
+    python scripts/bench.py generate [--batch 4] [--new 32] [--text 16] [--repeats 5] [--dtype float32]
         [--quantize int8|int4 [--quantize-activations] [--group-size 128]]
 
 With ``--quantize``, cgjax runs on the quantized base (``cgjax.quantize``: the language model's
@@ -18,40 +18,50 @@ line then compares cgjax quantized with both HF fp32 and the PyTorch int8 peer.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import sys
 import tempfile
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
 import cgjax
-from cgjax import flops, quantize
+from cgjax import commandline, flops, quantize
 from cgjax.quantize import QuantConfig
 from converters import hf_llava
-from converters.tiny_llava import make_llava_checkpoint
+from converters.tiny_llava import SIZES, make_llava_checkpoint
+
+PROG = "scripts/bench.py generate"
 
 
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """This benchmark's flags on ``fv`` (see :mod:`cgjax.commandline`)."""
+    del argv  # no config file
+    flags.DEFINE_integer("batch", 4, "prompts per call (row b has b left-padding slots)", flag_values=fv)
+    flags.DEFINE_integer("new", 32, "new greedy tokens per prompt", flag_values=fv)
+    flags.DEFINE_integer("text", 16, "text tokens per prompt (besides the image tokens)", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "interleaved timed calls per side (the fastest is reported)", flag_values=fv)
+    flags.DEFINE_enum("size", "small", sorted(SIZES), "random LLaVA size (converters.tiny_llava)", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "both sides' dtype", flag_values=fv)
+    flags.DEFINE_enum("quantize", "none", list(quantize.MODES), "cgjax's quantized base (and the PyTorch "
+                      "dynamic int8 peer)", flag_values=fv)
+    flags.DEFINE_bool("quantize-activations", False, "int8 activations too (w8a8)", flag_values=fv)
+    flags.DEFINE_integer("group-size", 128, "int4 group size", flag_values=fv)
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="bench_generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--text", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--size", default="small")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--quantize", default="none", choices=quantize.MODES)
-    ap.add_argument("--quantize-activations", action="store_true", help="int8 activations too (w8a8)")
-    ap.add_argument("--group-size", type=int, default=128, help="int4 group size")
-    args = ap.parse_args(argv or [])
-    quant = QuantConfig(args.quantize, args.group_size, args.quantize_activations)
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """The benchmark in this process: ``main(["--new", "8", "--quantize", "int8"])``; its figures."""
+    return run(commandline.parse(define_flags, argv or (), PROG))
+
+
+def run(args: flags.FlagValues) -> dict:
+    """The benchmark from the parsed flags of :func:`define_flags`."""
+    quant = QuantConfig(args.quantize, args["group-size"].value, args["quantize-activations"].value)
 
     import torch  # optional [torch] extra
 
@@ -179,4 +189,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    commandline.run(define_flags, run)

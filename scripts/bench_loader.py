@@ -5,32 +5,43 @@ Generates the demo set into a temporary folder (optionally packs it with tfds), 
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 import time
+from typing import Sequence
 
+from absl import flags
+
+from cgjax import commandline
 from cgjax.data import pipeline, tfds_builder
 from cgjax.data.demo_data import make_demo
 from cgjax.preprocess import PreprocessConfig
 
+PROG = "scripts/bench.py loader"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n_images", type=int, default=240)
-    ap.add_argument("--size", type=int, default=64, help="demo image side")
-    ap.add_argument("--image_size", type=int, default=224, help="model input side (CLIP: 224 / 336)")
-    ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=0, help="mp_prefetch processes (0: threads only)")
-    ap.add_argument("--read_threads", type=int, default=2)
-    ap.add_argument("--source", choices=("memory", "tfds"), default="tfds")
-    args = ap.parse_args(argv)
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """This benchmark's flags on ``fv`` (see :mod:`cgjax.commandline`)."""
+    del argv  # no config file
+    flags.DEFINE_integer("n_images", 240, "demo images generated", flag_values=fv)
+    flags.DEFINE_integer("size", 64, "demo image side", flag_values=fv)
+    flags.DEFINE_integer("image_size", 224, "model input side (CLIP: 224 / 336)", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "images per batch", flag_values=fv)
+    flags.DEFINE_integer("steps", 20, "timed batches", flag_values=fv)
+    flags.DEFINE_integer("warmup", 2, "untimed batches first", flag_values=fv)
+    flags.DEFINE_integer("workers", 0, "mp_prefetch processes (0: threads only)", flag_values=fv)
+    flags.DEFINE_integer("read_threads", 2, "image read threads", flag_values=fv)
+    flags.DEFINE_enum("source", "tfds", ["memory", "tfds"], "the image folder held in memory, or the set packed "
+                      "with tfds", flag_values=fv)
 
 
+def main(argv: Sequence[str] | None = None) -> dict:
+    """The benchmark in this process: ``main(["--steps", "5"])``; its figures."""
+    return run(commandline.parse(define_flags, argv or (), PROG))
+
+
+def run(args: flags.FlagValues) -> dict:
+    """The benchmark from the parsed flags of :func:`define_flags`."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_demo(os.path.join(tmp, "demo"), n_images=args.n_images, size=args.size, seed=0)
         if args.source == "tfds":
@@ -60,4 +71,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    commandline.run(define_flags, run)

@@ -11,26 +11,28 @@ Both use the same open_clip tower (a tiny random one, or ViT-B-32 with random we
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
+import types
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import flags
 from PIL import Image
 
+from cgjax import commandline
 from cgjax.data.demo_data import make_demo
 from cgjax.data.records import resolve_image
 from cgjax.prototypes.head import build_prototypes, read_records, record_paths
 from cgjax.prototypes.trainer import PrototypeTrainer, TrainerConfig, epoch_batches
 from converters import openclip, tiny_clip
 
-
-import numpy as np  # noqa: E402
+PROG = "scripts/bench.py prototypes"
 
 
 def _setup(model: str, n_images: int, size: int, root: str):
@@ -126,8 +128,8 @@ def bench_torch(paths, name, ckpt, cfg_kw: dict, device: str) -> dict:
         P = torch.stack([F.normalize(feats_all[groups[n]].mean(0), dim=-1) for n in names])
         return P, {n: i for i, n in enumerate(names)}
 
-    cfg = argparse.Namespace(**{"batch_size": 8, "lr": 5e-3, "temperature": 0.07, "negatives_k": 16,
-                                "hard_negatives": True, "margin": 0.1, "lambda_margin": 0.5, **cfg_kw})
+    cfg = types.SimpleNamespace(**{"batch_size": 8, "lr": 5e-3, "temperature": 0.07, "negatives_k": 16,
+                                   "hard_negatives": True, "margin": 0.1, "lambda_margin": 0.5, **cfg_kw})
     per_dim = {}
     for dim in dims:
         P0, c2i = head_prototypes(dim)
@@ -175,14 +177,23 @@ def bench_torch(paths, name, ckpt, cfg_kw: dict, device: str) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", help="tiny | an open_clip name, e.g. ViT-B-32")
-    ap.add_argument("--n_images", type=int, default=240)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=5, help="cgjax epochs timed (median)")
-    ap.add_argument("--device", default="auto", help="torch device (auto: cuda if available)")
-    a = ap.parse_args(argv if argv is not None else [])
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """This benchmark's flags on ``fv`` (see :mod:`cgjax.commandline`)."""
+    del argv  # no config file
+    flags.DEFINE_string("model", "tiny", "tiny | an open_clip name, e.g. ViT-B-32", flag_values=fv)
+    flags.DEFINE_integer("n_images", 240, "demo images generated", flag_values=fv)
+    flags.DEFINE_integer("size", 64, "demo image side", flag_values=fv)
+    flags.DEFINE_integer("epochs", 5, "cgjax epochs timed (median)", flag_values=fv)
+    flags.DEFINE_string("device", "auto", "torch device (auto: cuda if available)", flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """The benchmark in this process: ``main(["--n_images", "48"])``; its figures."""
+    return run(commandline.parse(define_flags, argv or (), PROG))
+
+
+def run(a: flags.FlagValues) -> dict:
+    """The benchmark from the parsed flags of :func:`define_flags`."""
     import torch  # optional [torch] extra
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
@@ -202,4 +213,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    commandline.run(define_flags, run)

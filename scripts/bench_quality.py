@@ -12,20 +12,23 @@ the same inputs (batch 4, image + text prompt):
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
 import cgjax
+from cgjax import commandline
 from cgjax.quantize import SCALE_SUFFIX, QuantConfig
 from converters import hf_llava
 from converters.tiny_llava import make_llava_checkpoint
+
+PROG = "scripts/bench.py quality"
 
 
 def _inputs(cfg, batch: int, text: int, seed: int = 0):
@@ -57,24 +60,33 @@ def _quantized_bytes(model) -> tuple[int, int]:
     return int(q), int(f)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="bench_quality", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="tiny,small")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--text", type=int, default=16)
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--group-size", type=int, default=128, help="int4 group (tiny: the largest divisor of its widths)")
-    args = ap.parse_args(argv or [])
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """This benchmark's flags on ``fv`` (see :mod:`cgjax.commandline`)."""
+    del argv  # no config file
+    flags.DEFINE_list("sizes", ["tiny", "small"], "random LLaVA sizes (converters.tiny_llava), comma-separated",
+                      flag_values=fv)
+    flags.DEFINE_integer("batch", 4, "prompts", flag_values=fv)
+    flags.DEFINE_integer("text", 16, "text tokens per prompt (besides the image tokens)", flag_values=fv)
+    flags.DEFINE_integer("new", 64, "new greedy tokens compared", flag_values=fv)
+    flags.DEFINE_integer("group-size", 128, "int4 group (tiny: the largest divisor of its widths)", flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """The benchmark in this process: ``main(["--sizes", "tiny", "--new", "8"])``; its figures."""
+    return run(commandline.parse(define_flags, argv or (), PROG))
+
+
+def run(args: flags.FlagValues) -> dict:
+    """The benchmark from the parsed flags of :func:`define_flags`."""
     results = {}
-    for size in args.sizes.split(","):
+    for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             path = make_llava_checkpoint(os.path.join(tmp, "llava"), size, seed=0)
             fp = hf_llava.load(path)
             cfg = fp.config
             widths = [cfg.vision_config.width, cfg.text_config.hidden_size, cfg.text_config.intermediate_size,
                       cfg.text_config.head_dim]
-            group = args.group_size
+            group = args["group-size"].value
             while any(w % group for w in widths):
                 group //= 2
             modes = {"int8": QuantConfig("int8"), "int8 w8a8": QuantConfig("int8", activations=True),
@@ -98,4 +110,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    commandline.run(define_flags, run)

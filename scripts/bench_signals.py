@@ -21,34 +21,42 @@ between the two sides over ``--rounds`` rounds; medians are reported.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 import time
+from typing import Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
-from cgjax import flops
+from cgjax import commandline, flops
 from cgjax.data.demo_data import make_demo
 from cgjax.prototypes.export import embed_records, read_aligned
 from cgjax.prototypes.head import PrototypeSet, l2_normalize, record_paths
 from converters import openclip
 
-
+PROG = "scripts/bench.py signals"
 DIMS = ("artist", "style", "genre")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="bench_signals", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="ViT-B-32")
-    ap.add_argument("--n_images", type=int, default=96)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--size", type=int, default=256, help="side of the demo JPEGs on disk")
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args(argv or [])
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """This benchmark's flags on ``fv`` (see :mod:`cgjax.commandline`)."""
+    del argv  # no config file
+    flags.DEFINE_string("model", "ViT-B-32", "open_clip model name (random weights)", flag_values=fv)
+    flags.DEFINE_integer("n_images", 96, "demo images generated", flag_values=fv)
+    flags.DEFINE_integer("batch", 32, "images per encode call, both sides", flag_values=fv)
+    flags.DEFINE_integer("size", 256, "side of the demo JPEGs on disk", flag_values=fv)
+    flags.DEFINE_integer("rounds", 3, "interleaved rounds (the median is reported)", flag_values=fv)
 
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """The benchmark in this process: ``main(["--n_images", "32"])``; its figures."""
+    return run(commandline.parse(define_flags, argv or (), PROG))
+
+
+def run(args: flags.FlagValues) -> dict:
+    """The benchmark from the parsed flags of :func:`define_flags`."""
     import open_clip  # optional [torch] extra
     import torch  # optional [torch] extra
 
@@ -120,4 +128,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    commandline.run(define_flags, run)

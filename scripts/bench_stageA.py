@@ -25,25 +25,25 @@ rounds (the machine may be shared) and report the median s/step. The last line i
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cgjax import flops, steps
+from cgjax import commandline, flops, steps
 from cgjax.concepts import gating
 from cgjax.concepts.model import ConceptLlava
 from converters import hf_llava
 from converters.tiny_llava import make_llava_model
 
-
+PROG = "scripts/bench.py stageA"
 B, N_TEXT, K_MAX, N_SLOTS = 4, 64, 6, 2
 N_HEAD = 8  # text tokens before <image>; the other 56 follow the image block
 N_TARGET = 24  # supervised tokens at the end (the key lines)
@@ -72,15 +72,22 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="bench_stageA", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1, help="timed steps per round and implementation")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    ap.add_argument("--no-full", action="store_true", help="skip the cgjax reference row without the prefix shortcut")
-    args = ap.parse_args(argv or [])
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """This benchmark's flags on ``fv`` (see :mod:`cgjax.commandline`)."""
+    del argv  # no config file
+    flags.DEFINE_integer("steps", 1, "timed steps per round and implementation", flag_values=fv)
+    flags.DEFINE_integer("rounds", 7, "interleaved rounds (the median is reported)", flag_values=fv)
+    flags.DEFINE_bool("no-compile", False, "skip torch.compile", flag_values=fv)
+    flags.DEFINE_bool("no-full", False, "skip the cgjax reference row without the prefix shortcut", flag_values=fv)
 
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """The benchmark in this process: ``main(["--rounds", "3", "--no-compile"])``; its figures."""
+    return run(commandline.parse(define_flags, argv or (), PROG))
+
+
+def run(args: flags.FlagValues) -> dict:
+    """The benchmark from the parsed flags of :func:`define_flags`."""
     import torch  # optional [torch] extra
 
 
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         state_full, m = steps.train_step(graphdef, sc_full, False, shardings, state_full, frozen, batch, nan_at)
         return m["loss"]
 
-    if not args.no_full:
+    if not args["no-full"].value:
         t0 = time.perf_counter()
         jax.block_until_ready(jax_full_step())
         print(f"cgjax (full forward): first step (compile + run) {time.perf_counter() - t0:.1f} s", flush=True)
@@ -177,10 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
     first_eager = float(torch_eager())
     print(f"torch eager: first step {time.perf_counter() - t0:.1f} s, loss {first_eager:.6f}", flush=True)
     impls = {"cgjax": lambda: jax.block_until_ready(jax_step()), "torch_eager": torch_eager}
-    if not args.no_full:
+    if not args["no-full"].value:
         impls["cgjax_full_forward"] = lambda: jax.block_until_ready(jax_full_step())
     compile_error, torch_compile_s = None, None
-    if not args.no_compile:
+    if not args["no-compile"].value:
         try:
             torch_compiled = make_torch(True)
             t0 = time.perf_counter()
@@ -237,4 +244,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    commandline.run(define_flags, run)

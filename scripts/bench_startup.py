@@ -9,7 +9,6 @@ is the intercept. ``--code DIR`` times another checkout (e.g. an older commit) w
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -17,20 +16,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Sequence
 
+from absl import flags
+
+from cgjax import commandline
 from cgjax.config import load_config
 from cgjax.data.demo_data import write_label_signals
 from cgjax.data.tfds_builder import pack
 from cgjax.demo_assets import ensure_demo_assets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROG = "scripts/bench.py startup"
 
 CHILD = r"""
 import json, os, sys, time
 t0 = float(sys.argv[1])
-from cgjax.data.demo_data import write_label_signals
+from cgjax import train
 from cgjax.config import load_config
-from cgjax.data.demo_data import write_label_signals
 spec = json.loads(sys.argv[2])
 c = load_config(os.path.join(spec["code"], "configs", "stageA.py") + ":preset=demo")
 c.demo.root = spec["demo_root"]
@@ -86,15 +89,28 @@ def run_child(code: str, spec: dict) -> float:
     return json.loads(lines[-1].split(" ", 1)[1])["first_step_s"]
 
 
-def main(argv: list[str]) -> dict:
-    ap = argparse.ArgumentParser(prog="scripts/bench.py startup", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", default="1000,10000", help="comma-separated data set sizes")
-    ap.add_argument("--packed", action="store_true", help="also time the packed ArrayRecord set")
-    ap.add_argument("--code", default=ROOT, help="checkout to time (default: this one)")
-    ap.add_argument("--repeats", type=int, default=1)
-    args = ap.parse_args(argv)
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """This benchmark's flags on ``fv`` (see :mod:`cgjax.commandline`)."""
+    del argv  # no config file
+    flags.DEFINE_list("images", ["1000", "10000"], "data set sizes, comma-separated", flag_values=fv)
+    flags.DEFINE_bool("packed", False, "also time the packed ArrayRecord set", flag_values=fv)
+    flags.DEFINE_string("code", ROOT, "checkout to time (default: this one)", flag_values=fv)
+    flags.DEFINE_integer("repeats", 1, "launches per size (the fastest is reported)", flag_values=fv)
 
-    sizes = sorted(int(x) for x in args.images.split(","))
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """The benchmark in this process: ``main(["--images", "100,1000", "--packed"])``; its figures."""
+    return run(commandline.parse(define_flags, argv or (), PROG))
+
+
+def print_json(args: flags.FlagValues) -> None:
+    """``python scripts/bench_startup.py``: the figures, then them as JSON."""
+    print(json.dumps(run(args), indent=2, default=str))
+
+
+def run(args: flags.FlagValues) -> dict:
+    """The benchmark from the parsed flags of :func:`define_flags`."""
+    sizes = sorted(int(x) for x in args.images)
     work = tempfile.mkdtemp(prefix="cgjax-bench-startup-")
     c = load_config(os.path.join(ROOT, "configs", "stageA.py:preset=demo"))
     c.demo.root = os.path.join(work, "demo")
@@ -123,4 +139,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1:]), indent=2, default=str))
+    commandline.run(define_flags, print_json)

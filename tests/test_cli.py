@@ -1,7 +1,7 @@
-"""One CLI dialect: every command in scripts/ (and ``python -m cgjax.doctor``) parses absl flags, with
-the flag names users' commands already use, and the planner takes ``--config.FIELD=VALUE`` overrides
-like ``scripts/train.py``. Each command is started as the user starts it (a subprocess); ``--helpfull``
-and a mistyped flag only import it."""
+"""One CLI dialect: every command in scripts/ (the benchmarks too), ``data/make_demo.py`` and
+``python -m cgjax.doctor`` parse absl flags, with the flag names users' commands already use, and the
+planner takes ``--config.FIELD=VALUE`` overrides like ``scripts/train.py``. Each command is started as
+the user starts it (a subprocess); ``--helpfull`` and a mistyped flag only import it."""
 from __future__ import annotations
 
 import json
@@ -40,7 +40,20 @@ COMMANDS = {
     "-m cgjax.doctor": ["no-torch", "mesh", "workdir", *LAUNCH],
     "-m cgjax.prototypes.validate_signals": ["dataset_json", "images_root", "signals", "ckpt", "signals_style_json",
                                              "ckpt_style", "threshold_mode", "output", *GATING],
+    "data/make_demo.py": ["out", "n_images", "size", "seed", "split", "format"],
 }
+# benchmark mode -> the flags it must keep; each is its own script and a mode of scripts/bench.py
+BENCH = {
+    "stageA": ["steps", "rounds", "no-compile", "no-full"],
+    "generate": ["batch", "new", "text", "repeats", "size", "dtype", "quantize", "quantize-activations", "group-size"],
+    "encode": ["model", "batch", "iters", "warmup", "seed"],
+    "signals": ["model", "n_images", "batch", "size", "rounds"],
+    "prototypes": ["model", "n_images", "size", "epochs", "device"],
+    "loader": ["n_images", "size", "image_size", "batch_size", "steps", "warmup", "workers", "read_threads", "source"],
+    "quality": ["sizes", "batch", "text", "new", "group-size"],
+    "startup": ["images", "packed", "code", "repeats"],
+}
+COMMANDS.update({f"scripts/bench_{m}.py": kept for m, kept in BENCH.items()})
 
 
 def command(cmd: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -52,7 +65,7 @@ def command(cmd: str, *args: str, timeout: float = 120) -> subprocess.CompletedP
 
 
 def test_every_script_is_covered():
-    scripts = {f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py") if not p.name.startswith("bench")}
+    scripts = {f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py")} - {"scripts/bench.py"}
     assert scripts == {c for c in COMMANDS if c.startswith("scripts/")}
 
 
@@ -68,9 +81,11 @@ def test_absl_help_lists_the_flags(cmd):
 
 # one command per way of defining the flags: module level (export.py, as train/infer/demo), cgjax.commandline
 # with a config (plan.py) and without (the doctor); --helpfull above already shows each runs under app.run
-@pytest.mark.parametrize("cmd", ["scripts/export.py", "scripts/plan.py", "-m cgjax.doctor"])
+# (and the benchmarks' define_flags, through the dispatcher, and data/make_demo.py's in cgjax.data.demo_data)
+@pytest.mark.parametrize("cmd", ["scripts/export.py", "scripts/plan.py", "-m cgjax.doctor", "scripts/bench.py generate",
+                                 "data/make_demo.py"])
 def test_a_mistyped_flag_is_named(cmd):
-    typo = COMMANDS[cmd][0] + "x"
+    typo = (COMMANDS.get(cmd) or BENCH[cmd.split()[-1]])[0] + "x"
     r = command(cmd, f"--{typo}=1")
     assert r.returncode != 0
     assert f"Unknown command line flag '{typo}'" in r.stderr, r.stderr[-2000:]
@@ -98,3 +113,21 @@ def test_positional_arguments_are_a_usage_error():
     r = command("scripts/validate_data.py", "--dataset_json", "d.json", "--signals", "a.json", "b.json")
     assert r.returncode == 1 and "unexpected argument(s) 'b.json'" in r.stderr, r.stderr[-2000:]
     assert "--signals A --signals B" in r.stderr
+
+
+def test_bench_without_arguments_prints_the_modes():
+    r = command("scripts/bench.py")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "modes available: " + ", ".join([*BENCH, "all"]) in r.stdout
+
+
+def test_bench_all_gives_each_mode_its_flags_and_refuses_a_flag_none_takes():
+    """``bench.py all`` parses every mode's flags before it runs any (``--only_check_args``: absl's
+    parse-and-exit); a flag goes to each mode that defines it."""
+    r = command("scripts/bench.py", "all", "--steps", "2", "--batch=3", "--no-compile", "--only_check_args")
+    assert r.returncode == 0, r.stderr[-2000:]
+    routed = dict(line.split(": ", 1) for line in r.stdout.splitlines())
+    assert routed == {"stageA": "--steps 2 --no-compile", "generate": "--batch=3", "encode": "--batch=3",
+                      "signals": "--batch=3", "loader": "--steps 2"}
+    r = command("scripts/bench.py", "all", "--steps", "2", "--stepz", "2")
+    assert r.returncode == 1 and "takes --stepz" in r.stderr and "=== " not in r.stdout, r.stderr[-2000:]

@@ -17,17 +17,16 @@ seed gives byte-identical files. Output (the original formats, see ``docs/schema
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import os
 from typing import Sequence
 
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 
-from cgjax import persistence
+from cgjax import commandline, persistence
 from cgjax.data.examples import load_data
 from cgjax.data.records import format_target_keys, write_dataset_json, write_targets_csv
 from cgjax.data.schema import DEFAULT_DIMENSIONS, Record, TargetRow, Vocabulary, read_json, save_vocab
@@ -389,16 +388,29 @@ def _write_demo(root: str, n: int, size: int, seed: int, split, fmt: str) -> Non
                           "image_format": fmt})
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, str]:
-    ap = argparse.ArgumentParser(description="Generate cgjax's procedural demo data set (no download).")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--n_images", type=int, default=240)
-    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions")
-    ap.add_argument("--format", default="png", choices=("png", "jpg"))
-    args = ap.parse_args(argv)
-    fractions = [float(x) for x in args.split.split(",")]
+PROG = "data/make_demo.py"
+
+
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """``data/make_demo.py``'s flags on ``fv`` (see :mod:`cgjax.commandline`)."""
+    del argv  # no config file
+    flags.DEFINE_string("out", None, "output folder", required=True, flag_values=fv)
+    flags.DEFINE_integer("n_images", 240, "images to generate", flag_values=fv)
+    flags.DEFINE_integer("size", 64, "image side in pixels", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "the same seed gives byte-identical files", flag_values=fv)
+    flags.DEFINE_list("split", ["0.7", "0.15", "0.15"], "train,val,test fractions", flag_values=fv)
+    flags.DEFINE_enum("format", "png", ["png", "jpg"], "image file format", flag_values=fv)
+
+
+def main(argv: Sequence[str]) -> dict[str, str]:
+    """Generate cgjax's procedural demo data set (no download) from a command line, in this process:
+    ``main(["--out", DIR, "--n_images", "24"])``; the paths written (see :func:`make_demo`)."""
+    return run(commandline.parse(define_flags, argv, PROG))
+
+
+def run(args: flags.FlagValues) -> dict[str, str]:
+    """The demo data set from the parsed flags of :func:`define_flags`."""
+    fractions = [float(x) for x in args.split]
     paths = make_demo(args.out, args.n_images, args.size, args.seed, fractions, args.format)
     print(f"wrote {args.n_images} images ({args.size}x{args.size}) to {args.out}")
     for k, v in paths.items():
