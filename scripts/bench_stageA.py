@@ -21,7 +21,10 @@ Both sides start from the same weights and values; the first-step losses are pri
 as a check that the steps agree. Timings alternate between the implementations over ``--rounds``
 rounds (the machine may be shared) and report the median s/step. The last line is JSON.
 
-    python scripts/bench.py stageA [--steps 1] [--rounds 7] [--no-compile] [--no-full]
+    python scripts/bench.py stageA [--steps 1] [--rounds 7] [--no-compile] [--no-full] [--quantize int8|int4]
+
+With ``--quantize`` a ``cgjax_<mode>`` row times the same step on the quantized base (against the
+fp32 ``cgjax`` row, interleaved).
 """
 from __future__ import annotations
 
@@ -37,9 +40,10 @@ from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cgjax import commandline, flops, steps
+from cgjax import commandline, flops, quantize, steps
 from cgjax.concepts import gating
 from cgjax.concepts.model import ConceptLlava
+from cgjax.quantize import QuantConfig
 from converters import hf_llava
 from converters.tiny_llava import make_llava_model
 
@@ -79,6 +83,10 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
     flags.DEFINE_integer("rounds", 7, "interleaved rounds (the median is reported)", flag_values=fv)
     flags.DEFINE_bool("no-compile", False, "skip torch.compile", flag_values=fv)
     flags.DEFINE_bool("no-full", False, "skip the cgjax reference row without the prefix shortcut", flag_values=fv)
+    flags.DEFINE_enum("quantize", "none", list(quantize.MODES),
+                      "also time cgjax on the quantized base (a cgjax_<mode> row, same step, same inputs)", flag_values=fv)
+    flags.DEFINE_bool("quantize-activations", False, "with --quantize int8: int8 activations too", flag_values=fv)
+    flags.DEFINE_integer("group-size", 128, "int4 group size", flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -140,6 +148,27 @@ def run(args: flags.FlagValues) -> dict:
         state_full, m = steps.train_step(graphdef, sc_full, False, shardings, state_full, frozen, batch, nan_at)
         return m["loss"]
 
+    quant = QuantConfig(args.quantize, args["group-size"].value, args["quantize-activations"].value)
+    q_row = None
+    if quant.enabled:  # the same step on the quantized base (frozen weights int8/int4, values fp32)
+        qmodel = ConceptLlava(hf_llava.load(hf, quant=quant), gcfg, rngs=nnx.Rngs(0))
+        qmodel.concepts.values.set_value(jnp.asarray(values0))
+        q_graphdef, q_trainable, q_frozen = nnx.split(qmodel, steps.trainable_filter(("concepts/.*",)), ...)
+        q_params, q_frozen = put(nnx.to_pure_dict(q_trainable)), put(nnx.to_pure_dict(q_frozen))
+        q_state = put({"params": q_params, "opt_state": steps.make_optimizer(sc).init(q_params),
+                       "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)})
+        q_row = f"cgjax_{quant.mode}" + ("_w8a8" if quant.activations else "")
+
+        def q_step():
+            nonlocal q_state
+            q_state, m = steps.train_step(q_graphdef, sc, False, shardings, q_state, q_frozen, batch, nan_at)
+            return m["loss"]
+
+        t0 = time.perf_counter()
+        first_q = float(q_step())
+        print(f"{q_row}: first step (compile + run) {time.perf_counter() - t0:.1f} s, loss {first_q:.6f} "
+              f"(fp32 {first_jax:.6f})", flush=True)
+
     if not args["no-full"].value:
         t0 = time.perf_counter()
         jax.block_until_ready(jax_full_step())
@@ -184,6 +213,8 @@ def run(args: flags.FlagValues) -> dict:
     first_eager = float(torch_eager())
     print(f"torch eager: first step {time.perf_counter() - t0:.1f} s, loss {first_eager:.6f}", flush=True)
     impls = {"cgjax": lambda: jax.block_until_ready(jax_step()), "torch_eager": torch_eager}
+    if q_row:
+        impls[q_row] = lambda: jax.block_until_ready(q_step())
     if not args["no-full"].value:
         impls["cgjax_full_forward"] = lambda: jax.block_until_ready(jax_full_step())
     compile_error, torch_compile_s = None, None
@@ -240,6 +271,10 @@ def run(args: flags.FlagValues) -> dict:
         out["torch_compile_compile_s"] = torch_compile_s
     if compile_error:
         out["torch_compile_error"] = compile_error
+    if q_row:
+        out.update({"quantize": quant.to_json(), f"{q_row}_s_per_step": s[q_row],
+                    "quantized_vs_fp32": s["cgjax"] / s[q_row], "quantized_first_loss": first_q,
+                    "fp32_first_loss": first_jax})
     return out
 
 
