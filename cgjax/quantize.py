@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+from absl import flags
 
 MODES = ("none", "int8", "int4")
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
@@ -130,3 +131,17 @@ def dequantize(kernel: Any, scale: Any) -> np.ndarray:
         if 1 < n < w:
             s = np.repeat(s, w // n, axis=ax)
     return k * s
+
+
+def define_flags(fv: flags.FlagValues, help_text: str) -> None:
+    """``--quantize``, ``--quantize-activations`` and ``--group-size`` on ``fv`` (the benchmarks'
+    flags; configs use ``--config.quantize``)."""
+    flags.DEFINE_enum("quantize", "none", list(MODES), help_text, flag_values=fv)
+    flags.DEFINE_bool("quantize-activations", False, "with --quantize int8: int8 activations too (w8a8)",
+                      flag_values=fv)
+    flags.DEFINE_integer("group-size", 128, "int4: inputs per scale", flag_values=fv)
+
+
+def from_flags(fv: flags.FlagValues) -> QuantConfig:
+    """The :class:`QuantConfig` of the flags :func:`define_flags` defined."""
+    return QuantConfig(fv.quantize, fv["group-size"].value, fv["quantize-activations"].value)

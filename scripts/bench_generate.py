@@ -32,7 +32,6 @@ from flax import nnx
 
 import cgjax
 from cgjax import commandline, flops, quantize
-from cgjax.quantize import QuantConfig
 from converters import hf_llava
 from converters.tiny_llava import SIZES, make_llava_checkpoint
 
@@ -48,10 +47,7 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
     flags.DEFINE_integer("repeats", 5, "interleaved timed calls per side (the fastest is reported)", flag_values=fv)
     flags.DEFINE_enum("size", "small", sorted(SIZES), "random LLaVA size (converters.tiny_llava)", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "both sides' dtype", flag_values=fv)
-    flags.DEFINE_enum("quantize", "none", list(quantize.MODES), "cgjax's quantized base (and the PyTorch "
-                      "dynamic int8 peer)", flag_values=fv)
-    flags.DEFINE_bool("quantize-activations", False, "int8 activations too (w8a8)", flag_values=fv)
-    flags.DEFINE_integer("group-size", 128, "int4 group size", flag_values=fv)
+    quantize.define_flags(fv, "cgjax's quantized base (and the PyTorch dynamic int8 peer)")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -61,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def run(args: flags.FlagValues) -> dict:
     """The benchmark from the parsed flags of :func:`define_flags`."""
-    quant = QuantConfig(args.quantize, args["group-size"].value, args["quantize-activations"].value)
+    quant = quantize.from_flags(args)
 
     import torch  # optional [torch] extra
 

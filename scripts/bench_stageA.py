@@ -43,7 +43,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cgjax import commandline, flops, quantize, steps
 from cgjax.concepts import gating
 from cgjax.concepts.model import ConceptLlava
-from cgjax.quantize import QuantConfig
 from converters import hf_llava
 from converters.tiny_llava import make_llava_model
 
@@ -83,10 +82,7 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
     flags.DEFINE_integer("rounds", 7, "interleaved rounds (the median is reported)", flag_values=fv)
     flags.DEFINE_bool("no-compile", False, "skip torch.compile", flag_values=fv)
     flags.DEFINE_bool("no-full", False, "skip the cgjax reference row without the prefix shortcut", flag_values=fv)
-    flags.DEFINE_enum("quantize", "none", list(quantize.MODES),
-                      "also time cgjax on the quantized base (a cgjax_<mode> row, same step, same inputs)", flag_values=fv)
-    flags.DEFINE_bool("quantize-activations", False, "with --quantize int8: int8 activations too", flag_values=fv)
-    flags.DEFINE_integer("group-size", 128, "int4 group size", flag_values=fv)
+    quantize.define_flags(fv, "also time cgjax on the quantized base (a cgjax_<mode> row, same step, same inputs)")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -113,57 +109,48 @@ def run(args: flags.FlagValues) -> dict:
                                topk_per_dim=1, max_concepts=N_SLOTS)
     model = ConceptLlava(llava, gcfg, rngs=nnx.Rngs(0))
     model.concepts.values.set_value(jnp.asarray(values0))
-    graphdef, trainable, frozen = nnx.split(model, steps.trainable_filter(("concepts/.*",)), ...)
     sc = steps.StepConfig(grad_accum=1, segment_weights=(0.0, 1.0, 0.0), reg_lambda=0.0,
                           prefix_len=N_HEAD + n_img, max_targets=N_TARGET)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     rep = NamedSharding(mesh, PartitionSpec())
     put = lambda t: jax.tree.map(lambda x: jax.device_put(x, rep), t)  # noqa: E731
-    params, frozen = put(nnx.to_pure_dict(trainable)), put(nnx.to_pure_dict(frozen))
-    state = put({"params": params, "opt_state": steps.make_optimizer(sc).init(params),
-                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)})
-    shardings = tuple(x.sharding for x in jax.tree.leaves(state))
     segs = np.where(labels != -100, 1, 0).astype(np.int32)
     batch = put({"input_ids": ids, "labels": labels.astype(np.int32), "segment_ids": segs,
                  "attention_mask": np.ones_like(ids), "pixel_values": pixels,
                  "scores": np.ones((B, 2), np.float32)})
     nan_at = jnp.full((2,), -1, jnp.int32)  # no fault injection
 
-    def jax_step():
-        nonlocal state
-        state, m = steps.train_step(graphdef, sc, False, shardings, state, frozen, batch, nan_at)
-        return m["loss"]
+    def stepper(concept_model, step_config):
+        """One compiled train step of ``concept_model`` (values trained), its state kept between calls."""
+        gdef, tr, fr = nnx.split(concept_model, steps.trainable_filter(("concepts/.*",)), ...)
+        # its own copy of the values: the step donates its state, and another stepper may share the model
+        params, fr = jax.tree.map(jnp.copy, put(nnx.to_pure_dict(tr))), put(nnx.to_pure_dict(fr))
+        box = {"state": put({"params": params, "opt_state": steps.make_optimizer(step_config).init(params),
+                             "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)})}
+        shardings = tuple(x.sharding for x in jax.tree.leaves(box["state"]))
 
+        def step():
+            box["state"], m = steps.train_step(gdef, step_config, False, shardings, box["state"], fr, batch, nan_at)
+            return m["loss"]
+
+        return step
+
+    jax_step = stepper(model, sc)
     t0 = time.perf_counter()
     first_jax = float(jax_step())
     jax_compile = time.perf_counter() - t0
     print(f"cgjax: first step (compile + run) {jax_compile:.1f} s, loss {first_jax:.6f}", flush=True)
 
     # the same step without the prefix shortcut (full-sequence backward and logits), for reference
-    sc_full = dataclasses.replace(sc, prefix_len=0, max_targets=0)
-    state_full = jax.tree.map(jnp.copy, state)
+    jax_full_step = stepper(model, dataclasses.replace(sc, prefix_len=0, max_targets=0))
 
-    def jax_full_step():
-        nonlocal state_full
-        state_full, m = steps.train_step(graphdef, sc_full, False, shardings, state_full, frozen, batch, nan_at)
-        return m["loss"]
-
-    quant = QuantConfig(args.quantize, args["group-size"].value, args["quantize-activations"].value)
+    quant = quantize.from_flags(args)
     q_row = None
     if quant.enabled:  # the same step on the quantized base (frozen weights int8/int4, values fp32)
         qmodel = ConceptLlava(hf_llava.load(hf, quant=quant), gcfg, rngs=nnx.Rngs(0))
         qmodel.concepts.values.set_value(jnp.asarray(values0))
-        q_graphdef, q_trainable, q_frozen = nnx.split(qmodel, steps.trainable_filter(("concepts/.*",)), ...)
-        q_params, q_frozen = put(nnx.to_pure_dict(q_trainable)), put(nnx.to_pure_dict(q_frozen))
-        q_state = put({"params": q_params, "opt_state": steps.make_optimizer(sc).init(q_params),
-                       "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)})
+        q_step = stepper(qmodel, sc)
         q_row = f"cgjax_{quant.mode}" + ("_w8a8" if quant.activations else "")
-
-        def q_step():
-            nonlocal q_state
-            q_state, m = steps.train_step(q_graphdef, sc, False, shardings, q_state, q_frozen, batch, nan_at)
-            return m["loss"]
-
         t0 = time.perf_counter()
         first_q = float(q_step())
         print(f"{q_row}: first step (compile + run) {time.perf_counter() - t0:.1f} s, loss {first_q:.6f} "
