@@ -28,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from absl import flags
+from flax import nnx
+
+from cgjax import sharding
 
 MODES = ("none", "int8", "int4")
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
@@ -145,3 +148,35 @@ def define_flags(fv: flags.FlagValues, help_text: str) -> None:
 def from_flags(fv: flags.FlagValues) -> QuantConfig:
     """The :class:`QuantConfig` of the flags :func:`define_flags` defined."""
     return QuantConfig(fv.quantize, fv["group-size"].value, fv["quantize-activations"].value)
+
+
+def quantize_model(float_model, quantized_abstract, mesh=None, rules=None):
+    """Fill ``quantized_abstract`` (the same architecture built with an enabled ``quant``, under
+    ``nnx.eval_shape``) from ``float_model``: each weight that has a ``*_scale`` sibling is
+    quantized in its sharding (``mesh`` + logical-axis ``rules``), every other value is copied in
+    its dtype. The float model's values are released one by one; returns the filled model."""
+    qstate = nnx.state(quantized_abstract)
+    qflat = dict(nnx.to_flat_state(qstate))
+    fflat = dict(nnx.to_flat_state(nnx.state(float_model)))
+    if mesh is not None:
+        sh = dict(nnx.to_flat_state(sharding.state_shardings(qstate, mesh, rules or sharding.DEFAULT_RULES)))
+        where = lambda path: sh[path].get_value()  # noqa: E731
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        where = lambda path: one  # noqa: E731
+    new = []
+    for path, var in qflat.items():
+        if path[-1].endswith(SCALE_SUFFIX):
+            continue
+        value = fflat.pop(path).get_value()
+        scale = path[:-1] + (path[-1] + SCALE_SUFFIX,)
+        if scale in qflat:
+            fn = jax.jit(lambda w, s=tuple(qflat[scale].get_value().shape), t=var.get_value().dtype:
+                         quantize_array(w, s, t), out_shardings=(where(path), where(scale)))
+            q, sc = fn(value)
+            new += [(path, var.replace(q)), (scale, qflat[scale].replace(sc))]
+        else:
+            new.append((path, var.replace(jax.device_put(jnp.asarray(value, var.get_value().dtype), where(path)))))
+        del value
+    nnx.update(quantized_abstract, nnx.from_flat_state(new))
+    return quantized_abstract

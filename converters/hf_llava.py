@@ -331,7 +331,8 @@ def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rul
                compute_dtype=None, quant: QuantConfig | None = None):
     """Inverse of :func:`save_orbax` -> :class:`Llava` (parameters in ``dtype`` if given, else as saved;
     ``compute_dtype`` defaults to ``dtype``). With ``mesh`` the parameters are restored directly
-    into their shardings."""
+    into their shardings. ``quant``: a quantized checkpoint must have been saved with the same
+    settings; an unquantized one is quantized after the restore (the float model is held once)."""
     path = persistence.resolve(path)  # a local folder or a URL (gs://): orbax reads either
     cfg_path = persistence.join(path, "config.json")
     if not persistence.exists(cfg_path):
@@ -345,12 +346,14 @@ def load_orbax(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, rul
                          f"activations {saved.activations}); this run asks quantize={quant.mode} (group size "
                          f"{quant.group_size}, activations {quant.activations}): use the same settings, or the "
                          "unquantized checkpoint")
-    if quant.enabled and not saved.enabled:
-        raise ValueError(f"{path} holds an unquantized base and this run asks quantize={quant.mode}: quantize it "
-                         "while loading the HF checkpoint instead (or save a quantized one with "
-                         "`python -m converters.hf_llava to-orbax SRC DST --quantize " + quant.mode + "`)")
     pdt = jnp.float32 if dtype is None else dtype
     cdt = pdt if compute_dtype is None else compute_dtype
+    if quant.enabled and not saved.enabled:  # an unquantized checkpoint: restored, then quantized weight by weight
+        model = load_orbax(path, dtype, mesh, rules_table, compute_dtype=compute_dtype)
+        abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=cdt, param_dtype=pdt, rngs=nnx.Rngs(0), quant=quant))
+        quantize.quantize_model(model, abstract, mesh, rules_table)
+        abstract.source_dir, abstract.source_layout = path, "saved"
+        return abstract
     abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=cdt, param_dtype=pdt, rngs=nnx.Rngs(0), quant=quant))
     state = nnx.state(abstract, nnx.Param)
     if mesh is not None:

@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cgjax import commandline, flops, quantize, steps
 from cgjax.concepts import gating
 from cgjax.concepts.model import ConceptLlava
+from cgjax.config import load_config, override
 from converters import hf_llava
 from converters.tiny_llava import make_llava_model
 
@@ -109,8 +110,12 @@ def run(args: flags.FlagValues) -> dict:
                                topk_per_dim=1, max_concepts=N_SLOTS)
     model = ConceptLlava(llava, gcfg, rngs=nnx.Rngs(0))
     model.concepts.values.set_value(jnp.asarray(values0))
-    sc = steps.StepConfig(grad_accum=1, segment_weights=(0.0, 1.0, 0.0), reg_lambda=0.0,
-                          prefix_len=N_HEAD + n_img, max_targets=N_TARGET)
+    # the trainer's StepConfig.from_config: the Stage A config with this benchmark's settings pinned
+    config = override(load_config("stageA.py:preset=demo"), **{
+        "grad_accum": 1, "loss.w_keys": 1.0, "loss.w_reason": 0.0, "loss.reg_lambda": 0.0, "optim.lr": 1.0,
+        "optim.weight_decay": 1e-4, "optim.clip_norm": 0.05, "optim.schedule": "constant",
+        "text.max_target_tokens": N_TARGET})
+    sc = steps.StepConfig.from_config(config, prefix_len=N_HEAD + n_img)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     rep = NamedSharding(mesh, PartitionSpec())
     put = lambda t: jax.tree.map(lambda x: jax.device_put(x, rep), t)  # noqa: E731

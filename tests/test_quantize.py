@@ -135,9 +135,10 @@ def test_saved_quantized_loads_as_it_is_and_refuses_another_mode(tiny, tmp_path)
         hf_llava.load_any(out, quant=QuantConfig("int4", 16))
     with pytest.raises(ValueError, match="quantize=int8.*this run asks quantize=none"):
         hf_llava.load_any(out)
+    # an unquantized params-only checkpoint is quantized as it loads: the same weights as from the HF one
     plain = hf_llava.save_orbax(hf_llava.load(tiny), str(tmp_path / "fp"))
-    with pytest.raises(ValueError, match="unquantized base and this run asks quantize=int8"):
-        hf_llava.load_any(plain, quant=cfg)
+    from_orbax = hf_llava.load_any(plain, quant=cfg)
+    np.testing.assert_array_equal(_logits(from_orbax, ids, pix), _logits(qmodel, ids, pix))
     with pytest.raises(ValueError, match="quantized weights"):  # never exported back as if it were the original
         hf_llava.export_tensors(qmodel)
 
