@@ -92,11 +92,11 @@ def run(args: flags.FlagValues) -> dict:
             modes = {"int8": QuantConfig("int8"), "int8 w8a8": QuantConfig("int8", activations=True),
                      f"int4 g{group}": QuantConfig("int4", group)}
             ids, pix, mask = _inputs(cfg, args.batch, args.text)
-            ref_logits = np.asarray(fp(input_ids=jnp.asarray(ids), pixel_values=jnp.asarray(pix))[0])
+            ref_logits = np.asarray(fp(input_ids=jnp.asarray(ids), pixel_values=jnp.asarray(pix)))  # [B, T, V]
             ref_tokens = np.asarray(cgjax.Generator(fp)(ids, pix, mask, max_new_tokens=args.new))
             for name, q in modes.items():
                 qm = hf_llava.load(path, quant=q)
-                logits = np.asarray(qm(input_ids=jnp.asarray(ids), pixel_values=jnp.asarray(pix))[0])
+                logits = np.asarray(qm(input_ids=jnp.asarray(ids), pixel_values=jnp.asarray(pix)))
                 tokens = np.asarray(cgjax.Generator(qm)(ids, pix, mask, max_new_tokens=args.new))
                 qb, fb = _quantized_bytes(qm)
                 r = {"kl": _kl(ref_logits, logits), "greedy_agreement": float((tokens == ref_tokens).mean()),
