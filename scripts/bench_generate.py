@@ -75,7 +75,7 @@ def run(args: flags.FlagValues) -> dict:
     tq = None
     if quant.enabled:  # the peer: PyTorch's dynamic int8 on the Linear layers cgjax quantizes
         names = {n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)
-                 and ("language_model.layers" in n or "multi_modal_projector" in n)}
+                 and ("language_model.layers" in n or "multi_modal_projector" in n or n.split(".")[-1] == "lm_head")}
         tq = torch.ao.quantization.quantize_dynamic(copy.deepcopy(hf).cpu(), names, dtype=torch.qint8).eval()
 
     B, n_img, n_txt = args.batch, cfg.num_image_tokens, args.text

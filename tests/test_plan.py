@@ -172,21 +172,22 @@ def test_inference_plan_llava_7b_on_one_and_two_v5e_chips():
 
 @pytest.mark.parametrize("mode,bits", [("int8", 8), ("int4", 4)])
 def test_quantized_7b_weights_and_the_single_chip_verdicts(mode, bits):
-    """llava-1.5-7b with config.quantize: the language model's decoder weights and the projector
-    take ``bits`` per parameter (+ one fp32 scale per output channel, or per 128 inputs for int4);
+    """llava-1.5-7b with config.quantize: the language model's linear weights (decoder layers,
+    lm_head) and the projector take ``bits`` per parameter (+ one fp32 scale per output channel, or per 128 inputs for int4);
     the rest stays bf16. Sizes from the published architecture, not from the planner's tables."""
     config = load_config("configs/stageA.py:preset=llava-1.5-7b")
     config.quantize = mode
     p = P.make_plan(config, model="llava-1.5-7b", mesh="data=1", device="tpu-v5e", gen_batch=4, gen_len=1024,
                     compile=False)
-    L, D, F, dv = 32, 4096, 11008, 1024
-    lm = L * (4 * D * D + 3 * D * F)  # q, k, v, o (32 heads x 128 = D, no GQA) + gate, up, down
+    L, D, F, dv, V = 32, 4096, 11008, 1024, 32064
+    lm = L * (4 * D * D + 3 * D * F) + D * V  # q, k, v, o (32 heads x 128 = D, no GQA) + gate, up, down; lm_head
     proj = dv * D + D * D
     quantized = lm + proj
-    if mode == "int8":  # one scale per output channel: q, k, v, o (D each), gate, up (F), down (D); projector (2 D)
-        scales = (L * (5 * D + 2 * F) + 2 * D) * 4
+    if mode == "int8":  # one scale per output channel: q, k, v, o (D each), gate, up (F), down (D); projector (2 D); lm_head (V)
+        scales = (L * (5 * D + 2 * F) + 2 * D + V) * 4
     else:  # one per output channel and 128 inputs (o_proj: per head, its 128 head dims)
-        scales = (L * (4 * (D // 128) * D + 2 * (D // 128) * F + (F // 128) * D) + (dv // 128) * D + (D // 128) * D) * 4
+        scales = (L * (4 * (D // 128) * D + 2 * (D // 128) * F + (F // 128) * D) + (dv // 128) * D + (D // 128) * D
+                  + (D // 128) * V) * 4
     assert p.n_llava == PUBLISHED["llava-1.5-7b"]  # scales are memory, not parameters
     want = (p.n_llava - quantized) * 2 + quantized * bits // 8 + scales
     assert p.memory["params_frozen"] == pytest.approx(want, rel=1e-6)

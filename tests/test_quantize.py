@@ -100,12 +100,15 @@ def _dequantized_float_model(tiny, qmodel):
 @pytest.mark.parametrize("cfg", [QuantConfig("int8"), QuantConfig("int4", 16)], ids=["int8", "int4"])
 def test_quantized_llava_is_the_dequantized_model(tiny, cfg):
     qmodel = hf_llava.load(tiny, quant=cfg)
-    kinds = {str(v.get_value().dtype) for p, v in nnx.to_flat_state(nnx.state(qmodel)) if p[-1] == "kernel"}
-    assert cfg.mode in kinds and "float32" in kinds  # the LM/projector quantized, the vision tower not
+    flat = [("/".join(map(str, p)), v.get_value().dtype) for p, v in nnx.to_flat_state(nnx.state(qmodel))]
+    lm_kernels = {str(d) for p, d in flat if p.endswith("kernel") and not p.startswith("vision_tower")}
+    assert lm_kernels == {cfg.mode}  # every linear weight of the LM and the projector
+    assert {str(d) for p, d in flat if p.startswith("vision_tower")} == {"float32"}  # the vision tower is not
     lm = qmodel.language_model.layers
     assert lm.mlp.up_proj.kernel.get_value().dtype == cfg.qtype
     assert qmodel.multi_modal_projector.linear_1.kernel.get_value().dtype == cfg.qtype
-    assert qmodel.language_model.lm_head.kernel.get_value().dtype == jnp.float32
+    assert qmodel.language_model.lm_head.kernel.get_value().dtype == cfg.qtype
+    assert qmodel.language_model.embed_tokens.embedding.get_value().dtype == jnp.float32
     ids, pix = _inputs(qmodel.config)
     np.testing.assert_allclose(_logits(qmodel, ids, pix), _logits(_dequantized_float_model(tiny, qmodel), ids, pix),
                                rtol=1e-4, atol=1e-4)

@@ -358,8 +358,8 @@ class LlamaForCausalLM(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, dtype=F32, param_dtype=F32, rngs: nnx.Rngs | None = None,
                  quant: QuantConfig | None = None):
-        """``quant``: the decoder layers' linear weights held quantized (the embeddings, norms and
-        ``lm_head`` stay in ``param_dtype``)."""
+        """``quant``: the linear weights held quantized -- the decoder layers' and an untied
+        ``lm_head`` (the embeddings and norms stay in ``param_dtype``; a tied head is the embedding)."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = jnp.dtype(dtype)
@@ -368,7 +368,7 @@ class LlamaForCausalLM(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Kernel((config.hidden_size, config.vocab_size), ("embed", "vocab"),
-                                  param_dtype=param_dtype, rngs=rngs)
+                                  param_dtype=param_dtype, rngs=rngs, quant=quant, name="lm_head")
 
     # -- pieces --------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -381,9 +381,8 @@ class LlamaForCausalLM(nnx.Module):
         """Final-normed hidden ``[..., D]`` -> fp32 logits ``[..., V]``."""
         if self.config.tie_word_embeddings:
             w = self.embed_tokens.embedding.get_value().T
-        else:
-            w = self.lm_head.kernel.get_value()
-        return (hidden @ w.astype(hidden.dtype)).astype(F32)
+            return (hidden @ w.astype(hidden.dtype)).astype(F32)
+        return self.lm_head(hidden).astype(F32)
 
     def hidden_states(self, inputs_embeds, attention_mask=None, position_ids=None,
                       cache: KVCache | None = None, return_attn_rows=None, prefill_len: int | None = None,

@@ -210,8 +210,8 @@ class Llava(nnx.Module):
 
     def __init__(self, config: LlavaConfig, *, dtype=F32, param_dtype=F32, rngs: nnx.Rngs | None = None,
                  quant: QuantConfig | None = None):
-        """``quant``: the language model's decoder weights and the projector held quantized
-        (:mod:`cgjax.quantize`); the vision tower, embeddings and ``lm_head`` are not."""
+        """``quant``: the language model's linear weights (decoder layers, untied ``lm_head``) and
+        the projector held quantized (:mod:`cgjax.quantize`); the vision tower and the embeddings are not."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = jnp.dtype(dtype)
