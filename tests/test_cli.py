@@ -4,6 +4,7 @@ planner takes ``--config.FIELD=VALUE`` overrides like ``scripts/train.py``. Each
 the user starts it (a subprocess); ``--helpfull`` and a mistyped flag only import it."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -53,7 +54,6 @@ BENCH = {
     "quality": ["sizes", "batch", "text", "new", "group-size"],
     "startup": ["images", "packed", "code", "repeats"],
 }
-COMMANDS.update({f"scripts/bench_{m}.py": kept for m, kept in BENCH.items()})
 
 
 def command(cmd: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -66,7 +66,22 @@ def command(cmd: str, *args: str, timeout: float = 120) -> subprocess.CompletedP
 
 def test_every_script_is_covered():
     scripts = {f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py")} - {"scripts/bench.py"}
-    assert scripts == {c for c in COMMANDS if c.startswith("scripts/")}
+    assert scripts == {c for c in COMMANDS if c.startswith("scripts/")} | {f"scripts/bench_{m}.py" for m in BENCH}
+
+
+@pytest.mark.parametrize("mode", sorted(BENCH))
+def test_benchmark_flags(mode):
+    """Each ``bench_<mode>.py`` defines its absl flags in ``define_flags`` (checked in this process: a
+    subprocess per benchmark would only re-import torch; ``bench.py generate`` runs as a subprocess below)."""
+    from absl import flags
+
+    spec = importlib.util.spec_from_file_location(f"bench_{mode}", REPO / "scripts" / f"bench_{mode}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fv = flags.FlagValues()
+    module.define_flags(fv, None)
+    missing = [f for f in BENCH[mode] if f not in fv]
+    assert not missing, f"bench_{mode}.py does not define {missing}"
 
 
 @pytest.mark.parametrize("cmd", sorted(COMMANDS))
