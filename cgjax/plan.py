@@ -762,8 +762,10 @@ def format_plan(p: Plan) -> str:
     chips = p.single_chip_fits()
     if chips:
         yes = lambda ok: "fits" if ok else "does NOT fit"  # noqa: E731
-        lines += ["", f"one chip (Colab / v5e-1): Stage {p.stage} step {_gib(p.total_per_device)} ({p.activations_source} "
-                  f"activations), {_gib(p.total_analytic)} (analytic activations); inference {_gib(p.inference['total'])}"]
+        both = (f" ({p.activations_source} activations), {_gib(p.total_analytic)} (analytic activations)"
+                if p.activations_compiled is not None else " (analytic activations)")
+        lines += ["", f"one chip (Colab / v5e-1): Stage {p.stage} step {_gib(p.total_per_device)}{both}; inference "
+                  f"{_gib(p.inference['total'])}"]
         for dev, train_ok, analytic_ok, infer_ok in chips:
             lines.append(f"  {dev.name:8} {_gib(dev.hbm_bytes):>10}: Stage {p.stage} {yes(train_ok)}"
                          + (f" ({yes(analytic_ok)} with the analytic activations)" if p.activations_compiled is not None
