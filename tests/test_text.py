@@ -112,6 +112,8 @@ def test_prompts_are_the_originals_bytes():
     assert b"2\xe2\x80\x933 concise" in infer.structured_prompt().encode()
     assert infer.natural_prompt() == ORIGINAL_NATURAL
     assert text.STAGE_A_PROMPT == ORIGINAL_STAGE_A and text.STAGE_B_PROMPTS == ORIGINAL_STAGE_B
+    assert text.SYSTEM == ("A chat between a curious human and an artificial intelligence assistant. The assistant "
+                           "gives helpful, detailed, and polite answers to the human's questions.")  # llava_v1
 
 
 def _original_stage_b_choice(artist, style, genre, seed):
