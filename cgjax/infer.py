@@ -92,10 +92,10 @@ def _join(names: Sequence[str]) -> str:
 
 def structured_prompt(dims: Sequence[str] = ("artist", "style", "genre"),
                       sentinels: tuple[str, str] = DEFAULT_SENTINELS) -> str:
-    """The original's structured prompt (its text with the issue's "2-3"; keys = ``dims`` + evidence)."""
+    """The original's structured prompt, byte for byte (its en dash in "2\u20133"; keys = ``dims`` + evidence)."""
     start, end = sentinels
     return (f"Between {start} and {end}, return only a compact JSON with keys {', '.join(list(dims) + ['evidence'])}. "
-            "Use 'Unknown' if uncertain. In 'evidence', write 2-3 concise sentences explaining your reasoning. "
+            "Use 'Unknown' if uncertain. In 'evidence', write 2\u20133 concise sentences explaining your reasoning. "
             "Do not include any text outside the JSON.")
 
 

@@ -3,7 +3,7 @@
 Three file formats, all read and written here:
 
 * the original ``concept_signals_<dim>.json``: a JSON list aligned 1:1 with the dataset records,
-  each ``{dim: {"<local concept index>": [1 - s, s], ...}}``, ``{}`` for a missing image;
+  each ``{dim: {"<local concept index>": [1 - s, s], ...}}``, ``{dim: {}}`` for a missing image;
 * the original ``concept_signals_<dim>.csv``: ``image_path,<label columns>,<dim>_top1_name,
   <dim>_top1_score,...`` (scores ``%.6f``, empty strings past the available concepts);
 * cgjax's keyed JSON (``format: cgjax.signals``): keyed by image path, carrying ``schema_version``,
@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import re
@@ -180,18 +181,23 @@ def read_signals_json(path: str | os.PathLike, records: Dataset | Sequence[Recor
 
 
 def signals_json_entries(signals: Signals, dims: Sequence[str] | None = None) -> list[dict]:
+    """One original list entry per image: ``{dim: {"<k>": [1 - s, s]}}`` for every dimension, as the
+    original's export writes it (an image without scores gets ``{dim: {}}``)."""
     dims = signals.dimensions if dims is None else tuple(dims)
     out = []
     for i in range(len(signals)):
         entry = {}
         for d in dims:
             row = signals.scores[d][i]
-            per = {str(k): [float(np.float32(1.0) - row[k]), float(row[k])]
-                   for k in range(row.shape[0]) if not np.isnan(row[k])}
-            if per:
-                entry[d] = per
+            entry[d] = {str(k): [float(np.float32(1.0) - row[k]), float(row[k])]
+                        for k in range(row.shape[0]) if not np.isnan(row[k])}
         out.append(entry)
     return out
+
+
+def signals_json_text(entries: Sequence[Mapping[str, Any]]) -> str:
+    """The original list file's bytes: ``json.dump(entries, f)`` (no indent, no final newline)."""
+    return json.dumps(list(entries))
 
 
 def write_signals_json(path: str | os.PathLike, signals: Signals,
@@ -199,11 +205,12 @@ def write_signals_json(path: str | os.PathLike, signals: Signals,
                        dims: Sequence[str] | None = None) -> None:
     """Writes the original list JSON, aligned with ``records`` (by image path) when given.
 
-    A record without signals gets ``{}``. Pairs are ``[1 - s, s]`` computed in float32.
+    A record without signals gets ``{dim: {}}``. Pairs are ``[1 - s, s]`` computed in float32. The
+    bytes are the original's ``json.dump`` (no indent, no final newline).
     """
     if records is not None:
         signals = signals.align(_image_paths_of(records))
-    persistence.write_json(path, signals_json_entries(signals, dims), indent=None)
+    persistence.write_text(path, signals_json_text(signals_json_entries(signals, dims)))
 
 
 # ------------------------------------------------------------------------------------------------
