@@ -1,5 +1,6 @@
 """Test set-up: 8 virtual CPU devices (for sharding tests), fp32 matmuls, quiet logs; the ``gcs`` server and
 the ``installed`` venv (a wheel of this checkout, installed the way users install it)."""
+import json
 import os
 import shutil
 import subprocess
@@ -46,11 +47,26 @@ def _check(cmd, what, timeout=300, **kw):
 
 
 @pytest.fixture(scope="session")
-def installed(tmp_path_factory):
+def installed(tmp_path_factory, request):
     """A wheel of this checkout installed (non-editable) into a fresh venv that sees the system's
     site-packages (jax, torch, ...): ``{"python": ..., "site": ..., "repo": ...}``. Run its Python with
-    ``-I`` (no PYTHONPATH, no script folder on sys.path) so nothing from a checkout can be imported."""
-    root = tmp_path_factory.mktemp("installed")
+    ``-I`` (no PYTHONPATH, no script folder on sys.path) so nothing from a checkout can be imported.
+    Under pytest-xdist the workers share one venv: the first builds it, under a file lock."""
+    if getattr(request.config, "workerinput", None) is None:
+        return _install(tmp_path_factory.mktemp("installed"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the run's folder, above each worker's own
+    with FileLock(str(shared / "installed.lock")):
+        done = shared / "installed.json"
+        if not done.exists():
+            root = shared / "installed"
+            root.mkdir()
+            done.write_text(json.dumps(_install(root)))
+        return json.loads(done.read_text())
+
+
+def _install(root) -> dict:
     # build from a copy: an in-tree build leaves build/ and *.egg-info in the checkout (and stale files in build/)
     src = root / "src"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
@@ -68,3 +84,14 @@ def installed(tmp_path_factory):
     site = _check([python, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                   "asking the venv for its site-packages").stdout.strip()
     return {"python": python, "site": site, "repo": REPO, "wheel": str(wheel)}
+
+
+#: The longest modules, collected first: the README's command runs the suite on two workers, one
+#: module at a time each (``-n 2 --dist loadscope``), so the long ones start early and the short
+#: ones fill the gaps at the end.
+LONGEST_FIRST = ("test_multiprocess.py", "test_faults.py", "test_demo.py", "test_notebook.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest keep their order
