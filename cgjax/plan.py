@@ -39,8 +39,8 @@ from cgjax.flops import attention_flops, param_counts, step_flops
 from cgjax.models.llava import Llava, LLAVA_PRESETS, LlavaConfig
 from cgjax.quantize import SCALE_SUFFIX, QuantConfig
 from cgjax.sharding import canonical_sharding
-from cgjax.steps import (StageLength, StepConfig, dtype_from_name, make_optimizer, path_str, prefix_length,
-                         stage_length, train_step, trainable_filter)
+from cgjax.steps import (StageLength, StepConfig, check_stage_length, dtype_from_name, make_optimizer, path_str,
+                         prefix_length, stage_length, train_step, trainable_filter)
 from converters.tiny_llava import SIZES
 
 GiB = 2**30
@@ -542,6 +542,7 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
     train_b = sum(per_device_bytes(p.shape, p.dtype, p.spec, amesh) for p in params if p.trainable)
     tparams = {p.path: jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params if p.trainable}
     spec_of = {(p.shape, np.dtype(p.dtype)): p.spec for p in params if p.trainable}
+    check_stage_length(config)  # exactly one of num_steps / num_epochs, as the trainer checks
     epochs = int(config.get("num_epochs", 0))
     length = stage_length(config, train_examples) if (train_examples or not epochs) else None
     # without the training set size a stage in epochs has no step count: a placeholder length for a

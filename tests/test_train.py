@@ -428,6 +428,10 @@ def test_resume_and_init_from_refuse_another_base_or_data_set(assets, run6, tmp_
     with pytest.raises(provenance.ProvenanceError, match=r"data set: config.init_from .* was trained on"):
         train.train_stage(config(assets, "B", num_steps=1, init_from=run6[0], **{"data.dataset_json": other_data}),
                           str(tmp_path / "b"))
+    # another optimizer layout (clip_mode) is refused before the restore, which would set the steps aside
+    with pytest.raises(ValueError, match=r"step 6: the saved training state differs .*optim.clip_mode"):
+        train.train_stage(config(assets, num_steps=8, **{"optim.clip_mode": "original_micro"}), wd)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4", "6"]
     out = train.train_stage(config(assets, num_steps=7, llava_checkpoint=other_base, accept_mismatch=True), wd)
     assert out["start_step"] == 6
 
