@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 from typing import Any, Callable, NamedTuple, Sequence
 
