@@ -26,8 +26,8 @@ from orbax.checkpoint import checkpoint_managers as cm
 from cgjax import multihost, persistence
 
 __all__ = ["manager", "abstract", "save", "restore", "restore_latest_good", "stage_dir", "has_checkpoints",
-           "read_meta", "saved_tree", "restore_state", "plain_manager", "save_step", "restore_step", "save_tree",
-           "restore_tree", "save_items", "read_items_meta", "restore_items_state"]
+           "read_meta", "saved_tree", "tree_differences", "restore_state", "plain_manager", "save_step",
+           "restore_step", "save_tree", "restore_tree", "save_items", "read_items_meta", "restore_items_state"]
 
 ITEMS = ("state", "meta")
 
@@ -150,6 +150,26 @@ def saved_tree(mngr, step: int):
     """The saved ``state`` tree of ``step`` as array metadata (shapes and dtypes; nothing is read)."""
     tree = mngr.item_metadata(int(step))["state"]
     return getattr(tree, "tree", tree)
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """``{"opt_state.inner_opt_state.1.0.mu.concepts.values": shape}`` of a live tree or of the
+    array metadata :func:`saved_tree` gives (orbax saves a named tuple as a dict of its fields)."""
+    def name(k):
+        return str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+
+    return {".".join(name(k) for k in path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
+
+
+def tree_differences(saved, like) -> list[str]:
+    """How the saved tree ``saved`` (:func:`saved_tree`) differs from the live ``like``: one line per
+    array only one of them has or that has another shape (empty when they match)."""
+    a, b = _leaf_shapes(saved), _leaf_shapes(like)
+    out = [f"{k}: saved only" for k in sorted(set(a) - set(b))]
+    out += [f"{k}: this run only" for k in sorted(set(b) - set(a))]
+    out += [f"{k}: shape {a[k]} saved, {b[k]} here" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+    return out
 
 
 def restore_state(mngr, step: int, abstract_state):

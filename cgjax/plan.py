@@ -39,8 +39,8 @@ from cgjax.flops import attention_flops, param_counts, step_flops
 from cgjax.models.llava import Llava, LLAVA_PRESETS, LlavaConfig
 from cgjax.quantize import SCALE_SUFFIX, QuantConfig
 from cgjax.sharding import canonical_sharding
-from cgjax.steps import (StepConfig, dtype_from_name, make_optimizer, path_str, prefix_length, train_step,
-                         trainable_filter)
+from cgjax.steps import (StageLength, StepConfig, check_stage_length, dtype_from_name, make_optimizer, path_str,
+                         prefix_length, stage_length, train_step, trainable_filter)
 from converters.tiny_llava import SIZES
 
 GiB = 2**30
@@ -319,6 +319,8 @@ class Plan:
     mfu: float
     warnings: list[str]
     notes: list[str]
+    length: StageLength | None = None  # the stage's resolved length; None: epochs without --train-examples
+    num_epochs: int = 0
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -493,8 +495,10 @@ def compile_train_step(model, config, sc, rules, mesh_shape: Mapping[str, int], 
 def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | None = None,
               device: str = "tpu-v5e", num_devices: int | None = None, model: str | None = None,
               concepts: str = DEFAULT_CONCEPTS, mfu: float = 0.4, gen_batch: int | None = None,
-              gen_len: int | None = None, compile: bool = True) -> Plan:  # noqa: A002 - the natural name
-    """Everything :func:`format_plan` prints, from shapes only (see the module docstring)."""
+              gen_len: int | None = None, compile: bool = True,  # noqa: A002 - the natural name
+              train_examples: int | None = None) -> Plan:
+    """Everything :func:`format_plan` prints, from shapes only (see the module docstring).
+    ``train_examples``: the training split's size, which turns ``config.num_epochs`` into steps."""
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; expected one of {sorted(DEVICES)}")
     if not 0 < mfu <= 1:
@@ -538,7 +542,12 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
     train_b = sum(per_device_bytes(p.shape, p.dtype, p.spec, amesh) for p in params if p.trainable)
     tparams = {p.path: jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params if p.trainable}
     spec_of = {(p.shape, np.dtype(p.dtype)): p.spec for p in params if p.trainable}
-    sc = StepConfig.from_config(config, prefix_len)
+    check_stage_length(config)  # exactly one of num_steps / num_epochs, as the trainer checks
+    epochs = int(config.get("num_epochs", 0))
+    length = stage_length(config, train_examples) if (train_examples or not epochs) else None
+    # without the training set size a stage in epochs has no step count: a placeholder length for a
+    # cosine schedule (it changes no figure here)
+    sc = StepConfig.from_config(config, prefix_len, num_steps=length.steps if length else 1)
     opt = jax.eval_shape(make_optimizer(sc).init, tparams)
     opt_b = sum(per_device_bytes(x.shape, x.dtype, spec_of.get((tuple(x.shape), np.dtype(x.dtype)), ()), amesh)
                 for x in jax.tree.leaves(opt))
@@ -621,7 +630,7 @@ def make_plan(config, *, config_spec: str = "", mesh: str | Mapping[str, int] | 
                 memory=memory, activations_analytic=act_analytic, activations_compiled=act_compiled,
                 compiled=compiled, compile_note=compile_note, compile_seconds=secs, kv=kv, inference=inference,
                 flops=flops, mfu=mfu,
-                warnings=warnings, notes=notes)
+                warnings=warnings, notes=notes, length=length, num_epochs=epochs)
 
     total = plan.total_per_device
     if total > dev.hbm_bytes:
@@ -671,6 +680,10 @@ def _seconds(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def _duration(s: float) -> str:
+    return _seconds(s) if s < 60 else f"{s / 60:.1f} min" if s < 3600 else f"{s / 3600:.1f} h"
+
+
 def format_plan(p: Plan) -> str:
     t, v = p.llava_cfg.text_config, p.llava_cfg.vision_config
     mesh = ",".join(f"{k}={s}" for k, s in p.mesh.items())
@@ -691,6 +704,9 @@ def format_plan(p: Plan) -> str:
         f"{'' if p.batch_sharded or p.n_devices == 1 else ', replicated'}), grad_accum {p.grad_accum}; "
         f"sequence {p.seq_len} = {p.n_image_tokens} image + {p.n_concept_tokens} concept slots + "
         f"{p.text_tokens} text",
+        "length    " + (p.length.describe() if p.length else
+                         f"{p.num_epochs} epochs (config.num_epochs): --train-examples N (the training split's "
+                         f"size) gives the steps"),
     ]
     if p.prefix_len:
         lines.append(f"          no-gradient prefix {p.prefix_len} tokens (prompt head + image), "
@@ -759,6 +775,8 @@ def format_plan(p: Plan) -> str:
               f"  expected step time at {p.mfu:.0%} MFU: {_seconds(p.step_seconds)} "
               f"({p.batch * p.seq_len / p.step_seconds:,.0f} tokens/s; an optimizer update every {p.grad_accum} "
               f"steps: {_seconds(p.step_seconds * p.grad_accum)})"]
+    if p.length:
+        lines.append(f"  the stage, {p.length.steps:,} steps: {_duration(p.step_seconds * p.length.steps)} at that MFU")
     chips = p.single_chip_fits()
     if chips:
         yes = lambda ok: "fits" if ok else "does NOT fit"  # noqa: E731
@@ -804,6 +822,8 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
                         "or an HF dir", flag_values=fv)
     flags.DEFINE_string("concepts", DEFAULT_CONCEPTS, "concept dimensions name=count,... (size the trained "
                         "values)", flag_values=fv)
+    flags.DEFINE_integer("train-examples", None, "training split size: turns config.num_epochs into steps",
+                         flag_values=fv)
     flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation for the step time", flag_values=fv)
     flags.DEFINE_integer("gen-batch", None, "KV cache batch (default config.val.batch_size)", flag_values=fv)
     flags.DEFINE_integer("gen-len", None, "KV cache length (default sequence + config.val.max_new_tokens)",
@@ -846,7 +866,9 @@ def to_json(p: Plan) -> dict:
             "total_analytic": p.total_analytic,
             "single_chip": {d.name: {"hbm": d.hbm_bytes, "stage_fits": t, "stage_fits_analytic": a,
                                      "inference_fits": i} for d, t, a, i in p.single_chip_fits()},
-            "flops": p.flops, "mfu": p.mfu, "step_seconds": p.step_seconds, "warnings": p.warnings,
+            "flops": p.flops, "mfu": p.mfu, "step_seconds": p.step_seconds,
+            "num_steps": p.length.steps if p.length else None, "updates": p.length.updates if p.length else None,
+            "num_epochs": p.num_epochs, "warnings": p.warnings,
             "notes": p.notes}
 
 
@@ -863,7 +885,8 @@ def run(fv: flags.FlagValues, *, stand_ins: bool = False) -> int:
         use_cpu_stand_ins(mesh_devices_needed(mesh, n))
     plan = make_plan(config, config_spec=fv["config"].config_filename, mesh=mesh, device=fv.device,
                      num_devices=n, model=fv.model, concepts=fv.concepts, mfu=fv.mfu,
-                     gen_batch=fv["gen-batch"].value, gen_len=fv["gen-len"].value, compile=not fv["no-compile"].value)
+                     gen_batch=fv["gen-batch"].value, gen_len=fv["gen-len"].value, compile=not fv["no-compile"].value,
+                     train_examples=fv["train-examples"].value)
     print(format_plan(plan))
     if fv.json:
         with open(fv.json, "w") as f:

@@ -10,13 +10,18 @@ Two exact shortcuts: with ``prefix_len`` (only the concept values train) the pre
 concept slots is encoded into a KV cache under ``stop_gradient`` and only the rest is
 differentiated; with ``max_targets`` only the supervised positions are projected to logits. The
 loss and the gradient equal a full forward's (tested).
+
+A stage's length (:func:`stage_length`) is ``config.num_steps`` or ``config.num_epochs`` passes
+over the training set, whichever is set (exactly one); the optimizer (:func:`make_optimizer`)
+clips once per update (cgjax) or, as the original, the running sum after every micro-batch
+(``optim.clip_mode``); :func:`carry_adam` hands AdamW's moments from Stage A to Stage B.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +48,7 @@ class StepConfig:
     decay_updates: int = 0
     end_lr_fraction: float = 0.0
     grad_accum: int = 4
+    clip_mode: str = "update"  # one of CLIP_MODES
     segment_weights: tuple[float, float, float] = (0.0, 1.0, 0.0)
     reg_lambda: float = 0.0075
     prefix_len: int = 0  # > 0: positions [0, prefix_len) are encoded without gradient (values-only training)
@@ -50,17 +56,33 @@ class StepConfig:
     use_concepts: bool = True
 
     @classmethod
-    def from_config(cls, config, prefix_len: int = 0) -> "StepConfig":
+    def from_config(cls, config, prefix_len: int = 0, num_steps: int | None = None) -> "StepConfig":
         """The steps' settings from a stage config (``configs/stage{A,B}.py``): used by the trainer,
-        the planner and the benchmarks alike. ``prefix_len``: see :func:`prefix_length`."""
+        the planner and the benchmarks alike. ``prefix_len``: see :func:`prefix_length`;
+        ``num_steps``: the stage's resolved length (:func:`stage_length`), which sizes a cosine
+        schedule without ``optim.decay_updates``. ``None``: ``config.num_steps``; a stage given in
+        epochs then needs it only for that schedule. The constant schedule has no length (0: the
+        compiled step does not change with the stage's length)."""
+        accum = max(1, int(config.grad_accum))
+        decay = int(config.optim.decay_updates)
+        if str(config.optim.schedule) == "constant":
+            decay = 0
+        elif not decay:
+            if num_steps is None:
+                check_stage_length(config)
+                num_steps = int(config.num_steps)
+            if not num_steps:
+                raise ValueError(f"config.optim.schedule={str(config.optim.schedule)!r} with config.num_epochs: "
+                                 f"the schedule's length needs the training set size (stage_length), or set "
+                                 f"config.optim.decay_updates")
+            decay = max(1, int(num_steps) // accum)
         return cls(
             lr=float(config.optim.lr), weight_decay=float(config.optim.weight_decay),
             clip_norm=float(config.optim.clip_norm), b1=float(config.optim.b1), b2=float(config.optim.b2),
             eps=float(config.optim.eps), schedule=str(config.optim.schedule),
-            warmup_updates=int(config.optim.warmup_updates),
-            decay_updates=(int(config.optim.decay_updates)
-                           or max(1, int(config.num_steps) // max(1, int(config.grad_accum)))),
+            warmup_updates=int(config.optim.warmup_updates), decay_updates=decay,
             end_lr_fraction=float(config.optim.end_lr_fraction), grad_accum=int(config.grad_accum),
+            clip_mode=str(config.optim.get("clip_mode", "update")),
             segment_weights=(0.0, float(config.loss.w_keys), float(config.loss.w_reason)),
             reg_lambda=float(config.loss.reg_lambda), prefix_len=int(prefix_len),
             max_targets=int(config.text.get("max_target_tokens", 0)),
@@ -68,7 +90,66 @@ class StepConfig:
 
 
 SCHEDULES = ("constant", "warmup_cosine")
+# "update": clip the averaged gradient once per optimizer update (cgjax); "original_micro": the
+# original's clip_grad_norm_ after every micro-batch, on the running sum it accumulates
+CLIP_MODES = ("update", "original_micro")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLength:
+    """A stage's length, resolved: ``steps`` batches of ``batch_size`` (``updates`` optimizer updates)."""
+
+    steps: int
+    updates: int
+    num_epochs: int = 0  # > 0: the length was given in epochs
+    n_train: int = 0  # the training set size it was resolved with (epochs only)
+    batch_size: int = 0
+    grad_accum: int = 1
+
+    def describe(self) -> str:
+        """One line for the log: how the steps were obtained."""
+        if not self.num_epochs:
+            return (f"{self.steps} steps (config.num_steps) of batch {self.batch_size}, {self.updates} optimizer "
+                    f"updates (grad_accum {self.grad_accum})")
+        per_epoch = -(-self.n_train // self.batch_size)
+        return (f"{self.num_epochs} epochs (config.num_epochs) of {self.n_train} training examples at batch "
+                f"{self.batch_size} ({per_epoch} batches each) = {self.steps} steps, {self.updates} optimizer "
+                f"updates (grad_accum {self.grad_accum})")
+
+
+def check_stage_length(config) -> None:
+    """Exactly one of ``config.num_steps`` and ``config.num_epochs`` is set (> 0), the other 0;
+    run before anything loads. Else a ``ValueError`` naming both fields and the fix."""
+    steps, epochs = int(config.num_steps), int(config.get("num_epochs", 0))
+    if steps < 0 or epochs < 0:
+        raise ValueError(f"config.num_steps={steps} / config.num_epochs={epochs}: neither may be negative")
+    if steps > 0 and epochs > 0:
+        raise ValueError(f"config.num_steps={steps} and config.num_epochs={epochs} are both set: a stage's length "
+                         f"is one or the other; set the one you do not want to 0 (e.g. --config.num_epochs=0 "
+                         f"--config.num_steps={steps})")
+    if steps == 0 and epochs == 0:
+        raise ValueError("config.num_steps and config.num_epochs are both 0: set one of them (> 0)")
+
+
+def stage_length(config, n_train: int | None = None) -> StageLength:
+    """The stage's steps from ``config.num_steps``, or from ``config.num_epochs`` and ``n_train``
+    (the training split's size): an epoch is ``ceil(n_train / batch_size)`` batches (the original's
+    loader), and the total is rounded up to a multiple of ``grad_accum`` so the stage ends on an
+    optimizer update. (The original also updated on each epoch's last, partial accumulation; where
+    an epoch's batches divide by ``grad_accum``, as its 44 batches of 175 images at batch 4 by 4,
+    the update counts are equal: 100 epochs = 4,400 steps = 1,100 updates.)"""
+    check_stage_length(config)
+    batch, accum, epochs = int(config.batch_size), max(1, int(config.grad_accum)), int(config.get("num_epochs", 0))
+    if not epochs:
+        steps = int(config.num_steps)
+        return StageLength(steps, steps // accum, batch_size=batch, grad_accum=accum)
+    if n_train is None:
+        raise ValueError(f"config.num_epochs={epochs}: the step count needs the training set size")
+    if n_train < 1:
+        raise ValueError(f"config.num_epochs={epochs}: the training set is empty")
+    steps = -(-epochs * -(-int(n_train) // batch) // accum) * accum
+    return StageLength(steps, steps // accum, epochs, int(n_train), batch, accum)
 
 
 def lr_schedule(sc: StepConfig) -> optax.Schedule:
@@ -82,12 +163,67 @@ def lr_schedule(sc: StepConfig) -> optax.Schedule:
 
 
 def make_optimizer(sc: StepConfig) -> optax.GradientTransformation:
-    """``MultiSteps(clip_by_global_norm -> AdamW)``: gradients averaged over ``grad_accum`` steps,
-    clipped, then one AdamW update (torch AdamW semantics: decoupled decay scaled by the lr)."""
-    inner = optax.adamw(lr_schedule(sc), b1=sc.b1, b2=sc.b2, eps=sc.eps, weight_decay=sc.weight_decay)
+    """AdamW (torch semantics: decoupled decay scaled by the lr), one update every ``grad_accum``
+    steps. ``clip_mode`` "update": ``MultiSteps(clip_by_global_norm -> AdamW)``, the gradients
+    averaged over the steps, clipped once. "original_micro": :func:`accumulate_clipped`, the
+    original's running sum clipped after every step, its sum (not the mean) fed to AdamW."""
+    adamw = optax.adamw(lr_schedule(sc), b1=sc.b1, b2=sc.b2, eps=sc.eps, weight_decay=sc.weight_decay)
+    if sc.clip_mode == "original_micro":
+        return accumulate_clipped(adamw, max(1, sc.grad_accum), sc.clip_norm)
+    if sc.clip_mode != "update":
+        raise ValueError(f"unknown clip_mode {sc.clip_mode!r}; expected one of {', '.join(CLIP_MODES)}")
+    inner = adamw
     if sc.clip_norm > 0:
         inner = optax.chain(optax.clip_by_global_norm(sc.clip_norm), inner)
     return optax.MultiSteps(inner, every_k_schedule=max(1, sc.grad_accum))
+
+
+class AccumulateState(NamedTuple):
+    mini_step: jax.Array  # steps accumulated since the last update
+    acc_grads: Any  # the running (clipped) sum
+    inner_opt_state: Any
+
+
+def clip_like_torch(tree, max_norm: float):
+    """``torch.nn.utils.clip_grad_norm_``: scaled by ``min(1, max_norm / (norm + 1e-6))``."""
+    norm = optax.tree.norm(tree)
+    coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: (g * coef).astype(g.dtype), tree)
+
+
+def accumulate_clipped(inner: optax.GradientTransformation, every_k: int, max_norm: float
+                       ) -> optax.GradientTransformation:
+    """The original's accumulation (``loss.backward(); clip_grad_norm_(values, max_norm)`` per
+    micro-batch, ``optimizer.step(); zero_grad()`` every ``every_k``): each step's gradient is added
+    to a running sum, the sum is clipped (``max_norm`` > 0, :func:`clip_like_torch`), and every
+    ``every_k``-th step ``inner`` is applied to that sum and the sum restarts at zero."""
+
+    def init(params):
+        return AccumulateState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params), inner.init(params))
+
+    def update(grads, state, params=None):
+        acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), state.acc_grads, grads)
+        if max_norm > 0:
+            acc = clip_like_torch(acc, max_norm)
+
+        def apply(_):
+            updates, inner_state = inner.update(acc, state.inner_opt_state, params)
+            return updates, AccumulateState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, acc), inner_state)
+
+        def hold(_):
+            return jax.tree.map(jnp.zeros_like, acc), AccumulateState(state.mini_step + 1, acc, state.inner_opt_state)
+
+        return jax.lax.cond(state.mini_step >= every_k - 1, apply, hold, None)
+
+    return optax.GradientTransformation(init, update)
+
+
+def carry_adam(saved, fresh):
+    """The optimizer state a stage starts with when it carries the previous stage's (``saved``,
+    restored into ``fresh``'s structure): AdamW's moments and step count from ``saved``; the rest
+    (a partial accumulation, the schedule's count: this stage's schedule starts at 0) from ``fresh``."""
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    return jax.tree.map(lambda f, s: s if is_adam(f) else f, fresh, saved, is_leaf=is_adam)
 
 
 def forward(model: ConceptLlava, batch, sc: StepConfig, with_reg: bool):

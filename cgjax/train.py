@@ -52,8 +52,9 @@ from cgjax.multihost import Preemption, gather_host_strings, host_data_state
 from cgjax.preprocess import PREPROCESS_MODES, llava_preprocess_config
 from cgjax.quantize import QuantConfig
 from cgjax.sharding import canonical_sharding
-from cgjax.steps import (DTYPES, SCHEDULES, StepConfig, dtype_from_name, eval_step, greedy_generate, lr_schedule,
-                         make_optimizer, path_str, prefix_length, train_step, trainable_filter)
+from cgjax.steps import (CLIP_MODES, DTYPES, SCHEDULES, StepConfig, carry_adam, check_stage_length, dtype_from_name,
+                         eval_step, greedy_generate, lr_schedule, make_optimizer, path_str, prefix_length,
+                         stage_length, train_step, trainable_filter)
 from cgjax.text_rows import Collate, TextRows, parse_key_lines
 from converters import hf_llava
 
@@ -61,8 +62,8 @@ __all__ = ["train_stage", "Trainer", "load_trained_model", "STAGE_CHOICES"]
 
 # the enumerated fields of a stage config, checked before anything is loaded (cgjax.config.check_choices)
 STAGE_CHOICES = {"stage": ("A", "B"), "dtype": tuple(DTYPES), "param_dtype": tuple(DTYPES),
-                 "optim.schedule": SCHEDULES, "data.preprocess": PREPROCESS_MODES, "quantize": quantize.MODES,
-                 "export.pt_dtype": tuple(DTYPES)}
+                 "optim.schedule": SCHEDULES, "optim.clip_mode": CLIP_MODES, "data.preprocess": PREPROCESS_MODES,
+                 "quantize": quantize.MODES, "export.pt_dtype": tuple(DTYPES)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +145,9 @@ class Trainer:
         self.n_head = int(np.argmax(probe.input_ids == self.image_token_id))
         prefix_len = prefix_length(self.trainable_paths, self.n_head, self.n_image_tokens)
 
-        self.sc = StepConfig.from_config(config, prefix_len)
+        # the stage's length: config.num_steps, or config.num_epochs over the training split
+        self.stage_length = stage_length(config, len(self.train_source))
+        self.sc = StepConfig.from_config(config, prefix_len, num_steps=self.stage_length.steps)
         self.nan_at = (int(config.debug.nan_at_step), int(config.debug.get("nan_grad_at_step", -1)))
         self.state_shardings: tuple | None = None
 
@@ -319,8 +322,10 @@ def load_trained_model(config, workdir: str) -> ConceptLlava:
 
 
 def _init_from(trainer: Trainer, state, config):
-    """Stage hand-off: params (and, with ``init_optimizer``, the optimizer state) from the latest
-    step of ``config.init_from``; the concept index must match."""
+    """Stage hand-off: params and, with ``init_optimizer`` (the default, as the original kept its
+    optimizer), AdamW's moments and step count (:func:`cgjax.steps.carry_adam`) from the latest step
+    of ``config.init_from``; the concept index, the trained parameters and (carrying it) the
+    optimizer state's layout must match."""
     directory = checkpoints.stage_dir(config.init_from)
     if not persistence.isdir(directory):
         raise FileNotFoundError(f"config.init_from: {directory} is not a checkpoint directory")
@@ -341,15 +346,40 @@ def _init_from(trainer: Trainer, state, config):
                          f"({', '.join(trainer.trainable_paths)})")
     abstract["params"] = jax.tree.map(lambda a, x: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=x.sharding),
                                       checkpoints.abstract(tree["params"], lambda x: None), state["params"])
-    if config.init_optimizer:
+    carry = bool(config.init_optimizer)
+    if carry:
+        diff = checkpoints.tree_differences({"opt_state": tree["opt_state"]}, {"opt_state": state["opt_state"]})
+        if diff:
+            mngr.close()
+            raise ValueError(f"config.init_from {directory} step {step}: its optimizer state differs from this "
+                             f"run's ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): the optimizer "
+                             f"settings differ (optim.clip_mode, optim.clip_norm, optim.schedule). Use the same, or "
+                             f"set config.init_optimizer=False to start this stage's optimizer fresh")
         abstract["opt_state"] = checkpoints.abstract(state["opt_state"], lambda x: x.sharding)
     got = checkpoints.restore_state(mngr, step, abstract)
     mngr.close()
     state = dict(state, params=got["params"])
-    if config.init_optimizer:
-        state["opt_state"] = got["opt_state"]
-    logging.info("initialised from %s step %d", directory, step)
+    if carry:
+        state["opt_state"] = carry_adam(got["opt_state"], state["opt_state"])
+    logging.info("initialised from %s step %d (%s)", directory, step,
+                 "values and AdamW moments" if carry else "values; optimizer fresh: config.init_optimizer=False")
     return state, int(step)
+
+
+def _check_resumable(mngr, step: int, state) -> None:
+    """Resuming needs the saved state's layout: another optimizer (optim.clip_mode, clip_norm,
+    schedule) or trained set is an error here, before the restore would set the checkpoints aside
+    as unreadable. A step whose metadata cannot be read is left to the restore's fall-back."""
+    try:
+        saved = checkpoints.saved_tree(mngr, step)
+    except Exception:  # noqa: BLE001 - a damaged step: restore_latest_good sets it aside and falls back
+        return
+    diff = checkpoints.tree_differences(saved, state)
+    if diff:
+        raise ValueError(f"{mngr.directory} step {step}: the saved training state differs from this run's "
+                         f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): resume with the optimizer "
+                         f"settings (optim.clip_mode, optim.clip_norm, optim.schedule) and config.trainable it was "
+                         f"trained with, or use another work dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,6 +393,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     Raises ``FloatingPointError`` on a NaN/inf loss (the last good checkpoint stays the latest).
     """
     check_choices(config, STAGE_CHOICES)  # a mistyped enumerated field fails here, not after the model loads
+    check_stage_length(config)  # exactly one of num_steps / num_epochs
     workdir = persistence.resolve(workdir)
     persistence.check_reachable(workdir, float(config.get("storage_timeout_s", 30)))  # before any compute
     persistence.makedirs(workdir)
@@ -384,13 +415,14 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     tr = Trainer(config, workdir)
     is_main = jax.process_index() == 0
     mngr = checkpoints.manager(persistence.join(workdir, "checkpoints"), config)
-    num_steps = int(config.num_steps)
+    num_steps = tr.stage_length.steps  # config.num_steps, or config.num_epochs resolved on the training split
     state = tr.init_state()
     ds = tr.train_dataset()
     it = iter(ds)
     start, init_step = 0, None
     latest = mngr.latest_step() if config.checkpoint.resume else None
     if latest is not None:
+        _check_resumable(mngr, latest, state)
         state, meta, latest = checkpoints.restore_latest_good(mngr, state)  # a truncated latest: the one before
         if meta.get("stage", tr.stage) != tr.stage:  # a work dir from before provenance.json
             raise ValueError(f"{mngr.directory} step {latest} is a Stage {meta['stage']} checkpoint; this run is "
@@ -411,8 +443,9 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
     def meta(step, it_state, val=None):
         # every host's grain state (orbax writes the metadata from the primary host only)
         by_process = gather_host_strings(json.dumps(it_state)) if jax.process_count() > 1 else None
-        return {"step": int(step), "stage": tr.stage, "data_iter": it_state, "concept_index": tr.index.to_json(),
-                "val": val or {}, "trainable": tr.trainable_paths, "process_count": jax.process_count(),
+        return {"step": int(step), "stage": tr.stage, "num_steps": num_steps, "data_iter": it_state,
+                "concept_index": tr.index.to_json(), "val": val or {}, "trainable": tr.trainable_paths,
+                "process_count": jax.process_count(),
                 **({"data_iter_by_process": by_process} if by_process else {})}
 
     seq_tokens = tr.batch_size * tr.length
@@ -423,6 +456,7 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
                        head_params=0 if text_cfg.tie_word_embeddings else text_cfg.hidden_size * text_cfg.vocab_size,
                        diff_len=tr.length - tr.sc.prefix_len, logit_positions=tr.sc.max_targets or None)
     if is_main:
+        logging.info("stage %s length: %s", tr.stage, tr.stage_length.describe())
         logging.info("stage %s: %d trainable parameters (%s), %d frozen; sequence %d (%d image + %d concept + "
                      "%d text); mesh %s; %.3g model FLOPs/step", tr.stage, tr.n_trainable,
                      ", ".join(tr.trainable_paths),
@@ -530,8 +564,9 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
             mngr.close()
             logs.close()
 
-    out: dict[str, Any] = {"stage": tr.stage, "step": done, "preempted": preempted, "history": history,
-                           "start_step": start, "checkpoint_dir": persistence.join(workdir, "checkpoints")}
+    out: dict[str, Any] = {"stage": tr.stage, "step": done, "num_steps": num_steps, "preempted": preempted,
+                           "history": history, "start_step": start,
+                           "checkpoint_dir": persistence.join(workdir, "checkpoints")}
     if init_step is not None:
         out["init_from_step"] = init_step
     out.update({k: last[k] for k in ("loss", "loss_keys", "loss_reason", "reg") if k in last})

@@ -12,7 +12,14 @@ Presets (``configs/stageA.py:preset=NAME``):
 Defaults follow the original training script (``train_concept_embedding.py``): K_max 6,
 threshold 0.75, backoff 0.05, top-k per dimension 2, budget 3, priority artist,style,genre,
 reg lambda 0.0075 every 4 steps, gradient accumulation 4, batch 4, AdamW lr 1.0 / wd 1e-4,
-clip 0.05, max_reason_tokens 64, seed 42.
+clip 0.05, max_reason_tokens 64, seed 42, 100 epochs per stage, the optimizer carried from
+Stage A into Stage B.
+
+A stage's length is ``num_epochs`` (passes over the training split, converted to steps from its
+size, ``batch_size`` and ``grad_accum``: ``cgjax.steps.stage_length``; the log and the planner
+print the result) or ``num_steps``: exactly one is set, the other 0; both set is an error. The
+``llava-1.5-7b`` preset trains 100 epochs (the original's 175 images: 4,400 steps, 1,100 updates);
+to give steps instead, ``--config.num_epochs=0 --config.num_steps=N``. The demo preset gives steps.
 """
 from __future__ import annotations
 
@@ -56,12 +63,16 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     # Resume / init_from refuse a work dir trained on another base checkpoint or data set (and resume
     # another stage); True accepts the mismatch with a warning.
     c.accept_mismatch = False
-    c.init_optimizer = False  # also take the optimizer state from init_from (the original kept it)
+    # with init_from: also take AdamW's moments and step count (the original kept its optimizer
+    # across the stages); False starts this stage's optimizer fresh
+    c.init_optimizer = True
     # What trains: regexes over "/"-joined parameter paths (big_vision style); the rest is frozen
     # and has no optimizer state.
     c.trainable = ("concepts/.*",)
 
-    c.num_steps = 200  # train steps; one step = one batch (an optimizer update every grad_accum steps)
+    # the stage's length: exactly one of these is > 0 (see the module docstring)
+    c.num_epochs = 100  # passes over the training split (the original's 100 per stage)
+    c.num_steps = 0  # train steps; one step = one batch (an optimizer update every grad_accum steps)
     c.batch_size = 4  # global batch per step
     c.grad_accum = 4
 
@@ -69,12 +80,15 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     c.optim.lr = 1.0
     c.optim.weight_decay = 1e-4
     c.optim.clip_norm = 0.05  # global norm over the trained parameters (0 = off)
+    # update: clip the averaged gradient once per update (cgjax); original_micro: the original's
+    # clip after every micro-batch on the running sum, AdamW fed that sum (cgjax.steps.CLIP_MODES)
+    c.optim.clip_mode = "update"
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.schedule = "constant"  # constant | warmup_cosine
     c.optim.warmup_updates = 0  # in optimizer updates (steps // grad_accum)
-    c.optim.decay_updates = 0  # cosine length in updates; 0 = until num_steps
+    c.optim.decay_updates = 0  # cosine length in updates; 0 = until the stage's end
     c.optim.end_lr_fraction = 0.0
 
     c.gating = ml_collections.ConfigDict()
@@ -178,6 +192,7 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
         # most sigmoid(sqrt(3))**1.25 = 0.82, and at the training script's 0.75 style and genre
         # got no token in about half of the images.
         c.gating.threshold = 0.6
+        c.num_epochs = 0  # the demo is short: 64 steps
         c.num_steps = 64
         c.checkpoint.every_steps = 16
         c.val.every_steps = 32

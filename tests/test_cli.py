@@ -24,7 +24,7 @@ COMMANDS = {
     "scripts/train.py": ["config", "workdir", *LAUNCH],
     "scripts/infer.py": ["config", *LAUNCH],
     "scripts/plan.py": ["config", "mesh", "num-devices", "device", "model", "concepts", "mfu", "gen-batch", "gen-len",
-                        "no-compile", "strict", "json"],
+                        "no-compile", "strict", "json", "train-examples"],
     "scripts/export.py": ["workdir", "out", "overwrite", "accept_mismatch", "stage-workdir", "prototypes-workdir",
                           "llava-checkpoint", "step"],
     "scripts/demo.py": ["workdir", "n_images", "image_size", "seed", "pretrain_steps", "clip_pretrain_epochs",

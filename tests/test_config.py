@@ -80,7 +80,8 @@ def test_cgjax_does_not_import_configs(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,nearest", [("optim.schedule", "warmup_cosin", "warmup_cosine"),
-                                                 ("quantize", "int16", "int8"), ("dtype", "bfloat", "bfloat16")])
+                                                 ("quantize", "int16", "int8"), ("dtype", "bfloat", "bfloat16"),
+                                                 ("optim.clip_mode", "original_micr", "original_micro")])
 def test_a_mistyped_choice_fails_before_anything_loads(tmp_path, field, value, nearest):
     """An enumerated field with a value it cannot take stops train_stage at once (no model, no data
     read: the checkpoint and data paths here do not even exist), naming the field and the nearest value."""
@@ -91,6 +92,20 @@ def test_a_mistyped_choice_fails_before_anything_loads(tmp_path, field, value, n
     config.llava_checkpoint = str(tmp_path / "no-such-llava")
     override(config, **{field: value})
     with pytest.raises(ValueError, match=rf"config\.{field}='{value}' \(did you mean '{nearest}'\?\)"):
+        train_stage(config, str(tmp_path / "work"))
+    assert not (tmp_path / "work").exists()
+
+
+def test_steps_and_epochs_both_set_fail_before_anything_loads(tmp_path):
+    """A stage's length is num_steps or num_epochs: both set (the production preset's 100 epochs and
+    a --config.num_steps) stops train_stage at once, naming both and the fix."""
+    from cgjax.train import train_stage
+
+    config = load_config("stageA.py:preset=llava-1.5-7b")
+    config.llava_checkpoint = str(tmp_path / "no-such-llava")
+    config.num_steps = 400
+    with pytest.raises(ValueError, match=r"config.num_steps=400 and config.num_epochs=100 are both set.*"
+                                         r"--config.num_epochs=0 --config.num_steps=400"):
         train_stage(config, str(tmp_path / "work"))
     assert not (tmp_path / "work").exists()
 

@@ -168,6 +168,14 @@ def test_inference_plan_llava_7b_on_one_and_two_v5e_chips():
     assert two.inference["fits"] and two.inference["weights"] < 0.51 * inf["weights"]
     assert two.inference["kv_cache"] == -(-kv_want // 2)  # the batch of 8 shards over fsdp=2
     assert "inference (scripts/infer.py" in P.format_plan(two)
+    # the stage's length: the preset's 100 epochs need the training set size to become steps
+    assert one.length is None and "100 epochs (config.num_epochs): --train-examples N" in P.format_plan(one)
+    three = P.make_plan(config, model="llava-1.5-7b", mesh="fsdp=2", device="tpu-v5e", compile=False,
+                        train_examples=175)  # the original's set: 44 batches of 4 an epoch, an update every 4
+    assert (three.length.steps, three.length.updates) == (4400, 1100)
+    text = P.format_plan(three)
+    assert "= 4400 steps, 1100 optimizer updates" in text and "the stage, 4,400 steps:" in text
+    assert P.to_json(three)["num_steps"] == 4400
 
 
 @pytest.mark.parametrize("mode,bits", [("int8", 8), ("int4", 4)])

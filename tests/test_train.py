@@ -81,6 +81,28 @@ def _checkpoint_values(workdir, step=None):
     return step, np.asarray(got["state"]["params"]["concepts"]["values"]), got["meta"], steps
 
 
+def _flat_state(workdir, step):
+    """A checkpoint's training state as ``{"opt_state.inner_opt_state.1.0.mu.concepts.values": array}``."""
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                 item_handlers={"state": ocp.StandardCheckpointHandler()})
+    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mngr.close()
+    key = lambda k: str(getattr(k, "key", getattr(k, "idx", k)))  # noqa: E731
+    return {".".join(key(k) for k in path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(got)[0]}
+
+
+def _one(flat, suffix):
+    (name,) = [k for k in flat if k.endswith(suffix)]
+    return flat[name]
+
+
+def _train_records(assets):
+    return sum(r.get("split") == "train" for r in json.load(open(assets["dataset_json"])))
+
+
 @pytest.fixture(scope="module")
 def run6(assets, tmp_path_factory):
     """Stage A, 6 uninterrupted steps (checkpoints every 2, the regulariser every 2)."""
@@ -132,8 +154,12 @@ def test_text_rows_and_collate(assets):
 
 
 def test_shortcuts_equal_full_forward(assets, tmp_path):
-    """The prefix without gradient + logits at the targets only = the full forward (loss, regulariser, gradient)."""
-    tr = train.Trainer(config(assets), str(tmp_path))
+    """The prefix without gradient + logits at the targets only = the full forward (loss, regulariser, gradient).
+    (The stage is given in epochs here: its steps and the cosine schedule's length come from the training split.)"""
+    tr = train.Trainer(config(assets, num_steps=0, num_epochs=2, **{"optim.schedule": "warmup_cosine"}), str(tmp_path))
+    n = _train_records(assets)
+    want = -(-2 * -(-n // 4) // 4) * 4  # 2 epochs of ceil(n / batch 4) batches, whole updates of 4 steps
+    assert tr.stage_length.steps == want and tr.sc.decay_updates == want // 4
     assert tr.sc.prefix_len == tr.n_head + tr.n_image_tokens > 0
     batch = tr.device_batch(next(iter(tr.train_dataset())), tr.TRAIN_KEYS)
     assert 0 < tr.sc.max_targets < tr.length - tr.sc.prefix_len
@@ -259,14 +285,27 @@ def test_stage_b_starts_from_stage_a(assets, run6, tmp_path):
     import torch
 
     wd_a, out_a = run6
-    c = config(assets, "B", num_steps=1, init_from=wd_a)  # 1 step < grad_accum: no update yet
+    # one update, after step 4 (grad_accum 4); the regulariser on every step: one compiled variant
+    c = config(assets, "B", num_steps=4, init_from=wd_a, **{"loss.attn_reg_interval": 1})
     c.val.at_end = True
     c.val.max_new_tokens = 8
     out = train.train_stage(c, str(tmp_path))
     assert out["init_from_step"] == 6
-    a = torch.load(out_a["pt"], weights_only=True)[6]["values"]
-    b = torch.load(out["pt"], weights_only=True)[1]["values"]
-    assert torch.equal(a, b)
+    a = torch.load(out_a["pt"], weights_only=True)[6]["values"].numpy()
+    # Stage A's values, unchanged until Stage B's first update (Stage A's 2 accumulated steps are not carried)
+    np.testing.assert_array_equal(_checkpoint_values(str(tmp_path), 2)[1], a)
+    # Stage B's first update continues Stage A's AdamW (torch.optim.AdamW's step, in NumPy): the
+    # moments, decayed from Stage A's, and its step count + 1 for the bias corrections
+    sa, sb = _flat_state(wd_a, 6), _flat_state(str(tmp_path), 4)
+    mu_a, nu_a, t_a = _one(sa, ".mu.concepts.values"), _one(sa, ".nu.concepts.values"), int(_one(sa, "0.count"))
+    mu_b, nu_b, t_b = _one(sb, ".mu.concepts.values"), _one(sb, ".nu.concepts.values"), int(_one(sb, "0.count"))
+    assert t_a == 1 and t_b == 2 and np.abs(mu_a).max() > 0
+    g = (mu_b.astype(np.float64) - 0.9 * mu_a) / 0.1  # the gradient Stage B's update applied
+    np.testing.assert_allclose(nu_b, 0.999 * nu_a.astype(np.float64) + 0.001 * g**2, rtol=1e-3, atol=1e-12)
+    want = a * (1 - 1e-4) - (mu_b / (1 - 0.9**2)) / (np.sqrt(nu_b / (1 - 0.999**2)) + 1e-8)
+    b = torch.load(out["pt"], weights_only=True)[4]["values"].numpy()
+    np.testing.assert_allclose(b, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(b - a).max() > 0.1
     assert out["loss_reason"] > 0 and out["loss_keys"] > 0
     for k in ("val_acc_artist", "val_acc_style", "val_acc_genre", "val_key_acc"):
         assert 0.0 <= out[k] <= 1.0
@@ -276,6 +315,10 @@ def test_stage_b_starts_from_stage_a(assets, run6, tmp_path):
     bad.gating.k_max = 4
     with pytest.raises(ValueError, match="concept index"):
         train.train_stage(bad, str(tmp_path / "bad"))
+    # another optimizer cannot carry Stage A's state: an error naming the way to start it fresh
+    other = config(assets, "B", num_steps=1, init_from=wd_a, **{"optim.clip_mode": "original_micro"})
+    with pytest.raises(ValueError, match=r"optimizer state differs .*config.init_optimizer=False"):
+        train.train_stage(other, str(tmp_path / "other"))
 
 
 def test_stage_b_in_a_stage_a_workdir_is_refused(assets, run6):
@@ -349,8 +392,11 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(assets, run6, tm
     biggest = max(data, key=os.path.getsize)
     with open(biggest, "r+b") as f:
         f.truncate(os.path.getsize(biggest) // 2)
-    out = train.train_stage(config(assets, num_steps=8), wd)
-    assert out["start_step"] == 4 and out["step"] == 8
+    n = _train_records(assets)  # one epoch: ceil(n / batch 4) batches, whole updates of 4 steps
+    want = -(-(-(-n // 4)) // 4) * 4
+    assert want > 6
+    out = train.train_stage(config(assets, num_steps=0, num_epochs=1), wd)
+    assert out["start_step"] == 4 and out["step"] == out["num_steps"] == want
     np.testing.assert_array_equal(out["history"][:2], run6[1]["history"][4:6])
     assert "cannot be restored" in caplog.text and "falling back to step 4" in caplog.text
     assert any(n.startswith("6.unreadable-") for n in os.listdir(os.path.join(wd, "checkpoints")))
@@ -382,6 +428,10 @@ def test_resume_and_init_from_refuse_another_base_or_data_set(assets, run6, tmp_
     with pytest.raises(provenance.ProvenanceError, match=r"data set: config.init_from .* was trained on"):
         train.train_stage(config(assets, "B", num_steps=1, init_from=run6[0], **{"data.dataset_json": other_data}),
                           str(tmp_path / "b"))
+    # another optimizer layout (clip_mode) is refused before the restore, which would set the steps aside
+    with pytest.raises(ValueError, match=r"step 6: the saved training state differs .*optim.clip_mode"):
+        train.train_stage(config(assets, num_steps=8, **{"optim.clip_mode": "original_micro"}), wd)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4", "6"]
     out = train.train_stage(config(assets, num_steps=7, llava_checkpoint=other_base, accept_mismatch=True), wd)
     assert out["start_step"] == 6
 
