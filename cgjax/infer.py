@@ -297,7 +297,8 @@ class Inferencer:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_workdirs(cls, llava_checkpoint: str, stage_workdir: str, prototypes: Any = None, signals: Any = None, *,
-                      signals_index: Mapping[str, Any] | None = None, clip_model_name: str | None = None, clip_checkpoint: str | None = None,
+                      signals_index: Mapping[str, Any] | None = None, clip_model_name: str | None = None,
+                      clip_checkpoint: str | None = None,
                       clip_batch_size: int = 32, signal_normalize: str | None = None,
                       signal_temperature: float | None = None, signal_clip: bool | None = None,
                       gating: Mapping[str, Any] | None = None, gating_from_stage: bool = True,

@@ -66,6 +66,6 @@ def resolve_dimensions(dataset_json: str | os.PathLike, *, targets_csv: str | os
     for where, dims in found[1:]:
         first, first_dims = found[0]
         if set(dims) != set(first_dims):
-            raise DimensionsError(None, None, f"the dimensions disagree: {first} has {list(first_dims)} but {where} has "
-                                        f"{list(dims)}; make them agree, or pass the dimensions explicitly")
+            raise DimensionsError(None, None, f"the dimensions disagree: {first} has {list(first_dims)} but {where} "
+                                              f"has {list(dims)}; make them agree, or pass the dimensions explicitly")
     return found[0][1] if found else DEFAULT_DIMENSIONS

@@ -1,9 +1,10 @@
 """Signal export: embeddings of the dataset's images -> post-processed signals -> files.
 
 Writes the original formats (``concept_signals_<dim>.json`` aligned 1:1 with the dataset records,
-with its concept index in the ``vocab.json`` beside it; the top-k CSV), cgjax's keyed format and the validate_signals report, with the original's bugs
-left out: every record gets its signal even when image paths repeat (the original filled only the
-last duplicate), CSV + zscore works for several dimensions, and images are encoded in batches.
+with its concept index in the ``vocab.json`` beside it; the top-k CSV), cgjax's keyed format and
+the validate_signals report, with the original's bugs left out: every record gets its signal even
+when image paths repeat (the original filled only the last duplicate), CSV + zscore works for
+several dimensions, and images are encoded in batches.
 Readers and writers are ``cgjax.data``'s.
 """
 from __future__ import annotations

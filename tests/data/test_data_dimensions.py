@@ -52,7 +52,8 @@ def test_disagreeing_dimensions_name_both_files(tmp_path):
     with pytest.raises(DimensionsError, match=r"t\.csv \(header\) has \['artist', 'style', 'genre'\] but .*" + want):
         load_data(path, targets_csv=csv, check_images=False)
     save_vocab(tmp_path / "vocab.json", {d: Vocabulary(d, []) for d in ("species", "habitat")})
-    with pytest.raises(DimensionsError, match=r"vocab\.json \('dimensions'\) has \['species', 'habitat'\] but .*" + want):
+    with pytest.raises(DimensionsError,
+                       match=r"vocab\.json \('dimensions'\) has \['species', 'habitat'\] but .*" + want):
         load_data(path, vocab=str(tmp_path / "vocab.json"), check_images=False)
     rep = V.validate_data(path, tmp_path, csv, check_images=False)
     assert len(rep.problems) == 1 and "t.csv (header)" in str(rep.problems[0]) and "birds.json" in str(rep.problems[0])
