@@ -8,9 +8,10 @@ Shapes are static: the output buffer (and the cache's new-token part) is rounded
 of two, so ``max_new_tokens`` values in the same bucket share one compiled function, and the
 loop bound, ``temperature``, ``top_p`` and the EOS / pad ids are traced values.
 
-The prefill and the decode loop run the decoder layers unrolled on per-layer weights. ``generate``
-slices them out of the stacked parameters inside every call; a :class:`Generator` lays them out
-once for all its calls.
+The prefill and the decode loop run the decoder layers either unrolled on per-layer weights
+(``layout="unrolled"``, the CPU default: ``generate`` slices them out of the stacked parameters
+inside every call, a :class:`Generator` lays them out once for all its calls) or as a scan over
+the stacked layers (``"scanned"``, the accelerator default: compile time flat in depth).
 """
 from __future__ import annotations
 
@@ -24,7 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["generate", "decode", "Generator"]
+__all__ = ["generate", "decode", "Generator", "LAYOUTS", "default_layout"]
+
+#: How generation runs the decoder stack (see :func:`decode`).
+LAYOUTS = ("unrolled", "scanned")
+
+
+def default_layout() -> str:
+    """``unrolled`` on a CPU (measured faster there: scripts/bench.py compile), ``scanned`` on an
+    accelerator, where a program flat in depth compiles in seconds at 32 layers."""
+    return "unrolled" if jax.default_backend() == "cpu" else "scanned"
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -52,15 +62,29 @@ def _select(logits, key, do_sample: bool, temperature, top_p):
 
 
 def decode(lm, inputs_embeds, attention_mask, n_new, temperature, top_p, eos_ids, pad_id, rng, *,
-           do_sample: bool, n_buf: int, layers=None) -> jax.Array:
+           do_sample: bool, n_buf: int, layers=None, layout: str = "unrolled") -> jax.Array:
     """Prefill ``inputs_embeds [B, T, D]`` into a KV cache, then decode up to ``n_new`` tokens
     in one ``while_loop`` (traceable: call it inside ``jit``). -> ``[B, n_buf]`` int32 token ids.
-    ``layers``: the decoder layers as separate modules (default: ``lm.unstacked_layers()``)."""
+
+    ``layout="unrolled"`` runs the decoder layers one by one on per-layer weights and caches
+    (``layers``, default ``lm.unstacked_layers()``): no slicing of stacked weights inside the
+    bandwidth-bound loop, but a program that grows with depth. ``"scanned"`` runs both phases as a
+    ``lax.scan`` over the stacked layers and ``[L, ...]`` cache: compile time flat in depth."""
     B, T = inputs_embeds.shape[:2]
-    # both phases run the layers unrolled on per-layer weights and caches (updated in place):
-    # no per-layer slicing of stacked weights inside the loop of a bandwidth-bound decode step
-    layers = lm.unstacked_layers() if layers is None else layers
-    h, cache = lm.prefill(inputs_embeds, attention_mask, layers, T + n_buf, last=1)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "scanned":
+        h, cache, _ = lm.hidden_states(inputs_embeds, attention_mask, prefill_len=T + n_buf, last=1)
+
+        def step(tok, cache):
+            h, cache, _ = lm.hidden_states(lm.embed(tok[:, None]), None, cache=cache)
+            return h, cache
+    else:
+        layers = lm.unstacked_layers() if layers is None else layers
+        h, cache = lm.prefill(inputs_embeds, attention_mask, layers, T + n_buf, last=1)
+
+        def step(tok, cache):
+            return lm.decode_step(lm.embed(tok[:, None]), layers, cache)
     tok = _select(lm.logits(h[:, -1]), jax.random.fold_in(rng, 0), do_sample, temperature, top_p)
     out = jnp.full((B, n_buf), pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos_ids)
@@ -71,7 +95,7 @@ def decode(lm, inputs_embeds, attention_mask, n_new, temperature, top_p, eos_ids
 
     def body(c):
         i, tok, done, cache, out = c
-        h, cache = lm.decode_step(lm.embed(tok[:, None]), layers, cache)
+        h, cache = step(tok, cache)
         nxt = _select(lm.logits(h[:, 0]), jax.random.fold_in(rng, i), do_sample, temperature, top_p)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
@@ -81,9 +105,9 @@ def decode(lm, inputs_embeds, attention_mask, n_new, temperature, top_p, eos_ids
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layers_def", "do_sample", "n_buf", "use_concepts"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "layers_def", "do_sample", "n_buf", "use_concepts", "layout"))
 def _run(graphdef, state, layers_def, layers_state, input_ids, pixel_values, attention_mask, scores, n_new,
-         temperature, top_p, eos_ids, pad_id, rng, *, do_sample: bool, n_buf: int, use_concepts: bool):
+         temperature, top_p, eos_ids, pad_id, rng, *, do_sample: bool, n_buf: int, use_concepts: bool, layout: str):
     model = nnx.merge(graphdef, state)
     lm = _language_model(model)
     if scores is not None:  # a ConceptLlava: image block = image features + gated concept slots
@@ -95,13 +119,13 @@ def _run(graphdef, state, layers_def, layers_state, input_ids, pixel_values, att
         embeds = lm.embed(input_ids)
     layers = None if layers_def is None else nnx.merge(layers_def, layers_state)
     return decode(lm, embeds, attention_mask, n_new, temperature, top_p, eos_ids, pad_id, rng,
-                  do_sample=do_sample, n_buf=n_buf, layers=layers)
+                  do_sample=do_sample, n_buf=n_buf, layers=layers, layout=layout)
 
 
 def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
              temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              rng: jax.Array | None = None, pad_token_id: int | None = None, concept_scores=None,
-             use_concepts: bool = True) -> jax.Array:
+             use_concepts: bool = True, layout: str | None = None) -> jax.Array:
     """New token ids ``[B, max_new_tokens]`` (int32).
 
     ``input_ids [B, T]`` left padded with ``attention_mask [B, T]`` (default: all ones);
@@ -114,8 +138,10 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     For a :class:`cgjax.concepts.model.ConceptLlava`, ``concept_scores [B, n_concepts]`` (the
     signals ``s``) select the concept tokens; ``use_concepts=False`` is the no-concept baseline.
     For many calls on one model, :class:`Generator` saves each call the layout of its layers.
+    ``layout``: ``"unrolled"`` or ``"scanned"`` decoder stack (:func:`decode`; default
+    :func:`default_layout`).
     """
-    return Generator(model, unstack_once=False)(
+    return Generator(model, unstack_once=False, layout=layout)(
         input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, eos_token_id=eos_token_id, rng=rng, pad_token_id=pad_token_id,
         concept_scores=concept_scores, use_concepts=use_concepts)
@@ -130,16 +156,22 @@ class Generator:
     instead of slicing them out of the stacked parameters inside every call, and holds that copy
     (the decoder's size again) for as long as it lives. The default is to do so on a CPU, where XLA
     copies the slices in every call anyway (a few percent of a call), and not on an accelerator,
-    where memory is the scarcer resource."""
+    where memory is the scarcer resource.
 
-    def __init__(self, model, *, unstack_once: bool | None = None):
+    ``layout`` (default :func:`default_layout`): ``"scanned"`` runs the stacked layers in a scan,
+    flat in depth to compile, and never lays them out (``unstack_once`` does not apply)."""
+
+    def __init__(self, model, *, unstack_once: bool | None = None, layout: str | None = None):
+        self.layout = default_layout() if layout is None else layout
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         self.model = model
         self._graphdef, state = nnx.split(model)
         self._state = jax.tree.map(lambda x: x, state)  # detached from the model's Variables: a snapshot
         self._layers_def = self._layers_state = None
         if unstack_once is None:
             unstack_once = jax.default_backend() == "cpu"
-        if unstack_once:
+        if unstack_once and self.layout == "unrolled":
             graphdef, defs = self._graphdef, []
 
             def unstack(s):  # traced once; the layers' graphdef is static, kept from the trace
@@ -184,7 +216,7 @@ class Generator:
         out = _run(self._graphdef, self._state, self._layers_def, self._layers_state, input_ids, pixel_values,
                    attention_mask, concept_scores, jnp.int32(max_new_tokens),
                    jnp.float32(max(float(temperature), 1e-6)), jnp.float32(top_p), eos_ids, jnp.int32(pad_token_id),
-                   rng, do_sample=do_sample, n_buf=n_buf, use_concepts=bool(use_concepts))
+                   rng, do_sample=do_sample, n_buf=n_buf, use_concepts=bool(use_concepts), layout=self.layout)
         return out[:, :max_new_tokens]
 
 

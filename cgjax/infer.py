@@ -58,7 +58,7 @@ from cgjax.data.schema import normalize_split, read_json
 from cgjax.data.signals import read_signals
 from cgjax.data.splits import SplitPolicy
 from cgjax.eval import saliency as sal
-from cgjax.generate import Generator
+from cgjax.generate import LAYOUTS, Generator
 from cgjax.losses import IGNORE_INDEX
 from cgjax.preprocess import PREPROCESS_MODES, llava_preprocess_config, preprocess_image
 from cgjax.prototypes import io as pio
@@ -77,7 +77,7 @@ DEFAULT_SENTINELS = ("<BEGIN_JSON>", "<END_JSON>")
 PROMPT_MODES = ("structured", "natural", "stageA", "stageB")
 # the enumerated fields of an inference config, checked first (cgjax.config.check_choices)
 INFER_CHOICES = {"dtype": tuple(DTYPES), "param_dtype": ("",) + tuple(DTYPES), "data.preprocess": PREPROCESS_MODES,
-                 "quantize": quantize.MODES}
+                 "quantize": quantize.MODES, "generation.layout": ("",) + LAYOUTS}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,10 +93,10 @@ def _join(names: Sequence[str]) -> str:
 
 def structured_prompt(dims: Sequence[str] = ("artist", "style", "genre"),
                       sentinels: tuple[str, str] = DEFAULT_SENTINELS) -> str:
-    """The original's structured prompt (its text with the issue's "2-3"; keys = ``dims`` + evidence)."""
+    """The original's structured prompt, byte for byte (its en dash in "2\u20133"; keys = ``dims`` + evidence)."""
     start, end = sentinels
     return (f"Between {start} and {end}, return only a compact JSON with keys {', '.join(list(dims) + ['evidence'])}. "
-            "Use 'Unknown' if uncertain. In 'evidence', write 2-3 concise sentences explaining your reasoning. "
+            "Use 'Unknown' if uncertain. In 'evidence', write 2\u20133 concise sentences explaining your reasoning. "
             "Do not include any text outside the JSON.")
 
 
@@ -251,7 +251,8 @@ class Inferencer:
                  images_root: str | None = None, batch_size: int = 8, max_new_tokens: int = 200,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  sentinels: tuple[str, str] = DEFAULT_SENTINELS, prompt_seed: int = 42, min_prompt_length: int = 0,
-                 mesh: jax.sharding.Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None):
+                 mesh: jax.sharding.Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None,
+                 layout: str | None = None):
         if head is None and signals is None:
             raise ValueError("Inferencer needs a prototype head or signals")
         self.model = model
@@ -267,6 +268,7 @@ class Inferencer:
         self.images_root = images_root
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
+        self.layout = layout or None  # the decoder stack in generation (cgjax.generate.LAYOUTS; None = by backend)
         self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
         self.sentinels = tuple(sentinels)
         self.prompt_seed = int(prompt_seed)
@@ -459,7 +461,7 @@ class Inferencer:
                      use_concepts: bool = True) -> list[np.ndarray]:
         """Generated ids per row (cut after the first EOS, which is kept), in fixed batches."""
         if self._generator is None or self._generator.model is not self.model:
-            self._generator = Generator(self.model)  # on a CPU: the layers laid out once for all batches
+            self._generator = Generator(self.model, layout=self.layout)  # unrolled (CPU): layers laid out once
         n = len(prompts)
         out: list[np.ndarray] = []
         B, L = self.batch_size, self.prompt_length
@@ -738,7 +740,7 @@ def run_inference(config) -> dict[str, str]:
         max_new_tokens=int(c.generation.max_new_tokens), temperature=float(c.generation.temperature),
         top_p=float(c.generation.top_p), seed=int(c.seed), sentinels=(c.prompt.sentinel_start, c.prompt.sentinel_end),
         prompt_seed=int(c.prompt.stage_b_seed), mesh=mesh, rules=rules, accept_mismatch=bool(c.accept_mismatch),
-        quant=QuantConfig.from_config(c))
+        quant=QuantConfig.from_config(c), layout=c.generation.layout or None)
 
     # answers already in reasoning.json under the same inference settings are kept, not recomputed
     fingerprint = inference_fingerprint(c)
@@ -812,10 +814,11 @@ def inference_fingerprint(config) -> str:
     """A hash of the settings that decide the answers (model, values, signals, gating, prompts,
     generation): answers written under the same fingerprint are reused by a rerun."""
     c = config
+    generation = {k: v for k, v in c.generation.to_dict().items() if k != "layout"}  # same tokens either way
     keys = {"llava_checkpoint": c.llava_checkpoint, "stage_workdir": c.stage_workdir, "step": int(c.step),
             "dtype": c.dtype, "param_dtype": c.param_dtype, "prototypes": c.prototypes.to_dict(),
             "signals": _paths(c.signals), "gating": c.gating.to_dict(), "prompt": c.prompt.to_dict(),
-            "generation": c.generation.to_dict(), "seed": int(c.seed), "preprocess": c.data.preprocess}
+            "generation": generation, "seed": int(c.seed), "preprocess": c.data.preprocess}
     if _paths(c.get("signals_index", "")):  # (absent when unset: earlier fingerprints are unchanged)
         keys["signals_index"] = _paths(c.signals_index)
     quant = QuantConfig.from_config(c)

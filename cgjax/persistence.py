@@ -28,10 +28,12 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 from etils import epath  # noqa: E402
 
+from cgjax import failpoints  # noqa: E402
+
 __all__ = ["is_url", "resolve", "join", "Path", "exists", "isdir", "makedirs", "read_text", "write_text",
            "write_bytes", "write_json", "write_file", "write_files", "upload_tree", "check_reachable", "keep_lines",
            "append_lines", "localize", "OUTPUT_MARKER", "OVERWRITE_HELP", "check_output_dir", "atomic_dir",
-           "replace_dir"]
+           "replace_dir", "remove_stale_temporaries"]
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -88,13 +90,16 @@ def write_files(files: Sequence[tuple[str | os.PathLike, Callable[[str], None]]]
             local_dir = os.path.dirname(os.path.abspath(path)) if not is_url(path) else None
             if local_dir:
                 os.makedirs(local_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=local_dir, prefix="." + os.path.basename(path) + ".tmp-")
+            if local_dir:
+                remove_stale_temporaries(path)
+            fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-")
             os.close(fd)
             staged.append((tmp, path, local_dir))
             write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         for tmp, path, local_dir in staged:
+            failpoints.hit("before_rename:" + os.path.basename(path))
             if local_dir:
                 os.chmod(tmp, 0o666 & ~umask)
                 os.replace(tmp, path)
@@ -106,6 +111,39 @@ def write_files(files: Sequence[tuple[str | os.PathLike, Callable[[str], None]]]
         for tmp, _, _ in staged:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Removes the temporaries a killed writer left beside the local file ``path``
+    (``.NAME.tmp-PID-...`` whose process is gone, or of the pid-less older form); -> their names.
+    Only the process that owns a file writes it, so a live pid's temporary is another writer's."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    prefix = f".{name}.tmp-"
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for n in names:
+        if not n.startswith(prefix):
+            continue
+        pid = n[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, n))
+            removed.append(n)
+    return removed
 
 
 def write_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:

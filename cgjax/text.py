@@ -57,10 +57,12 @@ def conversation(prompt: str) -> tuple[str, str]:
 
 
 def truncate_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
-    """``text`` cut to at most ``max_tokens`` tokens (no special tokens counted)."""
+    """``text`` cut as the original cut a reason: tokenised alone with its special tokens (LLaMA:
+    the BOS), kept whole when that is at most ``max_tokens`` ids, else the first ``max_tokens``
+    ids decoded without special tokens, so ``max_reason_tokens=64`` leaves 63 text tokens."""
     if max_tokens <= 0 or not text:
         return text
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text)["input_ids"]
     if len(ids) <= max_tokens:
         return text
     return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)

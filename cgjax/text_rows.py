@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cgjax import text
+from cgjax.data.schema import UNKNOWN
 from cgjax.losses import IGNORE_INDEX
 
 __all__ = ["parse_key_lines", "TextRows", "Collate", "HOST_KEYS"]
@@ -49,17 +50,19 @@ class TextRows:
     blank_images: bool = False  # zero pixels: the image carries no information (demo base pretraining)
 
     def _labels(self, ex) -> list[str]:
+        """The label strings the original hashed for the Stage B prompt (its targets CSV columns,
+        ``Unknown Genre`` included); a missing label is ``Unknown``, as cgjax writes that column."""
         out = []
         for d, names in zip(self.label_dims, self.label_names):
             i = int(ex["labels"].get(d, -1))
-            out.append(names[i] if 0 <= i < len(names) else "")
+            out.append(names[i] if 0 <= i < len(names) else UNKNOWN)
         return out
 
     def __call__(self, ex: Mapping[str, Any]) -> dict[str, Any]:
         labels = self._labels(ex)
         keys = ex["target_keys"] if int(ex["has_target"]) else ""
         if not keys.strip():  # no CSV row: the original's target builder
-            keys = "\n".join(f"{d}: {n or 'Unknown'}" for d, n in zip(self.label_dims, labels))
+            keys = "\n".join(f"{d}: {n}" for d, n in zip(self.label_dims, labels))
         prompt = text.STAGE_A_PROMPT if self.stage == "A" else text.stage_b_prompt(labels, self.prompt_seed)
         with _TOKENIZER_LOCK:
             reason = ""

@@ -101,6 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.generation.max_new_tokens = 200  # the original's max_reason_tokens
     c.generation.temperature = 0.0  # 0 = greedy; the original sampled at 0.2
     c.generation.top_p = 0.7  # the original's nucleus (used when temperature > 0)
+    # the decoder stack in generation: "unrolled" (per-layer weights; fastest on a CPU) or "scanned"
+    # (compile time flat in depth); "" picks by backend (cgjax.generate.default_layout)
+    c.generation.layout = ""
 
     c.baseline = True  # also write reasoning_baseline.json (same model and prompts, no concept tokens)
 

@@ -47,6 +47,8 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
     flags.DEFINE_integer("repeats", 5, "interleaved timed calls per side (the fastest is reported)", flag_values=fv)
     flags.DEFINE_enum("size", "small", sorted(SIZES), "random LLaVA size (converters.tiny_llava)", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "both sides' dtype", flag_values=fv)
+    flags.DEFINE_enum("layout", "", ["", "unrolled", "scanned"], "cgjax's decoder stack in generation "
+                      "(cgjax.generate.LAYOUTS; '' = the backend's default)", flag_values=fv)
     quantize.define_flags(fv, "cgjax's quantized base (and the PyTorch dynamic int8 peer)")
 
 
@@ -95,10 +97,10 @@ def run(args: flags.FlagValues) -> dict:
     tpix = torch.tensor(pix, device=dev, dtype=tdtype)
     kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0, eos_token_id=None)
 
-    gen = cgjax.Generator(model)
+    gen = cgjax.Generator(model, layout=args.layout or None)
 
     def run_cgjax(n=args.new, one_shot=False):
-        out = (cgjax.generate(model, ids, pix, mask, max_new_tokens=n) if one_shot
+        out = (cgjax.generate(model, ids, pix, mask, max_new_tokens=n, layout=args.layout or None) if one_shot
                else gen(ids, pix, mask, max_new_tokens=n))
         return jax.block_until_ready(out)
 

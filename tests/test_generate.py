@@ -45,13 +45,15 @@ def _hf_generate(hf, ids, mask, pix=None, **kw):
         return hf.generate(**args)[:, ids.shape[1]:].numpy()
 
 
-@pytest.mark.parametrize("how", ["generate", "Generator"])
+@pytest.mark.parametrize("how", ["generate", "Generator", "scanned"])
 def test_greedy_matches_hf_llava(pair, prompt, how):
+    """Both layouts of the decoder stack (unrolled on per-layer weights, scanned over the stack)."""
     hf, m = pair
     ids, mask, pix = prompt
     ref = _hf_generate(hf, ids, mask, pix, eos_token_id=None)
-    run = cgjax.generate if how == "generate" else (
-        lambda model, *a, **k: cgjax.Generator(model, unstack_once=True)(*a, **k))
+    run = {"generate": cgjax.generate,
+           "Generator": lambda model, *a, **k: cgjax.Generator(model, unstack_once=True, layout="unrolled")(*a, **k),
+           "scanned": lambda model, *a, **k: cgjax.Generator(model, layout="scanned")(*a, **k)}[how]
     out = np.asarray(run(m, ids, pix, mask, max_new_tokens=N_NEW))
     assert out.shape == (2, N_NEW) and ref.shape == (2, N_NEW)
     assert len(set(out[0].tolist())) > 1  # not a degenerate constant stream
@@ -77,6 +79,9 @@ def test_eos_then_pad_and_hf_agrees(pair, prompt):
     free = np.asarray(cgjax.generate(m, ids, pix, mask, max_new_tokens=N_NEW))
     eos = int(free[0, 4])  # a token row 0 emits at step 4 (or earlier)
     out = np.asarray(cgjax.generate(m, ids, pix, mask, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0))
+    scanned = cgjax.generate(m, ids, pix, mask, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0,
+                             layout="scanned")
+    np.testing.assert_array_equal(np.asarray(scanned), out)
     for b in range(2):
         hits = np.flatnonzero(free[b] == eos)
         stop = hits[0] if len(hits) else N_NEW
@@ -99,6 +104,11 @@ def test_sampling(pair, prompt):
     d = np.asarray(cgjax.generate(m, ids, pix, mask, max_new_tokens=N_NEW, temperature=1.0, top_p=1e-6,
                                   rng=jax.random.PRNGKey(3)))
     np.testing.assert_array_equal(d, greedy)
+
+
+def test_unknown_layout_is_refused(pair):
+    with pytest.raises(ValueError, match="layout must be one of"):
+        cgjax.Generator(pair[1], layout="unroled")
 
 
 def test_top_p_filter():

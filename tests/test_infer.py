@@ -25,7 +25,7 @@ from cgjax.concepts.index import ConceptIndex
 
 STRUCTURED_PROMPT = (
     "Between <BEGIN_JSON> and <END_JSON>, return only a compact JSON with keys artist, style, genre, evidence. "
-    "Use 'Unknown' if uncertain. In 'evidence', write 2-3 concise sentences explaining your reasoning. "
+    "Use 'Unknown' if uncertain. In 'evidence', write 2\u20133 concise sentences explaining your reasoning. "
     "Do not include any text outside the JSON.")
 NATURAL_PROMPT = (
     "Describe this painting in one cohesive paragraph. Naturally mention the artist, style, and genre in the prose "

@@ -19,8 +19,11 @@ SCHEMA_VERSION: int = cgjax.SCHEMA_VERSION
 #: The dimensions of the original project. Dimensions are data: any names/number are accepted.
 DEFAULT_DIMENSIONS: tuple[str, ...] = ("artist", "style", "genre")
 
-#: Label strings that mean "no label" (the original writes ``Unknown``; WikiArt ``Unknown Genre``).
-MISSING_LABELS: frozenset[str] = frozenset({"", "Unknown", "Unknown Genre"})
+#: Label strings that mean "no label" (the original's default ``Unknown``). WikiArt's ``Unknown Genre``
+#: is a real class, as in the original's metrics, ``validate_signals`` and Stage B prompt hash.
+MISSING_LABELS: frozenset[str] = frozenset({"", "Unknown"})
+#: cgjax's earlier rule, ``Unknown Genre`` missing too: pass it as ``missing_labels=`` to the readers.
+LEGACY_MISSING_LABELS: frozenset[str] = MISSING_LABELS | {"Unknown Genre"}
 
 #: The literal written for a missing label in CSV columns and ``target_keys`` lines.
 UNKNOWN = "Unknown"

@@ -3,10 +3,11 @@
 Three file formats, all read and written here:
 
 * the original ``concept_signals_<dim>.json``: a JSON list aligned 1:1 with the dataset records,
-  each ``{dim: {"<local concept index>": [1 - s, s], ...}}``, ``{}`` for a missing image. It
-  holds no concept names: it is read against its concept index, the prototypes' ``idx_to_concept``
-  (a ``.pt``) or the ``vocab.json`` written beside it (``SIGNALS_INDEX_FILE``); a count that does
-  not match, or two indices that disagree, is an error naming the file and the dimension;
+  each ``{dim: {"<local concept index>": [1 - s, s], ...}}``, ``{dim: {}}`` for a missing image.
+  It holds no concept names: it is read against its concept index, the prototypes'
+  ``idx_to_concept`` (a ``.pt``) or the ``vocab.json`` written beside it (``SIGNALS_INDEX_FILE``);
+  a count that does not match, or two indices that disagree, is an error naming the file and the
+  dimension;
 * the original ``concept_signals_<dim>.csv``: ``image_path,<label columns>,<dim>_top1_name,
   <dim>_top1_score,...`` (scores ``%.6f``, empty strings past the available concepts);
 * cgjax's keyed JSON (``format: cgjax.signals``): keyed by image path, carrying ``schema_version``,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import re
@@ -241,18 +243,23 @@ def read_signals_json(path: str | os.PathLike, records: Dataset | Sequence[Recor
 
 
 def signals_json_entries(signals: Signals, dims: Sequence[str] | None = None) -> list[dict]:
+    """One original list entry per image: ``{dim: {"<k>": [1 - s, s]}}`` for every dimension, as the
+    original's export writes it (an image without scores gets ``{dim: {}}``)."""
     dims = signals.dimensions if dims is None else tuple(dims)
     out = []
     for i in range(len(signals)):
         entry = {}
         for d in dims:
             row = signals.scores[d][i]
-            per = {str(k): [float(np.float32(1.0) - row[k]), float(row[k])]
-                   for k in range(row.shape[0]) if not np.isnan(row[k])}
-            if per:
-                entry[d] = per
+            entry[d] = {str(k): [float(np.float32(1.0) - row[k]), float(row[k])]
+                        for k in range(row.shape[0]) if not np.isnan(row[k])}
         out.append(entry)
     return out
+
+
+def signals_json_text(entries: Sequence[Mapping[str, Any]]) -> str:
+    """The original list file's bytes: ``json.dump(entries, f)`` (no indent, no final newline)."""
+    return json.dumps(list(entries))
 
 
 def write_signals_json(path: str | os.PathLike, signals: Signals,
@@ -261,12 +268,13 @@ def write_signals_json(path: str | os.PathLike, signals: Signals,
     """Writes the original list JSON, aligned with ``records`` (by image path) when given, and its
     concept index into the ``vocab.json`` beside it (:func:`write_signals_index`).
 
-    A record without signals gets ``{}``. Pairs are ``[1 - s, s]`` computed in float32.
+    A record without signals gets ``{dim: {}}``. Pairs are ``[1 - s, s]`` computed in float32. The
+    bytes are the original's ``json.dump`` (no indent, no final newline).
     """
     if records is not None:
         signals = signals.align(_image_paths_of(records))
     dims = signals.dimensions if dims is None else tuple(dims)
-    persistence.write_json(path, signals_json_entries(signals, dims), indent=None)
+    persistence.write_text(path, signals_json_text(signals_json_entries(signals, dims)))
     write_signals_index(path, {d: signals.vocabs[d] for d in dims})
 
 

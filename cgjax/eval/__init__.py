@@ -6,12 +6,13 @@ from cgjax.eval.parser import (DEFAULT_SENTINELS, AnswerParser, LabelMatcher, Pa
                                extract_json, parse_answer, prompt_mode)
 from cgjax.eval.metrics import (EvidenceLexicon, activation_metrics, calibration_metrics, classification_metrics,
                                 coherence, compare, comparison_rows, coverage, evaluate, expected_calibration_error,
-                                label_vocabs, match_records, multi_label_all_correct, reliability_bins)
+                                explanation_coverage, label_vocabs, match_records, multi_label_all_correct,
+                                reliability_bins)
 
 __all__ = [
     "DEFAULT_SENTINELS", "AnswerParser", "LabelMatcher", "ParsedAnswer", "canonical", "detect_mode", "extract_json",
     "parse_answer", "prompt_mode",
     "EvidenceLexicon", "activation_metrics", "calibration_metrics", "classification_metrics", "coherence", "compare",
-    "comparison_rows", "coverage", "evaluate", "expected_calibration_error", "label_vocabs", "match_records",
-    "multi_label_all_correct", "reliability_bins",
+    "comparison_rows", "coverage", "evaluate", "expected_calibration_error", "explanation_coverage", "label_vocabs",
+    "match_records", "multi_label_all_correct", "reliability_bins",
 ]

@@ -4,9 +4,10 @@ Per answer mode (``structured``, ``natural``, ``keys`` = the Stage A/B template 
 dimension: top-1 ``accuracy``; ``per_concept[dim][label] = {precision, recall, f1, support}``,
 ``macro_f1`` and ``weighted_f1`` over the ground-truth classes present (a prediction outside them,
 ``Unknown`` included, is a miss for the true class and a false positive for no class: sklearn's
-``labels=`` semantics); ``multi_label_all_correct``; explanation ``coverage`` and
-``coverage_per_concept`` (share of the ground-truth labels named, with aliases, in the explanation);
-``coherence``. From ``__meta__``: ``activation[dim]`` = ``recall@1/3/5`` of ``ranked_names`` and
+``labels=`` semantics); ``multi_label_all_correct``; ``coverage`` and ``coverage_per_concept`` (the
+original's: share of the ground-truth labels found verbatim, canonicalised, in the whole answer);
+``explanation_coverage`` and ``explanation_coverage_per_concept`` (cgjax's: share named, with aliases,
+in the explanation); ``coherence``. From ``__meta__``: ``activation[dim]`` = ``recall@1/3/5`` of ``ranked_names`` and
 ``precision`` of the injected ``selected_names``; ``calibration[dim]`` = expected calibration error
 of the signals (confidence = top score of ``ranked_global``, correct = top name == ground truth,
 10 equal-width bins). Items whose ground truth is missing are left out of that dimension.
@@ -36,6 +37,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -106,12 +108,37 @@ def multi_label_all_correct(preds: Sequence[Mapping[str, str]], gts: Sequence[Ma
     return float(np.mean(scored)) if scored else None
 
 
-def coverage(texts: Sequence[str], gts: Sequence[Mapping[str, str | None]], matcher: LabelMatcher,
+def original_canonical(text: Any) -> str:
+    """The original metrics' ``canon``: lower case, every run of characters outside ``a-z0-9`` -> one space."""
+    return re.sub(r"[^a-z0-9]+", " ", str(text or "").lower()).strip()
+
+
+def verbatim_mention(text: str, label: str) -> bool:
+    """The original's coverage test: the label's canonical form occurs as whole words in the text's."""
+    c = original_canonical(label)
+    return bool(c) and f" {c} " in f" {original_canonical(text)} "
+
+
+def coverage(texts: Sequence[str], gts: Sequence[Mapping[str, str | None]],
              dimensions: Sequence[str]) -> tuple[float | None, dict[str, dict[str, dict[str, float]]]]:
-    """(``coverage``, ``coverage_per_concept``): ground-truth labels named in the text (aliases count)."""
+    """The original's (``coverage``, ``coverage_per_concept``): ground-truth labels found verbatim
+    (:func:`verbatim_mention`, no aliases) in the whole answer ``texts``."""
+    return _coverage(texts, gts, dimensions, lambda text, label, d: verbatim_mention(text, label))
+
+
+def explanation_coverage(texts: Sequence[str], gts: Sequence[Mapping[str, str | None]], matcher: LabelMatcher,
+                         dimensions: Sequence[str]) -> tuple[float | None, dict[str, dict[str, dict[str, float]]]]:
+    """cgjax's (``explanation_coverage``, ``explanation_coverage_per_concept``): ground-truth labels
+    named in the explanation ``texts`` (any alias of ``matcher`` counts)."""
+    return _coverage(texts, gts, dimensions,
+                     lambda text, label, d: label in matcher.mentioned_labels(text, d))
+
+
+def _coverage(texts, gts, dimensions, found):
+    """Mean over items (with a ground truth) of the share of their labels ``found``, and per label."""
     per_item, hits = [], {d: {} for d in dimensions}
     for text, g in zip(texts, gts):
-        named = [(d, g[d], g[d] in matcher.mentioned_labels(text or "", d)) for d in dimensions if g.get(d) is not None]
+        named = [(d, g[d], bool(found(text or "", g[d], d))) for d in dimensions if g.get(d) is not None]
         if not named:
             continue
         per_item.append(np.mean([x[2] for x in named]))
@@ -516,8 +543,10 @@ def collect(reasoning: Mapping[str, Any], dataset: Dataset, *, parser: AnswerPar
 
 
 def mode_metrics(items: Sequence[tuple[ParsedAnswer, Mapping[str, str | None]]], dimensions: Sequence[str],
-                 matcher: LabelMatcher, lexicon: EvidenceLexicon | None = None) -> dict[str, Any]:
-    """All per-mode metrics for (parsed answer, ground truth) pairs."""
+                 matcher: LabelMatcher, lexicon: EvidenceLexicon | None = None,
+                 answers: Sequence[str] | None = None) -> dict[str, Any]:
+    """All per-mode metrics for (parsed answer, ground truth) pairs; ``answers``: the raw answer
+    texts (the original's ``coverage`` reads the whole answer; default: the explanations)."""
     parsed = [p for p, _ in items]
     gts = [g for _, g in items]
     out: dict[str, Any] = {"n": len(items)}
@@ -532,7 +561,10 @@ def mode_metrics(items: Sequence[tuple[ParsedAnswer, Mapping[str, str | None]]],
         scored = [p.label(d) for p, g in items if g.get(d) is not None]
         out["unknown_rate"][d] = float(np.mean([x == UNKNOWN for x in scored])) if scored else None
     out["multi_label_all_correct"] = multi_label_all_correct([p.labels for p in parsed], gts, dimensions)
-    out["coverage"], out["coverage_per_concept"] = coverage([p.evidence for p in parsed], gts, matcher, dimensions)
+    whole = list(answers) if answers is not None else [p.evidence for p in parsed]
+    out["coverage"], out["coverage_per_concept"] = coverage(whole, gts, dimensions)
+    out["explanation_coverage"], out["explanation_coverage_per_concept"] = explanation_coverage(
+        [p.evidence for p in parsed], gts, matcher, dimensions)
     if lexicon is not None:
         out.update(coherence([p.evidence for p in parsed], [p.labels for p in parsed], lexicon, dimensions))
     else:
@@ -541,30 +573,41 @@ def mode_metrics(items: Sequence[tuple[ParsedAnswer, Mapping[str, str | None]]],
     return out
 
 
-def _saliency_summary(metas: Sequence[Any], dimensions: Sequence[str]) -> dict[str, Any]:
-    """The original's ``saliency`` aggregation (paths + mean/max/count of the stats), when present."""
-    paths = {d: [] for d in dimensions}
-    stats = {d: {"mean": 0.0, "max": 0.0, "count": 0} for d in dimensions}
+def _saliency_summary(metas: Sequence[Any], names: Sequence[str], field: str = "saliency") -> dict[str, Any]:
+    """The original's aggregation of ``__meta__[field][name]`` (``saliency``: one name per dimension;
+    ``saliency_llava``: per prompt mode): paths + mean/max/count of the stats."""
+    paths = {n: [] for n in names}
+    stats = {n: {"mean": 0.0, "max": 0.0, "count": 0} for n in names}
     for meta in metas:
-        sal = meta.get("saliency") if isinstance(meta, Mapping) else None
+        sal = meta.get(field) if isinstance(meta, Mapping) else None
         if not isinstance(sal, Mapping):
             continue
-        for d in dimensions:
-            info = sal.get(d)
+        for n in names:
+            info = sal.get(n)
             if not isinstance(info, Mapping):
                 continue
             if info.get("path"):
-                paths[d].append(str(info["path"]))
+                paths[n].append(str(info["path"]))
             st = info.get("stats") if isinstance(info.get("stats"), Mapping) else {}
             if isinstance(st.get("mean"), (int, float)):
-                stats[d]["mean"] += float(st["mean"])
-                stats[d]["count"] += 1
+                stats[n]["mean"] += float(st["mean"])
+                stats[n]["count"] += 1
             if isinstance(st.get("max"), (int, float)):
-                stats[d]["max"] = max(stats[d]["max"], float(st["max"]))
-    for d in dimensions:
-        if stats[d]["count"]:
-            stats[d]["mean"] /= stats[d]["count"]
+                stats[n]["max"] = max(stats[n]["max"], float(st["max"]))
+    for n in names:
+        if stats[n]["count"]:
+            stats[n]["mean"] /= stats[n]["count"]
     return {"paths": paths, "stats": stats}
+
+
+def _saliency_llava_summary(metas: Sequence[Any]) -> dict[str, Any]:
+    """The original's ``saliency_llava``: ``{"paths": [...], "stats": {mean, max, count}}`` over the
+    ``structured`` maps; ``by_mode`` (cgjax) holds the same for every prompt mode present."""
+    modes = sorted({str(m) for meta in metas if isinstance(meta, Mapping)
+                    and isinstance(meta.get("saliency_llava"), Mapping) for m in meta["saliency_llava"]})
+    per = _saliency_summary(metas, sorted(set(modes) | {"structured"}), "saliency_llava")
+    by_mode = {m: {"paths": per["paths"][m], "stats": per["stats"][m]} for m in modes}
+    return {"paths": per["paths"]["structured"], "stats": per["stats"]["structured"], "by_mode": by_mode}
 
 
 def evaluate(reasoning: Mapping[str, Any], dataset: Dataset, *, images_root: str | os.PathLike | None = None,
@@ -583,14 +626,17 @@ def evaluate(reasoning: Mapping[str, Any], dataset: Dataset, *, images_root: str
     modes = [m for m in MODES if any(m in r.answers for r in results)]
     out["modes"] = modes
     for m in modes:
-        items = [(r.answers[m][2], r.gt) for r in results if m in r.answers]
-        out[m] = mode_metrics(items, dims, parser.matcher, lexicon)
+        answered = [r for r in results if m in r.answers]
+        out[m] = mode_metrics([(r.answers[m][2], r.gt) for r in answered], dims, parser.matcher, lexicon,
+                              [r.answers[m][1] for r in answered])
     metas = [r.meta for r in results]
     gts = [r.gt for r in results]
     out["activation"] = activation_metrics(metas, gts, dims, ks)
     out["calibration"] = calibration_metrics(metas, gts, dims, n_bins)
     if any(isinstance(m.get("saliency"), Mapping) for m in metas):
         out["saliency"] = _saliency_summary(metas, dims)
+    if any(isinstance(m.get("saliency_llava"), Mapping) for m in metas):
+        out["saliency_llava"] = _saliency_llava_summary(metas)
     out["lexicon"] = None if lexicon is None else {
         "n_documents": lexicon.n_documents,
         "n_terms": {d: sum(len(t) for t in lexicon.terms.get(d, {}).values()) for d in dims}}
@@ -602,7 +648,7 @@ def evaluate(reasoning: Mapping[str, Any], dataset: Dataset, *, images_root: str
 
 
 COMPARED_PER_DIM = ("accuracy", "macro_f1", "weighted_f1", "coherence")
-COMPARED_SCALAR = ("multi_label_all_correct", "coverage", "coherence_mean")
+COMPARED_SCALAR = ("multi_label_all_correct", "coverage", "explanation_coverage", "coherence_mean")
 
 
 def compare(metrics_concept: Mapping[str, Any], metrics_baseline: Mapping[str, Any]) -> dict[str, Any]:

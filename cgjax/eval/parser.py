@@ -11,8 +11,9 @@ Three answer shapes are understood:
 * **natural**: free prose; labels are found by whole-word matching of canonical forms and aliases.
 
 Every key value is *snapped* to the vocabulary of its dimension. ``Unknown`` (or empty, ``none``,
-``n/a``...) stays ``Unknown``: it counts as wrong and is never snapped to a real label. Nothing in
-here raises on bad text.
+``n/a``...) stays ``Unknown``: it counts as wrong and is never snapped to a real label. A label of
+the vocabulary that merely starts with "unknown" (WikiArt's ``Unknown Genre``) is a real class: the
+value naming it in full snaps to it. Nothing in here raises on bad text.
 """
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ class LabelMatcher:
 
     def __init__(self, vocabs: Mapping[str, Vocabulary | Iterable[str]], *, min_score: float = 0.5,
                  person_dims: Iterable[str] = ("artist",)):
-        self.vocabs = {d: [str(n) for n in v if n is not None and not is_unknown(n)] for d, v in vocabs.items()}
+        self.vocabs = {d: [str(n) for n in v if n is not None and canonical(n) not in UNKNOWN_VALUES]
+                       for d, v in vocabs.items()}
         self.min_score = float(min_score)
         self.person_dims = frozenset(person_dims)
         self._exact: dict[str, dict[str, str]] = {}
@@ -158,7 +160,8 @@ class LabelMatcher:
             for v in _phrase_variants(words):
                 full.setdefault(v, set()).add(name)
             stems = frozenset(stem(w) for w in words)
-            informative = frozenset(stem(w) for w in words if w not in GENERIC_TOKENS and len(w) > 2)
+            informative = frozenset(stem(w) for w in words
+                                    if w not in GENERIC_TOKENS and w not in UNKNOWN_VALUES and len(w) > 2)
             toks[name] = (stems, informative)
             if len(words) < 2:
                 continue
@@ -252,14 +255,15 @@ class LabelMatcher:
         if isinstance(value, dict):
             return UNKNOWN
         value = str(value).strip()
-        if is_unknown(value):
-            return UNKNOWN
         names = self.vocabs.get(dim, [])
         if value in names:
             return value
         c = canonical(value)
         if c in self._exact.get(dim, {}):
             return self._exact[dim][c]
+        if is_unknown(value):  # unless it names a label in full ("unknown genres" -> Unknown Genre)
+            hit = self._aliases.get(dim, {}).get(tuple(c.split()))
+            return hit[0] if hit is not None and hit[1] else UNKNOWN
         found = self.find(value, dim, fallback=False)
         if found is not None:
             return found

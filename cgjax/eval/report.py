@@ -418,7 +418,7 @@ pre{white-space:pre-wrap;font-size:11px;background:#f8f8f8;padding:6px}.prompt{f
 
 
 def _summary_table(metrics: Mapping[str, Any], dims: Sequence[str]) -> str:
-    header = ["mode", "n", "all correct", "coverage", "JSON parsed"]
+    header = ["mode", "n", "all correct", "coverage", "explanation coverage", "JSON parsed"]
     for d in dims:
         header += [f"{d} acc", f"{d} macro-F1", f"{d} weighted-F1", f"{d} coherence"]
     rows = []
@@ -427,7 +427,7 @@ def _summary_table(metrics: Mapping[str, Any], dims: Sequence[str]) -> str:
         if not isinstance(b, Mapping):
             continue
         row = [html.escape(m), _fmt(b.get("n")), _fmt(b.get("multi_label_all_correct")), _fmt(b.get("coverage")),
-               _fmt(b.get("json_parse_rate"))]
+               _fmt(b.get("explanation_coverage")), _fmt(b.get("json_parse_rate"))]
         for d in dims:
             row += [_fmt((b.get(k) or {}).get(d)) for k in ("accuracy", "macro_f1", "weighted_f1", "coherence")]
         rows.append(row)

@@ -21,8 +21,8 @@ import numpy as np
 from cgjax import persistence
 from cgjax.data.records import normalize_image_path, read_dataset_json
 from cgjax.data.schema import DEFAULT_DIMENSIONS, Vocabulary, read_json
-from cgjax.data.signals import (Signals, signals_csv_text, signals_json_entries, write_signals_index,
-                                write_signals_keyed)
+from cgjax.data.signals import (Signals, signals_csv_text, signals_json_entries, signals_json_text,
+                                write_signals_index, write_signals_keyed)
 from cgjax.prototypes.calibrate import postprocess
 from cgjax.prototypes.head import PrototypeSet, record_paths
 from cgjax.prototypes.validate_signals import validate_signals, write_json
@@ -109,9 +109,10 @@ def write_outputs(signals: Any, ds: Any, row_images: Sequence[str | None], dims:
     stem = os.path.splitext(output)[0]
     written: dict[str, Any] = {}
     by_image = dict(zip(signals.image_paths, signals_json_entries(signals, dims)))
-    entries = [by_image.get(p, {}) if p is not None else {} for p in row_images]
+    empty = {d: {} for d in dims}  # the original's entry for an image without signals
+    entries = [by_image.get(p, empty) if p is not None else empty for p in row_images]
     if fmt == "json":
-        persistence.write_json(output, entries, indent=None)
+        persistence.write_text(output, signals_json_text(entries))
         # the list holds concept indices only: its concept index goes into the vocab.json beside it
         written["index"] = write_signals_index(output, {d: signals.vocabs[d] for d in dims})
     else:
@@ -129,7 +130,7 @@ def write_outputs(signals: Any, ds: Any, row_images: Sequence[str | None], dims:
         rep = validate_signals({d: [e.get(d, {}) for e in entries] for d in dims}, gt, names,
                                **(validate_kw or {}))
         rep["signals"] = {"normalize": signals.meta.get("normalize"), "temperature": signals.meta.get("temperature"),
-                          "missing_images": int(sum(1 for e in entries if not e))}
+                          "missing_images": int(sum(1 for e in entries if not any(e.values())))}
         write_json(report, rep)
         written["report"] = report
         written["validation"] = rep

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cgjax import checkpoints
+from cgjax import checkpoints, failpoints
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +406,7 @@ class PrototypeTrainer:
                 rec[d].update({f"val_{k2}": v for k2, v in acc.items()})
             history.append(rec)
             log_fn(json.dumps(rec))
+            failpoints.hit("prototype_epoch")  # the fault tests' kill -9 point: computed, not saved
             if mngr is not None:
                 self.metadata["history"] = history
                 self.save(mngr, state, epoch + 1)

@@ -7,7 +7,7 @@ import pytest
 
 from cgjax import SCHEMA_VERSION
 from cgjax.data import records as R
-from cgjax.data.schema import Record, TargetRow, Vocabulary, load_vocab, save_vocab
+from cgjax.data.schema import LEGACY_MISSING_LABELS, Record, TargetRow, Vocabulary, load_vocab, save_vocab
 
 ORIGINAL_RECORDS = [  # as in data/dataset/wikiart_5artists_dataset.json (+ variants the readers accept)
     {"image": "van_gogh/van_gogh_8.jpg", "artist": "vincent-van-gogh",
@@ -37,13 +37,16 @@ def test_read_original_dataset_json(tmp_path):
     assert [r.image for r in ds.records] == ["van_gogh/van_gogh_8.jpg", "monet/monet_1.jpg",
                                             "/abs/path/rembrandt_0.jpg"]
     assert ds.records[0].labels == {"artist": "vincent-van-gogh", "style": "Post_Impressionism", "genre": "landscape"}
-    assert ds.records[1].labels == {"artist": "claude-monet", "style": "Impressionism", "genre": None}
+    # WikiArt's "Unknown Genre" is a class, as in the original's metrics and validate_signals
+    assert ds.records[1].labels == {"artist": "claude-monet", "style": "Impressionism", "genre": "Unknown Genre"}
     assert ds.records[1].media == ["oil"] and ds.records[1].title == "Water Lilies" and ds.records[1].date == "1906"
     assert ds.records[0].extra_concepts == {"art_movement": ""}
     assert ds.records[2].title == "" and ds.records[2].split is None
     v = ds.vocabularies()
     assert v["artist"].names == ["vincent-van-gogh", "claude-monet", "rembrandt"]
-    assert v["genre"].names == ["landscape", "portrait"]  # "Unknown Genre" is a missing label
+    assert v["genre"].names == ["landscape", "Unknown Genre", "portrait"]
+    legacy = R.read_dataset_json(root / "d.json", root, allow_outside_root=True, missing_labels=LEGACY_MISSING_LABELS)
+    assert legacy.records[1].labels["genre"] is None  # cgjax's earlier rule, on request
 
 
 def test_images_root_defaults_to_json_folder(tmp_path):
@@ -111,7 +114,7 @@ def test_targets_csv_written_by_dictwriter_like_the_original(tmp_path):
         w.writerow(["a.jpg", "x-y", "Realism", "Unknown Genre", "artist: x-y\nstyle: Realism\ngenre: Unknown Genre",
                     "Two. Sentences."])
     t = R.read_targets_csv(p)
-    assert t.rows[0].labels == {"artist": "x-y", "style": "Realism", "genre": None}
+    assert t.rows[0].labels == {"artist": "x-y", "style": "Realism", "genre": "Unknown Genre"}
     assert R.parse_target_keys(t.rows[0].target_keys)["genre"] == "Unknown Genre"
 
 

@@ -27,8 +27,9 @@ def _signals():
 def test_original_json_exact_and_round_trip(tmp_path):
     p = tmp_path / "concept_signals_style.json"
     S.write_signals_json(p, _signals(), _records())
-    assert p.read_text() == ('[{"style": {"0": [0.25, 0.75], "1": [0.75, 0.25], "2": [0.5, 0.5]}}, {}, '
-                             '{"style": {"0": [1.0, 0.0], "1": [0.0, 1.0], "2": [0.5, 0.5]}}]\n')
+    # the original's json.dump: no indent, no final newline; a missing image is {dim: {}}
+    assert p.read_text() == ('[{"style": {"0": [0.25, 0.75], "1": [0.75, 0.25], "2": [0.5, 0.5]}}, {"style": {}}, '
+                             '{"style": {"0": [1.0, 0.0], "1": [0.0, 1.0], "2": [0.5, 0.5]}}]')
     back = S.read_signals_json(p, _records(), vocabs={"style": STYLE})
     np.testing.assert_array_equal(back.scores["style"], _signals().scores["style"])
     assert back.vocabs["style"] == STYLE and back.image_paths == [r.image for r in _records()]
@@ -131,7 +132,7 @@ def test_keyed_survives_dataset_reordering(tmp_path):
     S.convert_signals([tmp_path / "k.json"], tmp_path / "concept_signals_style.json", fmt="original_json", records=ds2)
     entries = json.loads((tmp_path / "concept_signals_style.json").read_text())
     assert entries[0]["style"]["1"] == [0.0, 1.0]          # monet/m_1 now first
-    assert entries[2] == {}                                # monet/m_0 (missing) now last
+    assert entries[2] == {"style": {}}                     # monet/m_0 (missing) now last
     back = S.read_signals(tmp_path / "concept_signals_style.json", ds2, vocabs={"style": STYLE})
     for p in ds2.image_paths:
         np.testing.assert_array_equal(back.for_image(p)["style"], _signals().for_image(p)["style"])

@@ -12,7 +12,7 @@ from cgjax.data.records import read_dataset_json, read_targets_csv
 from cgjax.data.schema import Dataset, Record
 from cgjax.eval.metrics import (EvidenceLexicon, activation_metrics, calibration_metrics, classification_metrics,
                                 coherence, compare, comparison_rows, coverage, evaluate, expected_calibration_error,
-                                match_records, multi_label_all_correct, reliability_bins)
+                                explanation_coverage, match_records, multi_label_all_correct, reliability_bins)
 from cgjax.eval.parser import LabelMatcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,15 +76,43 @@ def test_multi_label_all_correct():
     assert multi_label_all_correct(preds, gts, dims) == pytest.approx(2 / 3)  # item 4 has no ground truth
 
 
-def test_coverage_counts_aliases():
+def test_explanation_coverage_counts_aliases():
     m = LabelMatcher({"artist": ["claude-monet", "rembrandt"], "genre": ["landscape", "portrait"]})
     texts = ["Monet's landscapes shimmer.", "A portrait in brown tones.", "Nothing named."]
     gts = [{"artist": "claude-monet", "genre": "landscape"}, {"artist": "rembrandt", "genre": "portrait"},
            {"artist": "rembrandt", "genre": None}]
-    cov, per = coverage(texts, gts, m, ("artist", "genre"))
+    cov, per = explanation_coverage(texts, gts, m, ("artist", "genre"))
     assert cov == pytest.approx((1.0 + 0.5 + 0.0) / 3)
     assert per["artist"]["rembrandt"] == {"coverage": 0.0, "support": 2}
     assert per["genre"]["landscape"] == {"coverage": 1.0, "support": 1}
+
+
+def original_coverage_score(texts, activated):
+    """The original's ``coverage_score`` (myvlm_art/evaluation/metrics.py), restated."""
+    import re
+
+    def canon(s):
+        return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
+
+    scores = []
+    for text, concepts in zip(texts, activated):
+        t = canon(text)
+        covered = sum(1 for c in concepts if canon(c) and (" " + t + " ").find(" " + canon(c) + " ") != -1)
+        scores.append(covered / max(1, len(concepts)))
+    return sum(scores) / max(1, len(scores))
+
+
+def test_coverage_is_the_originals_verbatim_rule():
+    """``coverage``: the canonical label verbatim in the whole answer; aliases do not count."""
+    texts = ['{"artist": "claude_monet", "genre": "landscapes"} Monet!', "A Rembrandt portrait.",
+             "Still-Life by van Gogh", "nothing"]
+    gts = [{"artist": "claude-monet", "genre": "landscape"}, {"artist": "rembrandt", "genre": "portrait"},
+           {"artist": "vincent-van-gogh", "genre": "still_life"}, {"artist": "rembrandt", "genre": "Unknown Genre"}]
+    cov, per = coverage(texts, gts, ("artist", "genre"))
+    want = original_coverage_score(texts, [[g["artist"], g["genre"]] for g in gts])
+    assert cov == pytest.approx(want) and cov == pytest.approx((0.5 + 1.0 + 0.5 + 0.0) / 4)
+    assert per["genre"]["landscape"] == {"coverage": 0.0, "support": 1}  # "landscapes" is not verbatim
+    assert per["artist"]["rembrandt"] == {"coverage": 0.5, "support": 2}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,6 +331,8 @@ def test_cli_round_trip_original_schema(tmp_path):
             gi += len(ranked)
         structured = json.dumps({"artist": a.replace("-", "_"), "style": s, "genre": wrong_genre,
                                  "evidence": "Thick swirling strokes and vivid colour."}, indent=0)
+        meta["saliency_llava"] = {"structured": {"path": f"/sal/{rel}.png", "stats": {
+            "mean": 0.1 * (len(reasoning) + 1), "max": 0.5 + 0.05 * len(reasoning), "grid": [8, 8]}}}
         reasoning[key] = {"__meta__": meta, json_prompt: structured + "\n\nThe",
                           keys_prompt: f"artist: {a.split('-')[-1]}\nstyle: {s.lower()}\ngenre: {g}\nThe brushwork."}
         baseline[key] = {"__meta__": {"activation": {}}, json_prompt: '{\n"artist": "Unknown",\n"style": "Realism",'
@@ -330,6 +360,18 @@ def test_cli_round_trip_original_schema(tmp_path):
     assert s["macro_f1"]["genre"] == pytest.approx((f1_land + f1_port) / 2)
     assert s["weighted_f1"]["genre"] == pytest.approx((4 * f1_land + 2 * f1_port) / 6)
     assert s["multi_label_all_correct"] == pytest.approx(4 / 6)
+    # the original's coverage: the labels verbatim in the whole answer (the wrong genre misses its label)
+    answers = [reasoning[key][json_prompt] for key in sorted(reasoning)]
+    gts = [list(truth[key.split("dataset/", 1)[1]]) for key in sorted(reasoning)]
+    assert s["coverage"] == pytest.approx(original_coverage_score(answers, gts)) == pytest.approx((4 + 2 * 2 / 3) / 6)
+    assert s["explanation_coverage"] == 0.0  # the evidence names no label
+    assert s["coverage_per_concept"]["genre"]["landscape"] == {"coverage": 0.5, "support": 4}
+    # the original's saliency_llava aggregate of __meta__.saliency_llava.structured
+    stats = [e["__meta__"]["saliency_llava"]["structured"] for e in reasoning.values()]
+    assert m["saliency_llava"]["stats"] == pytest.approx(
+        {"mean": np.mean([x["stats"]["mean"] for x in stats]), "max": max(x["stats"]["max"] for x in stats),
+         "count": 6})
+    assert sorted(m["saliency_llava"]["paths"]) == sorted(x["path"] for x in stats)
     assert m["keys"]["multi_label_all_correct"] == 1.0  # "artist: gogh" / "realism" lower case snapped
     for d in ("artist", "style", "genre"):
         assert m["activation"][d]["recall@1"] == 1.0 and m["activation"][d]["precision"] == 1.0

@@ -215,3 +215,20 @@ def test_mode_detection(parser, prompts):
     assert detect_mode("What is this?", "artist: Monet\nstyle: Impressionism\ngenre: landscape", parser) == "keys"
     assert detect_mode("What is this?", "A Monet.", parser) == "natural"
     assert parse_answer("artist: Monet\nstyle: x\ngenre: portrait", WIKIART).mode == "keys"
+
+
+def test_unknown_genre_is_a_class_when_the_vocabulary_has_it():
+    """WikiArt's ``Unknown Genre`` (the original's literal for a missing genre) is a real class:
+    a value naming it snaps to it; ``Unknown`` and other unknown words still mean no answer."""
+    vocabs = dict(WIKIART, genre=WIKIART["genre"] + ["Unknown Genre"])
+    p = AnswerParser(vocabs)
+    for value in ("Unknown Genre", "unknown genre", "Unknown_Genre", "unknown genres"):
+        assert p.matcher.snap(value, "genre") == "Unknown Genre"
+    for value in ("Unknown", "unknown", "n/a", "unknown style"):
+        assert p.matcher.snap(value, "genre") == U
+    got = p.parse('{"artist": "Rembrandt", "style": "Baroque", "genre": "Unknown Genre", "evidence": "Dark."}')
+    assert got.labels == {"artist": RE, "style": "Baroque", "genre": "Unknown Genre"} and got.json_ok
+    # prose: the label named in full is found; a bare "unknown" is not evidence for it
+    named = p.parse("A Baroque work by Rembrandt; its genre is unknown genre.", "natural")
+    assert named.label("genre") == "Unknown Genre"
+    assert p.parse("A Baroque work by Rembrandt, subject unknown.", "natural").label("genre") == U

@@ -69,7 +69,8 @@ def test_report_sections(demo_reasoning, metrics_pair, tmp_path):
     text, c = _check_html(path)
     assert {"summary", "baseline", "signals", "reliability", "confusion", "f1", "graph", "gallery"} <= c.ids
     for needle in ("Reliability diagram", "Confusion matrices", "Per-class F1", "Baseline vs concept model",
-                   "prototype artist", "llava answer", "activated concepts", "raw answer"):
+                   "prototype artist", "llava answer", "activated concepts", "raw answer", "explanation coverage",
+                   "explanation_coverage</td>"):
         assert needle in text
     assert text.count('<div class="card">') == 4
     # figures: reliability, confusion, F1, graph; 4 thumbnails + 3 saliency overlays

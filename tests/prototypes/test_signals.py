@@ -133,10 +133,12 @@ def test_export_missing_and_duplicate_images(tmp_path, demo, tiny_clip, pt_file)
     export_signals.main(["--all", "--dataset_json", str(ds), "--images_root", _root(demo),
                          "--ckpt", pt_file, "--output_dir", str(tmp_path / "out"), "--clip_checkpoint", tiny_clip[1]])
     for d in DIMS:
-        got = json.load(open(tmp_path / "out" / f"concept_signals_{d}.json"))
+        raw = (tmp_path / "out" / f"concept_signals_{d}.json").read_text()
+        got = json.loads(raw)
+        assert raw == json.dumps(got)  # the original's json.dump bytes: no indent, no final newline
         assert len(got) == 6
         assert got[4] == got[1] and got[1][d]  # both copies filled
-        assert got[5] == {}  # missing image -> {}
+        assert got[5] == {d: {}}  # missing image -> {dim: {}}, as the original's export
         assert all(got[i][d] for i in range(5))
     rep = json.load(open(tmp_path / "out" / "validation_metrics.json"))
     assert rep["samples"] == 6 and rep["signals"]["missing_images"] == 1

@@ -1,7 +1,8 @@
 """validate_signals on a hand-worked example (threshold 0.6, backoff 0.05, top-k 2, budget 3, fairness)."""
 import pytest
 
-from cgjax.prototypes.validate_signals import fair_budget_merge, normalize_name, select_per_dim, validate_signals
+from cgjax.prototypes.validate_signals import (fair_budget_merge, ground_truth_from_dataset, normalize_name,
+                                               select_per_dim, validate_signals)
 
 
 def pair(x):
@@ -85,3 +86,18 @@ def test_similarity_gating_equals_jax_reference(threshold, backoff, topk, budget
         assert got == concept[b][valid[b]].tolist(), b
         n_picked += len(got)
     assert n_picked > 0
+
+
+def test_unknown_genre_is_a_ground_truth_class(tmp_path):
+    """As the original: ``Unknown Genre`` is judged like any label (precision), not an unknown ground truth."""
+    import json
+
+    recs = [{"image": "a.jpg", "concepts": {"genre": "Unknown Genre"}},
+            {"image": "b.jpg", "concepts": {"genre": "landscape"}}, {"image": "c.jpg", "concepts": {}}]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    gt = ground_truth_from_dataset(str(tmp_path / "d.json"), ["genre"])
+    assert gt == {"genre": ["Unknown Genre", "landscape", None]}
+    sig = {"genre": [{"genre": {"0": pair(.9)}}, {"genre": {"0": pair(.9)}}, {"genre": {"1": pair(.9)}}]}
+    r = validate_signals(sig, gt, {"genre": ["Unknown_Genre", "landscape"]})["genre"]
+    assert r["judged"] == 2 and r["precision_top1"] == pytest.approx(0.5)
+    assert r["injection_when_unknown_gt"] == pytest.approx(1 / 3)  # only the record without a genre
