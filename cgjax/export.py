@@ -9,7 +9,8 @@
     OUT/prototypes_<dim>_trained.pt    the original's prototype payload, one file per dimension
     OUT/concepts.pt                    the original's concept checkpoint ``{step: {"values": [N, K, D]}}``
     OUT/concepts.json                  dims, names, ranges, k_max, gating options, source
-    OUT/signals/                       the exported signals (original JSON / CSV, keyed JSON)
+    OUT/signals/                       the exported signals (original JSON / CSV, keyed JSON) and the
+                                       vocab.json naming the list files' concepts
     OUT/concept_tokens.py              self-contained PyTorch gating + concept tokens + greedy decoding
     OUT/example.py                     how to use it on the exported HF LLaVA
                                        (both copied from ``cgjax/torch_export/``)
@@ -32,6 +33,7 @@ import numpy as np
 from cgjax import infer, persistence, provenance, torch_export
 from cgjax.concepts.gating import GatingConfig
 from cgjax.concepts.index import ConceptIndex, gating_config_from_fields
+from cgjax.data.signals import SIGNALS_INDEX_FILE
 from cgjax.preprocess import llava_preprocess_config
 from cgjax.prototypes import io as pio
 from cgjax.quantize import QuantConfig
@@ -146,7 +148,8 @@ def export(workdir: str, out: str, *, stage_workdir: str | None = None, prototyp
         # signals as exported (original JSON / CSV, keyed JSON)
         sig_dir = os.path.join(tmp, "signals")
         os.makedirs(sig_dir)
-        for p in sorted(glob.glob(os.path.join(protos_wd, "artifacts", "concept_signals*"))):
+        index = os.path.join(protos_wd, "artifacts", SIGNALS_INDEX_FILE)  # the list files' concept index
+        for p in sorted(glob.glob(os.path.join(protos_wd, "artifacts", "concept_signals*"))) + [index]:
             if os.path.isfile(p) and p.endswith((".json", ".csv")):
                 shutil.copy2(p, sig_dir)
         for name in torch_export.FILES:  # concept_tokens.py, example.py: cgjax/torch_export/ as installed

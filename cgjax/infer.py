@@ -52,10 +52,11 @@ from cgjax import checkpoints, multihost, persistence, provenance, quantize, sha
 from cgjax.concepts import gating
 from cgjax.concepts.index import ConceptIndex, gating_config_from_fields
 from cgjax.concepts.model import ConceptLlava
-from cgjax.config import check_choices
+from cgjax.config import check_choices, config_paths
 from cgjax.data.records import normalize_image_path, raw_image_paths, read_dataset_json, resolve_image
 from cgjax.data.schema import normalize_split, read_json
 from cgjax.data.signals import read_signals
+from cgjax.data.splits import SplitPolicy
 from cgjax.eval import saliency as sal
 from cgjax.generate import LAYOUTS, Generator
 from cgjax.losses import IGNORE_INDEX
@@ -298,7 +299,8 @@ class Inferencer:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_workdirs(cls, llava_checkpoint: str, stage_workdir: str, prototypes: Any = None, signals: Any = None, *,
-                      clip_model_name: str | None = None, clip_checkpoint: str | None = None,
+                      signals_index: Mapping[str, Any] | None = None, clip_model_name: str | None = None,
+                      clip_checkpoint: str | None = None,
                       clip_batch_size: int = 32, signal_normalize: str | None = None,
                       signal_temperature: float | None = None, signal_clip: bool | None = None,
                       gating: Mapping[str, Any] | None = None, gating_from_stage: bool = True,
@@ -313,7 +315,9 @@ class Inferencer:
         its ``prototypes/`` checkpoint, and the export settings from its keyed signals file), a
         prototype checkpoint (orbax dir or ``.pt``) or a list of ``.pt`` files. ``signals``:
         signals file(s) in any format (used instead of the head; the original list JSON needs
-        ``dataset_json``). Gating: the training defaults, updated with ``gating`` (a dict of
+        ``dataset_json`` and its concept index: ``signals_index`` ``{dim: Vocabulary}``, e.g.
+        :func:`cgjax.prototypes.io.concept_index` of the prototypes ``.pt``, else the ``vocab.json``
+        beside it). Gating: the training defaults, updated with ``gating`` (a dict of
         ``threshold``, ``backoff_delta``, ``topk_per_dim``, ``max_concepts``, ``priority``), then,
         with ``gating_from_stage``, with what the stage exported in ``concepts_stage*.json``. Other
         keyword arguments go to the constructor (``batch_size``, ``max_new_tokens``, ``temperature``,
@@ -355,7 +359,7 @@ class Inferencer:
 
         head, sig, settings = None, None, {}
         if signals:
-            sig = read_signals_files(signals, dataset_json, images_root)
+            sig = read_signals_files(signals, dataset_json, images_root, index=signals_index)
             images_root = images_root or (os.path.dirname(os.path.abspath(dataset_json)) if dataset_json else None)
         else:
             head, settings = load_head(prototypes, clip_model_name, clip_checkpoint, clip_batch_size)
@@ -617,14 +621,16 @@ def _find_row(paths: Sequence[str], key: str, images_root: str | None) -> int | 
     return hits[0] if len(hits) == 1 else None
 
 
-def read_signals_files(paths: Any, dataset_json: str | None = None, images_root: str | None = None):
-    """Merge signals files (any format); the original list JSON aligns with ``dataset_json``'s rows."""
+def read_signals_files(paths: Any, dataset_json: str | None = None, images_root: str | None = None,
+                       index: Mapping[str, Any] | None = None):
+    """Merge signals files (any format); the original list JSON aligns with ``dataset_json``'s rows
+    and is read against its concept index (``index``, else the ``vocab.json`` beside it)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     root = images_root or (os.path.dirname(os.path.abspath(dataset_json)) if dataset_json else None)
     raw = raw_image_paths(dataset_json, root) if dataset_json else None
     merged = None
     for p in paths:
-        s = read_signals(p, raw, images_root=root)
+        s = read_signals(p, raw, index=index, images_root=root, index_source="the concept index given (signals_index)")
         merged = s if merged is None else merged.merge(s)
     return merged
 
@@ -689,9 +695,11 @@ def run_inference(config) -> dict[str, str]:
     check_choices(c, INFER_CHOICES)  # before any file is read or model loaded
     prompt_modes(c.prompt.mode)
     out_dir = c.output_dir or os.path.join(c.workdir, "eval")
-    dims = tuple(c.data.dimensions)
-    ds = read_dataset_json(c.data.dataset_json, c.data.images_root or None, dimensions=dims,
+    ds = read_dataset_json(c.data.dataset_json, c.data.images_root or None,
+                           dimensions=tuple(config_paths(c.data.dimensions)) or None,  # () = the records'
                            allow_outside_root=bool(c.data.allow_outside_root))
+    dims = ds.dimensions
+    ds = SplitPolicy.from_config(c.data).apply(ds)  # records without a split: the split file every stage uses
 
     split = normalize_split(c.data.split) if c.data.split else ""  # "val" is "validation", as in training
     records = [r for r in ds.records if not split or r.split == split]
@@ -718,10 +726,12 @@ def run_inference(config) -> dict[str, str]:
                                                                                  sharding.DEFAULT_RULES))
     g = {k: c.gating[k] for k in ("threshold", "backoff_delta", "topk_per_dim", "max_concepts", "priority")}
     signals = _paths(c.signals)
+    index_files = _paths(c.get("signals_index", ""))
     p = c.prototypes
     inf = Inferencer.from_workdirs(
         c.llava_checkpoint, c.stage_workdir, prototypes=(p.workdir or _paths(p.checkpoint) or None),
-        signals=signals or None, clip_model_name=p.clip_model_name or None, clip_checkpoint=p.clip_checkpoint or None,
+        signals=signals or None, signals_index=pio.concept_index(index_files) if index_files else None,
+        clip_model_name=p.clip_model_name or None, clip_checkpoint=p.clip_checkpoint or None,
         clip_batch_size=int(p.batch_size), signal_normalize=p.normalize, signal_temperature=float(p.temperature),
         signal_clip=bool(p.clip), gating=g, gating_from_stage=bool(c.gating.from_stage),
         dataset_json=c.data.dataset_json,
@@ -809,6 +819,8 @@ def inference_fingerprint(config) -> str:
             "dtype": c.dtype, "param_dtype": c.param_dtype, "prototypes": c.prototypes.to_dict(),
             "signals": _paths(c.signals), "gating": c.gating.to_dict(), "prompt": c.prompt.to_dict(),
             "generation": generation, "seed": int(c.seed), "preprocess": c.data.preprocess}
+    if _paths(c.get("signals_index", "")):  # (absent when unset: earlier fingerprints are unchanged)
+        keys["signals_index"] = _paths(c.signals_index)
     quant = QuantConfig.from_config(c)
     if quant.enabled:  # (absent when off: fingerprints of unquantized runs are unchanged)
         keys["quantize"] = quant.to_json()

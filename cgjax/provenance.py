@@ -7,7 +7,8 @@ refusal names both sides; ``config.accept_mismatch=True`` (or ``--accept_mismatc
 
 A base fingerprint hashes its ``config.json`` and the names and sizes of its weight files (the
 weights themselves are not read: a 14 GB hash at every start would be a slow start); a data
-fingerprint hashes the dataset JSON, targets CSV and signals files (not the images).
+fingerprint hashes the dataset JSON, its split file (when its records carry no split), targets CSV,
+vocab and signals files (not the images).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any, Iterable
 
 from cgjax import persistence
 from cgjax.data.schema import read_input_bytes
+from cgjax.data.splits import SplitPolicy
 
 FILE = "provenance.json"
 
@@ -61,6 +63,8 @@ def base_fingerprint(checkpoint: str) -> str:
 def data_fingerprint(config: Any) -> str:
     d = config.data
     files = [x for x in (d.get("dataset_json"), d.get("targets_csv"), d.get("vocab_json")) if x]
+    if d.get("dataset_json"):  # the split every stage shares (cgjax.data.splits), where the records carry none
+        files.append(SplitPolicy.from_config(d).path(d.dataset_json))
     sig = d.get("signals") or ()
     files += [s.strip() for s in sig.split(",")] if isinstance(sig, str) else [str(s) for s in sig]
     if d.get("packed_dir"):

@@ -44,12 +44,14 @@ from cgjax.concepts.index import ConceptIndex, concept_index_from_vocabs, gating
 from cgjax.concepts.model import ConceptLlava
 from cgjax.config import check_choices, config_paths
 from cgjax.data.pipeline import PackedSource, image_dataset, split_sources
+from cgjax.data.splits import SplitPolicy
 from cgjax.demo_assets import ensure_demo_assets
 from cgjax.export import write_values_pt
 from cgjax.flops import param_counts, step_flops
 from cgjax.metrics_log import MetricsLog
 from cgjax.multihost import Preemption, gather_host_strings, host_data_state
 from cgjax.preprocess import PREPROCESS_MODES, llava_preprocess_config
+from cgjax.prototypes.io import concept_index
 from cgjax.quantize import QuantConfig
 from cgjax.sharding import canonical_sharding
 from cgjax.steps import (CLIP_MODES, DTYPES, SCHEDULES, StepConfig, carry_adam, check_stage_length, dtype_from_name,
@@ -95,9 +97,15 @@ class Trainer:
         self.n_devices = self.mesh.devices.size
 
         # data (vocabularies / concept index first: they size the model)
+        # dimensions "" / (): the data's own (records' concepts keys, CSV header, vocab.json); list-format
+        # signals are read against data.signals_index (a prototypes .pt / vocab.json), else the vocab.json
+        # beside them; records without a split take theirs from the data set's split file
+        index_files = config_paths(config.data.get("signals_index", ""))
         kw = dict(targets_csv=config.data.targets_csv or None, signals=config_paths(config.data.signals) or None,
-                  dimensions=tuple(config.data.dimensions), vocab=config.data.vocab_json or None,
-                  preload=bool(config.data.preload), allow_outside_root=bool(config.data.allow_outside_root))
+                  dimensions=tuple(config_paths(config.data.dimensions)) or None, vocab=config.data.vocab_json or None,
+                  preload=bool(config.data.preload), allow_outside_root=bool(config.data.allow_outside_root),
+                  signals_index=concept_index(index_files) if index_files else None,
+                  split_policy=SplitPolicy.from_config(config.data))
         root = config.data.images_root or None
         if config.data.get("packed_dir"):  # a packed ArrayRecord set (cgjax.data.tfds_builder.pack)
             self.train_source = PackedSource(config.data.packed_dir, config.data.train_split)

@@ -119,11 +119,22 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     c.data.images_root = ""  # "" -> the JSON's folder
     c.data.targets_csv = ""
     c.data.signals = ()  # signals files in any format (e.g. concept_signals_<dim>.json, a keyed file)
+    # The concept index of list-format signals (concept_signals_<dim>.json): prototype .pt file(s)
+    # (comma-separated), a prototypes work dir or a vocab.json; "" = the vocab.json beside the signals.
+    c.data.signals_index = ""
     c.data.packed_dir = ""  # a packed ArrayRecord set (cgjax.data.tfds_builder.pack) instead of the files above
     c.data.vocab_json = ""  # optional vocab.json fixing label / concept names
-    c.data.dimensions = ("artist", "style", "genre")
+    # () = the data's own: the records' concepts keys, the targets CSV header, vocab_json (they must agree);
+    # artist, style, genre when none names any
+    c.data.dimensions = ()
     c.data.train_split = "train"
     c.data.val_split = "validation"
+    # Records without a ``split`` (the original's dataset JSON) are split ONCE into a split file that
+    # every stage reuses (cgjax.data.splits): "" = <dataset stem>.splits.json beside the dataset JSON.
+    c.data.splits_json = ""
+    c.data.val_fraction = 0.15  # used only when the split file is made
+    c.data.test_fraction = 0.15
+    c.data.split_seed = 0
     c.data.allow_outside_root = False  # image paths that are absolute or climb out with '..' are refused
     c.data.preload = False  # read every image file once into memory
     c.data.blank_images = False  # zero every image (the demo's base pretraining: learn to read concept tokens)

@@ -59,14 +59,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prototypes.temperature = 0.0  # 0 = as the export (else 0.8)
     c.prototypes.clip = True
     c.signals = ()  # signals files (any format) used instead of the head
+    # the concept index of list-format signals: prototype .pt file(s), a prototypes work dir or a
+    # vocab.json; "" = the vocab.json beside the signals
+    c.signals_index = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset_json = ""
     c.data.images_root = ""  # "" -> the JSON's folder
     c.data.split = "test"  # records of this split ("" = all)
+    # Records without a ``split`` take theirs from the data set's split file, as in training
+    # (cgjax.data.splits; made here if no stage made it yet): "" = <dataset stem>.splits.json beside it.
+    c.data.splits_json = ""
+    c.data.val_fraction = 0.15
+    c.data.test_fraction = 0.15
+    c.data.split_seed = 0
     c.data.allow_outside_root = False  # image paths that are absolute or climb out with '..' are refused
     c.data.limit = 0  # > 0: the first N images
-    c.data.dimensions = ("artist", "style", "genre")
+    c.data.dimensions = ()  # () = the records' concepts keys; artist, style, genre when they name none
     c.data.preprocess = "auto"  # auto: the checkpoint's preprocessor_config.json, else HF CLIP at the tower size
 
     # Gating (defaults of training); with from_stage, the stage's exported concepts_stage*.json wins.

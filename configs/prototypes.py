@@ -36,8 +36,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.dataset_json = ""
     c.data.images_root = ""  # "" -> the JSON's folder (as the original)
-    c.data.dimensions = ("artist", "style", "genre")
-    c.data.val_fraction = 0.15  # used only when the records carry no ``split``
+    # () = the data's own (the records' concepts keys); artist, style, genre when they name none
+    c.data.dimensions = ()
+    # Records without a ``split`` (the original's dataset JSON) are split ONCE into a split file that
+    # every stage reuses (cgjax.data.splits): "" = <dataset stem>.splits.json beside the dataset JSON.
+    # Test records are never trained on.
+    c.data.splits_json = ""
+    c.data.val_fraction = 0.15  # used only when the split file is made
+    c.data.test_fraction = 0.15
     c.data.split_seed = 0
     c.data.missing_images = "error"  # error | skip (the original skipped them silently)
     c.data.demo = ml_collections.ConfigDict(dict(n_images=240, size=64, seed=0))

@@ -11,6 +11,8 @@ from cgjax.data.records import (format_target_keys, normalize_image_path, parse_
 from cgjax.data.signals import (Signals, convert_signals, load_signals_dir, read_signals, read_signals_csv,
                                 read_signals_json, read_signals_keyed, write_signals, write_signals_csv,
                                 write_signals_json, write_signals_keyed)
+from cgjax.data.dimensions import resolve_dimensions
+from cgjax.data.splits import SplitPolicy
 from cgjax.data.examples import LoadedData, load_data, make_example
 
 __all__ = [
@@ -20,5 +22,5 @@ __all__ = [
     "read_targets_csv", "write_dataset_json", "write_targets_csv",
     "Signals", "convert_signals", "load_signals_dir", "read_signals", "read_signals_csv", "read_signals_json",
     "read_signals_keyed", "write_signals", "write_signals_csv", "write_signals_json", "write_signals_keyed",
-    "LoadedData", "load_data", "make_example",
+    "resolve_dimensions", "SplitPolicy", "LoadedData", "load_data", "make_example",
 ]

@@ -17,12 +17,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cgjax.data.dimensions import resolve_dimensions
 from cgjax.data.records import (check_image_file, raw_image_paths, read_dataset_json, read_targets_csv,
                                 resolve_image)
 from cgjax.data.schema import (DataError, Dataset, ProblemLog, Record, TargetRow, Vocabulary, load_vocab,
                                log, read_input_bytes)
 from cgjax.data.signals import Signals, read_signals, signals_format
-
+from cgjax.data.splits import SplitPolicy
 
 
 @dataclasses.dataclass
@@ -63,24 +64,33 @@ def load_data(dataset_json: str | os.PathLike, images_root: str | os.PathLike | 
               targets_csv: str | os.PathLike | None = None, signals: Any = None,
               dimensions: Sequence[str] | None = None,
               vocab: str | os.PathLike | Mapping[str, Vocabulary] | None = None,
+              signals_index: Mapping[str, Vocabulary] | None = None, splits: SplitPolicy | None = None,
               check_images: bool = True, skip_bad: bool = False, allow_outside_root: bool = False) -> LoadedData:
     """Reads and cross-checks a data set.
 
+    The dimensions are ``dimensions`` if given, else the data's own
+    (:func:`cgjax.data.dimensions.resolve_dimensions`: the records' ``concepts`` keys, the targets
+    CSV header and ``vocab`` must agree). With ``splits``, records without a ``split`` take theirs
+    from the data set's split file (:mod:`cgjax.data.splits`; written on first use).
     ``vocab`` (a ``vocab.json`` path or ``{dim: Vocabulary}``) fixes the label indices; labels
     outside it are errors. Without it the vocabularies are built from the records (first
     appearance). ``signals``: file path(s) in any signals format, or a ``Signals``. A target row or
     keyed signal for an image not in the dataset is an error; a record without a target gets empty
     texts and ``has_target = 0``. Keyed signals carry their own concept names, which may differ from
     the label vocabulary (prototypes indexed on a training split); with an explicit ``vocab`` they
-    must match it.
+    must match it. List-format signals (``concept_signals_<dim>.json``) are read against their
+    concept index: ``signals_index`` (e.g. a prototypes ``.pt``'s ``idx_to_concept``) or the
+    ``vocab.json`` beside them (:func:`cgjax.data.signals.read_signals`).
     """
     vocabs = _as_vocabs(vocab)
     explicit_vocab = vocabs is not None
-    if dimensions is None and vocabs is not None:
-        dimensions = tuple(vocabs)
+    named_vocab = vocab if isinstance(vocab, (str, os.PathLike)) else vocabs  # a path names the file in errors
+    dimensions = resolve_dimensions(dataset_json, targets_csv=targets_csv, vocab=named_vocab, dimensions=dimensions)
     ds = read_dataset_json(dataset_json, images_root, dimensions=dimensions, vocabs=vocabs,
                            allow_outside_root=allow_outside_root,
                            check_images=check_images, skip_bad=skip_bad)
+    if splits is not None:
+        ds = splits.apply(ds)
     problems = ProblemLog(skip_bad)
     problems.problems.extend(ds.skipped)
     if vocabs is None:
@@ -112,10 +122,13 @@ def load_data(dataset_json: str | os.PathLike, images_root: str | os.PathLike | 
             if not isinstance(src, Signals):
                 name = os.fspath(src)
                 raw = raw if raw is not None else raw_image_paths(ds.path, ds.images_root)
-                # keyed signals name their concepts: the concept index is theirs (e.g. prototypes built
-                # on the training split) unless a vocabulary was given explicitly
-                named = signals_format(name) == "keyed" and not explicit_vocab
-                src = read_signals(src, raw, vocabs=None if named else vocabs, images_root=ds.images_root,
+                # keyed signals name their concepts, list signals take them from their concept index:
+                # the concept index is theirs (e.g. prototypes built on the training split) unless a
+                # vocabulary was given explicitly; a top-k CSV is read in the index's (or the labels') order
+                csv_file = signals_format(name) == "csv"
+                named = (not csv_file or signals_index is not None) and not explicit_vocab
+                names = (signals_index or vocabs) if csv_file else (None if named else vocabs)
+                src = read_signals(src, raw, vocabs=names, index=signals_index, images_root=ds.images_root,
                                    skip_bad=skip_bad)
                 problems.problems.extend(src.meta.get("_problems", []))
             else:

@@ -30,6 +30,7 @@ from PIL import Image
 
 from cgjax.data.examples import LoadedData, load_data, make_example
 from cgjax.data.schema import DataError, Vocabulary, normalize_split, read_json
+from cgjax.data.splits import SplitPolicy
 from cgjax.data.tfds_builder import load_pack_info, open_source
 from cgjax.preprocess import PreprocessConfig, preprocess_image
 
@@ -104,14 +105,18 @@ class PackedSource:
 def split_sources(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None = None, *,
                   splits: Sequence[str | None], targets_csv: str | os.PathLike | None = None, signals: Any = None,
                   dimensions: Sequence[str] | None = None, vocab: Any = None, check_images: bool | str = "exists",
-                  skip_bad: bool = False, preload: bool = False,
-                  allow_outside_root: bool = False) -> list[RecordSource | None]:
+                  skip_bad: bool = False, preload: bool = False, allow_outside_root: bool = False,
+                  signals_index: Any = None, split_policy: SplitPolicy | None = SplitPolicy()
+                  ) -> list[RecordSource | None]:
     """One ``RecordSource`` per split name from ONE read of the data set (a split of "" or None:
     no source). ``check_images="exists"`` checks that each image file exists without decoding it
     (start-up stays flat in the number of images; ``scripts/validate_data.py`` decodes them all).
-    A split with no records raises a ``DataError`` naming it and the splits there are."""
+    Records without a ``split`` take theirs from the data set's split file (``split_policy``,
+    :mod:`cgjax.data.splits`). A split with no records raises a ``DataError`` naming it and the
+    splits there are."""
     data = load_data(dataset_json, images_root, targets_csv=targets_csv, signals=signals, dimensions=dimensions,
-                     vocab=vocab, check_images=check_images, skip_bad=skip_bad, allow_outside_root=allow_outside_root)
+                     vocab=vocab, check_images=check_images, skip_bad=skip_bad, allow_outside_root=allow_outside_root,
+                     signals_index=signals_index, splits=split_policy)
     out: list[RecordSource | None] = []
     for split in splits:
         if not split:
@@ -129,13 +134,16 @@ def split_sources(dataset_json: str | os.PathLike, images_root: str | os.PathLik
 def memory_source(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None = None, *,
                   split: str | None = None, targets_csv: str | os.PathLike | None = None, signals: Any = None,
                   dimensions: Sequence[str] | None = None, vocab: Any = None, check_images: bool = True,
-                  skip_bad: bool = False, preload: bool = False) -> RecordSource:
-    """A ``RecordSource`` over a data set on disk; ``split`` selects records by their ``split`` field.
+                  skip_bad: bool = False, preload: bool = False,
+                  split_policy: SplitPolicy | None = SplitPolicy()) -> RecordSource:
+    """A ``RecordSource`` over a data set on disk; ``split`` selects records by their ``split`` field
+    (else the data set's split file, ``split_policy``, when a split is asked for).
 
     The vocabularies are built from ALL records (or given by ``vocab``), so indices agree across splits.
     """
     data = load_data(dataset_json, images_root, targets_csv=targets_csv, signals=signals, dimensions=dimensions,
-                     vocab=vocab, check_images=check_images, skip_bad=skip_bad)
+                     vocab=vocab, check_images=check_images, skip_bad=skip_bad,
+                     splits=split_policy if split is not None else None)
     indices = None
     if split is not None:
         split = normalize_split(split)

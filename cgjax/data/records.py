@@ -79,6 +79,24 @@ def check_image_file(path: str, decode: bool = True) -> str | None:
 # dataset JSON
 
 
+def concept_dimensions(data: Any) -> tuple[str, ...]:
+    """The dimensions a dataset JSON's records name: every ``concepts`` key with a non-empty string
+    (``Unknown`` included) in at least one record (``media``, and keys that are always empty such as
+    the original's ``art_movement: ""``, are not dimensions; a top-level ``artist``, ``style`` or
+    ``genre``, the original's fallback, counts too), in order of first appearance; exactly the
+    original's three in the original's order (artist, style, genre), whatever the JSON's key order."""
+    seen: dict[str, None] = {}
+    for obj in data if isinstance(data, list) else ():
+        if not isinstance(obj, dict):
+            continue
+        concepts = obj.get("concepts") if isinstance(obj.get("concepts"), dict) else {}
+        top = {k: obj[k] for k in DEFAULT_DIMENSIONS if k in obj}
+        for k, v in [*concepts.items(), *top.items()]:
+            if k != "media" and isinstance(v, str) and v.strip():
+                seen.setdefault(k, None)
+    return DEFAULT_DIMENSIONS if set(seen) == set(DEFAULT_DIMENSIONS) else tuple(seen)
+
+
 def read_dataset_json(path: str | os.PathLike, images_root: str | os.PathLike | None = None, *,
                       dimensions: Sequence[str] | None = None,
                       vocabs: Mapping[str, Vocabulary] | None = None,
@@ -87,18 +105,22 @@ def read_dataset_json(path: str | os.PathLike, images_root: str | os.PathLike | 
     """Reads a dataset JSON in the original format.
 
     ``images_root`` defaults to the JSON's folder (as the original). ``dimensions`` defaults to
-    artist/style/genre. With ``vocabs``, a label outside its vocabulary is an error. With
+    the records' ``concepts`` keys (:func:`concept_dimensions`; the original's order when they are
+    artist/style/genre), else artist/style/genre. With ``vocabs``, a label outside its vocabulary is an error. With
     ``check_images``, each image must exist and decode (``"exists"``: exist only, no read: a decode
     error then surfaces in the loader, naming the file). Each bad record raises a ``DataError``
     naming the file and row, or with ``skip_bad`` is logged, skipped and listed in ``.skipped``.
     """
     path = os.fspath(path)
     images_root = input_dir(path) if images_root is None else os.fspath(images_root)
-    dims = tuple(DEFAULT_DIMENSIONS if dimensions is None else dimensions)
     missing = frozenset(missing_labels)
     data = read_json(path)
     if not isinstance(data, list):
         raise DataError(path, None, f"expected a JSON list of records, got {type(data).__name__}")
+    if dimensions:
+        dims = tuple(dimensions)
+    else:
+        dims = concept_dimensions(data) or DEFAULT_DIMENSIONS
     problems = ProblemLog(skip_bad)
     records: list[Record] = []
     first_row: dict[str, int] = {}

@@ -3,7 +3,11 @@
 Three file formats, all read and written here:
 
 * the original ``concept_signals_<dim>.json``: a JSON list aligned 1:1 with the dataset records,
-  each ``{dim: {"<local concept index>": [1 - s, s], ...}}``, ``{dim: {}}`` for a missing image;
+  each ``{dim: {"<local concept index>": [1 - s, s], ...}}``, ``{dim: {}}`` for a missing image.
+  It holds no concept names: it is read against its concept index, the prototypes'
+  ``idx_to_concept`` (a ``.pt``) or the ``vocab.json`` written beside it (``SIGNALS_INDEX_FILE``);
+  a count that does not match, or two indices that disagree, is an error naming the file and the
+  dimension;
 * the original ``concept_signals_<dim>.csv``: ``image_path,<label columns>,<dim>_top1_name,
   <dim>_top1_score,...`` (scores ``%.6f``, empty strings past the available concepts);
 * cgjax's keyed JSON (``format: cgjax.signals``): keyed by image path, carrying ``schema_version``,
@@ -27,10 +31,13 @@ import numpy as np
 
 from cgjax import persistence
 from cgjax.data.schema import (DEFAULT_DIMENSIONS, SCHEMA_VERSION, UNKNOWN, DataError, Dataset, ProblemLog,
-                               Record, Vocabulary, check_schema_version, input_exists, read_input_bytes, read_json)
+                               Record, Vocabulary, check_schema_version, input_dir, input_exists, read_input_bytes,
+                               read_json, vocab_from_json, vocab_to_json)
 from cgjax.data.records import normalize_image_path
 
 KEYED_FORMAT = "cgjax.signals"
+#: The concept index of the list-format signals files of a folder, written beside them.
+SIGNALS_INDEX_FILE = "vocab.json"
 
 
 @dataclasses.dataclass
@@ -113,13 +120,64 @@ def _finite_number(x: Any) -> bool:
 # the original list JSON
 
 
+def signals_index_path(path: str | os.PathLike) -> str:
+    """The ``vocab.json`` beside a signals file (a URL stays a URL)."""
+    return f"{input_dir(path)}/{SIGNALS_INDEX_FILE}"
+
+
+def read_signals_index(path: str | os.PathLike) -> dict[str, Vocabulary] | None:
+    """The concept index written beside the signals file ``path`` (None when there is none)."""
+    index_file = signals_index_path(path)
+    if not input_exists(index_file):
+        return None
+    return vocab_from_json(read_json(index_file), index_file)
+
+
+def write_signals_index(path: str | os.PathLike, vocabs: Mapping[str, Vocabulary]) -> str:
+    """Records ``vocabs`` as the concept index of the signals file ``path``: the ``vocab.json``
+    beside it, merged with the dimensions already there (a dimension written again is replaced)."""
+    index_file = signals_index_path(path)
+    merged: dict[str, Vocabulary] = {}
+    extra: dict[str, Any] = {}
+    if input_exists(index_file):
+        old = read_json(index_file)
+        merged = vocab_from_json(old, index_file)
+        extra = {k: v for k, v in old.items() if k not in ("schema_version", "format", "dimensions", "concepts")}
+    merged.update({d: Vocabulary(d, v.names) for d, v in vocabs.items()})
+    persistence.write_json(index_file, vocab_to_json(merged, **extra))
+    return index_file
+
+
+def signals_concept_index(path: str | os.PathLike, index: Mapping[str, Vocabulary] | None = None,
+                          index_source: str = "the given concept index"
+                          ) -> tuple[dict[str, Vocabulary], dict[str, str]]:
+    """``(index, where)``: the concept index a list-format signals file is read against, per
+    dimension ``index``'s, else the ``vocab.json`` beside the file; ``where[dim]`` names its source.
+    Neither is a ``DataError``; the two disagreeing on a dimension is one naming the file and it."""
+    path = os.fspath(path)
+    beside = read_signals_index(path) or {}
+    index = dict(index or {})
+    if not index and not beside:
+        raise DataError(path, None, "list-format signals hold no concept names: give their concept index (the "
+                                    f"prototypes .pt, data.signals_index) or write a {SIGNALS_INDEX_FILE} beside them")
+    for d in set(index) & set(beside):
+        if index[d].names != beside[d].names:
+            raise DataError(path, f"dimension {d!r}", f"{index_source} lists {index[d].names} but "
+                                                      f"{signals_index_path(path)} lists {beside[d].names}")
+    where = {d: signals_index_path(path) for d in beside}
+    where.update({d: index_source for d in index})
+    return {**beside, **index}, where
+
+
 def read_signals_json(path: str | os.PathLike, records: Dataset | Sequence[Record] | Sequence[str], *,
                       vocabs: Mapping[str, Vocabulary] | None = None, dimensions: Sequence[str] | None = None,
-                      skip_bad: bool = False) -> Signals:
+                      skip_bad: bool = False, index_source: str = "the given concept index") -> Signals:
     """Reads an original ``concept_signals_<dim>.json`` list aligned 1:1 with ``records``.
 
-    The file holds no concept names: pass ``vocabs`` (the prototypes' ``idx_to_concept``) to name
-    them; without, concept k is named ``"k"`` and the count is the largest index + 1.
+    The file holds no concept names: they come from its concept index, ``vocabs`` (the prototypes'
+    ``idx_to_concept``) or else the ``vocab.json`` beside the file (:func:`signals_concept_index`).
+    Every dimension of the file must be in the index with as many concepts as the file has (its
+    largest concept index + 1); else a ``DataError`` names the file and the dimension.
     """
     path = os.fspath(path)
     paths = _image_paths_of(records)
@@ -129,47 +187,51 @@ def read_signals_json(path: str | os.PathLike, records: Dataset | Sequence[Recor
     if len(data) != len(paths):
         raise DataError(path, None, f"has {len(data)} entries but the dataset has {len(paths)} records "
                                     "(the list must align 1:1 with the dataset)")
+    index, where = signals_concept_index(path, vocabs, index_source)
     problems = ProblemLog(skip_bad)
-    dims: list[str] = list(dimensions) if dimensions is not None else []
+    dims: list[str] = []
     parsed: list[dict[str, dict[int, float]]] = []
+    largest: dict[str, int] = {}
     for i, entry in enumerate(data):
-        where = f"row {i} (image {paths[i]!r})"
+        where_row = f"row {i} (image {paths[i]!r})"
         errs: list[DataError] = []
         row: dict[str, dict[int, float]] = {}
         if not isinstance(entry, dict):
-            errs.append(DataError(path, where, f"entry is not a JSON object ({type(entry).__name__})"))
+            errs.append(DataError(path, where_row, f"entry is not a JSON object ({type(entry).__name__})"))
             entry = {}
         for dim, per in entry.items():
             if dimensions is not None and dim not in dimensions:
                 continue
             if not isinstance(per, dict):
-                errs.append(DataError(path, where, f"{dim!r}: expected an object of concept index -> [1-s, s]"))
+                errs.append(DataError(path, where_row, f"{dim!r}: expected an object of concept index -> [1-s, s]"))
                 continue
             out = {}
             for key, pair in per.items():
                 if not re.fullmatch(r"\d+", str(key)):
-                    errs.append(DataError(path, where, f"{dim!r}: concept key {key!r} is not a non-negative integer"))
-                    continue
-                k = int(key)
-                if vocabs is not None and dim in vocabs and k >= len(vocabs[dim]):
-                    errs.append(DataError(path, where, f"{dim!r}: concept index {k} outside the vocabulary "
-                                                       f"of {len(vocabs[dim])} names"))
+                    errs.append(DataError(path, where_row, f"{dim!r}: concept key {key!r} is not a non-negative "
+                                                           "integer"))
                     continue
                 if not (isinstance(pair, list) and len(pair) == 2 and all(map(_finite_number, pair))):
-                    errs.append(DataError(path, where, f"{dim!r}[{key}]: expected [1 - s, s], got {pair!r}"))
+                    errs.append(DataError(path, where_row, f"{dim!r}[{key}]: expected [1 - s, s], got {pair!r}"))
                     continue
-                out[k] = float(pair[1])
+                out[int(key)] = float(pair[1])
             if dim not in dims:
                 dims.append(dim)
             row[dim] = out
-        parsed.append(row if problems.report(errs) else {})
+        good = problems.report(errs)
+        parsed.append(row if good else {})
+        for dim, out in row.items():
+            largest[dim] = max(largest.get(dim, -1), max(out, default=-1))
     scores, vocs = {}, {}
     for dim in dims:
-        if vocabs is not None and dim in vocabs:
-            vocs[dim] = vocabs[dim]
-        else:
-            k = max((max(r[dim], default=-1) for r in parsed if dim in r), default=-1) + 1
-            vocs[dim] = Vocabulary(dim, [str(j) for j in range(k)])
+        if dim not in index:
+            sources = ", ".join(sorted(set(where.values())))
+            raise DataError(path, f"dimension {dim!r}", f"is not in its concept index ({sources}: {list(index)})")
+        n_file, n_index = largest.get(dim, -1) + 1, len(index[dim])
+        if n_file and n_file != n_index:
+            raise DataError(path, f"dimension {dim!r}", f"{n_file} concepts (largest index {n_file - 1}) but its "
+                                                        f"concept index {where[dim]} has {n_index}: {index[dim].names}")
+        vocs[dim] = index[dim]
         s = np.full((len(paths), len(vocs[dim])), np.nan, np.float32)
         for i, r in enumerate(parsed):
             for k, v in r.get(dim, {}).items():
@@ -203,14 +265,17 @@ def signals_json_text(entries: Sequence[Mapping[str, Any]]) -> str:
 def write_signals_json(path: str | os.PathLike, signals: Signals,
                        records: Dataset | Sequence[Record] | Sequence[str] | None = None,
                        dims: Sequence[str] | None = None) -> None:
-    """Writes the original list JSON, aligned with ``records`` (by image path) when given.
+    """Writes the original list JSON, aligned with ``records`` (by image path) when given, and its
+    concept index into the ``vocab.json`` beside it (:func:`write_signals_index`).
 
     A record without signals gets ``{dim: {}}``. Pairs are ``[1 - s, s]`` computed in float32. The
     bytes are the original's ``json.dump`` (no indent, no final newline).
     """
     if records is not None:
         signals = signals.align(_image_paths_of(records))
+    dims = signals.dimensions if dims is None else tuple(dims)
     persistence.write_text(path, signals_json_text(signals_json_entries(signals, dims)))
+    write_signals_index(path, {d: signals.vocabs[d] for d in dims})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,11 +506,16 @@ def signals_format(path: str | os.PathLike) -> str:
 
 
 def read_signals(path: str | os.PathLike, records: Dataset | Sequence[Record] | Sequence[str] | None = None, *,
-                 vocabs: Mapping[str, Vocabulary] | None = None, images_root: str | os.PathLike | None = None,
-                 skip_bad: bool = False) -> Signals:
+                 vocabs: Mapping[str, Vocabulary] | None = None, index: Mapping[str, Vocabulary] | None = None,
+                 images_root: str | os.PathLike | None = None, skip_bad: bool = False,
+                 index_source: str = "the given concept index") -> Signals:
     """Reads any signals file; the original list JSON needs ``records`` to know its image paths.
 
-    ``images_root`` (default: the ``Dataset``'s) normalises the image paths of CSV / keyed files.
+    ``vocabs``: concept names the file's must equal (a CSV is read in their order). ``index``: the
+    concept index (e.g. a prototypes ``.pt``'s ``idx_to_concept``, described by ``index_source``)
+    that names the concepts of a list JSON, else the ``vocab.json`` beside it; a keyed file must
+    agree with it too. ``images_root`` (default: the ``Dataset``'s) normalises the image paths of
+    CSV / keyed files.
     """
     path = os.fspath(path)
     if not input_exists(path):
@@ -459,10 +529,20 @@ def read_signals(path: str | os.PathLike, records: Dataset | Sequence[Record] | 
             sig = read_signals_csv(path, vocab=vocabs[dim], skip_bad=skip_bad, images_root=root)
         return sig
     if fmt == "keyed":
-        return read_signals_keyed(path, vocabs=vocabs, images_root=root, skip_bad=skip_bad)
+        sig = read_signals_keyed(path, vocabs=vocabs, images_root=root, skip_bad=skip_bad)
+        for d, v in sig.vocabs.items():
+            if index is not None and d in index and index[d].names != v.names:
+                raise DataError(path, f"dimension {d!r}", f"concept names {v.names} differ from {index_source} "
+                                                          f"{index[d].names}")
+        return sig
     if records is None:
         raise DataError(path, None, "the original signals list JSON needs the dataset records it aligns with")
-    return read_signals_json(path, records, vocabs=vocabs, skip_bad=skip_bad)
+    sig = read_signals_json(path, records, vocabs=index, skip_bad=skip_bad, index_source=index_source)
+    for d, v in sig.vocabs.items():
+        if vocabs is not None and d in vocabs and vocabs[d].names != v.names:
+            raise DataError(path, f"dimension {d!r}", f"concept names {v.names} (its concept index) differ from the "
+                                                      f"vocabulary {vocabs[d].names}")
+    return sig
 
 
 def write_signals(path: str | os.PathLike, signals: Signals, *, fmt: str = "keyed",
@@ -483,10 +563,11 @@ def write_signals(path: str | os.PathLike, signals: Signals, *, fmt: str = "keye
 def convert_signals(sources: Sequence[str | os.PathLike], output: str | os.PathLike, *, fmt: str = "keyed",
                     records: Dataset | Sequence[Record] | None = None,
                     vocabs: Mapping[str, Vocabulary] | None = None, dim: str | None = None, topk: int = 3) -> Signals:
-    """Reads and merges ``sources`` (any formats, e.g. one original JSON per dimension) and writes ``output``."""
+    """Reads and merges ``sources`` (any formats, e.g. one original JSON per dimension; ``vocabs``
+    is their concept index) and writes ``output``."""
     merged = None
     for src in sources:
-        sig = read_signals(src, records, vocabs=vocabs)
+        sig = read_signals(src, records, vocabs=vocabs, index=vocabs)
         merged = sig if merged is None else merged.merge(sig)
     if merged is None:
         raise ValueError("no signals files given")
@@ -501,7 +582,8 @@ def original_signals_filename(dim: str, fmt: str = "json") -> str:
 def load_signals_dir(directory: str | os.PathLike, records: Dataset | Sequence[Record],
                      dims: Sequence[str] = DEFAULT_DIMENSIONS,
                      vocabs: Mapping[str, Vocabulary] | None = None) -> Signals:
-    """Reads ``concept_signals_<dim>.json`` for each dim in ``directory`` (the original artifact set)."""
+    """Reads ``concept_signals_<dim>.json`` for each dim in ``directory`` (the original artifact set)
+    against their concept index ``vocabs`` (else the ``vocab.json`` in ``directory``)."""
     merged = None
     for d in dims:
         sig = read_signals_json(os.path.join(os.fspath(directory), original_signals_filename(d)), records,

@@ -28,6 +28,7 @@ from cgjax import persistence
 from cgjax.data.examples import LoadedData, load_data, make_example, read_image_bytes
 from cgjax.data.schema import (DataError, ProblemLog, SCHEMA_VERSION, SPLITS, Vocabulary, log, normalize_split,
                                read_json, save_vocab, vocab_from_json)
+from cgjax.data.splits import SplitPolicy
 
 BUILDER_NAME = "cgjax_dataset"
 BUILDER_VERSION = "1.0.0"
@@ -103,26 +104,20 @@ class _PackSpec:
     splits: dict[str, list[int]]
 
 
-def _assign_splits(data: LoadedData, fractions: Sequence[float], seed: int) -> dict[str, list[int]]:
-    """Records keep their ``split`` field; the others are split by ``fractions`` with ``seed``."""
+def split_policy(split_fractions: Sequence[float], seed: int, splits_json: str = "") -> SplitPolicy:
+    """The :class:`SplitPolicy` of ``split_fractions`` (train, validation, test; normalised) and ``seed``."""
+    f = np.asarray(split_fractions, np.float64)
+    if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
+        raise ValueError(f"split_fractions must be three non-negative numbers, got {split_fractions}")
+    f = f / f.sum()
+    return SplitPolicy(splits_json=splits_json, val_fraction=float(f[1]), test_fraction=float(f[2]), seed=int(seed))
+
+
+def _group_splits(data: LoadedData) -> dict[str, list[int]]:
+    """Record indices per split (every record has one after ``SplitPolicy.apply``)."""
     out: dict[str, list[int]] = {s: [] for s in SPLITS}
-    free = [i for i, r in enumerate(data.records) if r.split is None]
     for i, r in enumerate(data.records):
-        if r.split is not None:
-            out[r.split].append(i)
-    if free:
-        f = np.asarray(fractions, np.float64)
-        if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
-            raise ValueError(f"split_fractions must be three non-negative numbers, got {fractions}")
-        f = f / f.sum()
-        perm = np.random.default_rng(seed).permutation(len(free))
-        n_train, n_val = int(round(f[0] * len(free))), int(round(f[1] * len(free)))
-        n_val = min(n_val, len(free) - n_train)
-        for j, k in enumerate(perm):
-            name = "train" if j < n_train else ("validation" if j < n_train + n_val else "test")
-            out[name].append(free[k])
-        for s in out:
-            out[s].sort()
+        out[r.split or "train"].append(i)
     return out
 
 
@@ -130,11 +125,13 @@ def pack(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None,
          targets_csv: str | os.PathLike | None = None, signals: Any = None, *,
          dimensions: Sequence[str] | None = None,
          vocab: str | os.PathLike | Mapping[str, Vocabulary] | None = None,
-         split_fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, skip_bad: bool = False,
-         overwrite: bool = False, verbose: bool = False) -> str:
+         split_fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0, splits_json: str = "",
+         skip_bad: bool = False, overwrite: bool = False, verbose: bool = False) -> str:
     """Packs a data set into ``out_dir`` (tfds ArrayRecord, splits train/validation/test).
 
-    Splits come from the records' ``split`` field, else a ``seed``-ed split by ``split_fractions``.
+    Splits come from the records' ``split`` field, else from the data set's split file, the one
+    every stage shares (:mod:`cgjax.data.splits`; ``splits_json``, default beside the dataset
+    JSON); when it does not exist yet, it is made with ``seed`` and ``split_fractions``.
     Every image must exist and decode; a bad row raises a ``DataError`` naming its file and row, or
     with ``skip_bad`` is logged, skipped and listed in ``pack.json``. Returns ``out_dir``.
     ``verbose=False`` silences tfds' output (and turns its progress bars off, a global tfds setting).
@@ -143,7 +140,8 @@ def pack(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None,
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
     data = load_data(dataset_json, images_root, targets_csv=targets_csv, signals=signals, dimensions=dimensions,
-                     vocab=vocab, check_images=False, skip_bad=skip_bad)
+                     vocab=vocab, check_images=False, skip_bad=skip_bad,
+                     splits=split_policy(split_fractions, seed, splits_json))
     problems = ProblemLog(skip_bad)
     problems.problems.extend(data.problems)
     examples, keep = [], []
@@ -161,7 +159,7 @@ def pack(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None,
             signals=None if data.signals is None else data.signals.align([data.records[i].image for i in keep]))
     if not examples:
         raise DataError(dataset_json, None, "no usable records to pack")
-    splits = _assign_splits(data, split_fractions, seed)
+    splits = _group_splits(data)
     with persistence.atomic_dir(out_dir) as tmp:
         if not verbose:
             tfds.disable_progress_bar()

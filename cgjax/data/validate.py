@@ -20,6 +20,7 @@ import numpy as np
 from absl import flags
 
 from cgjax import commandline
+from cgjax.data.dimensions import DimensionsError, resolve_dimensions
 from cgjax.data.records import parse_target_keys, raw_image_paths, read_dataset_json, read_targets_csv
 from cgjax.data.schema import DataError, Vocabulary, load_vocab
 from cgjax.data.signals import read_signals
@@ -45,8 +46,13 @@ def validate_data(dataset_json: str | os.PathLike, images_root: str | os.PathLik
                   targets_csv: str | os.PathLike | None = None, signals: Sequence[str | os.PathLike] = (), *,
                   dimensions: Sequence[str] | None = None,
                   vocab: str | os.PathLike | Mapping[str, Vocabulary] | None = None,
+                  signals_index: Mapping[str, Vocabulary] | None = None,
                   check_images: bool = True, allow_outside_root: bool = False) -> ValidationReport:
-    """Validates a data set; never raises for a data problem (they are all in the report)."""
+    """Validates a data set; never raises for a data problem (they are all in the report).
+
+    The dimensions are ``dimensions``, else the data's own (records, CSV header and ``vocab`` must
+    agree). List-format signals are read against ``signals_index``, else the ``vocab.json`` beside them.
+    """
     rep = ValidationReport()
     vocabs = None
     if vocab is not None:
@@ -55,7 +61,15 @@ def validate_data(dataset_json: str | os.PathLike, images_root: str | os.PathLik
         except DataError as e:
             rep.problems.append(e)
             return rep
-        dimensions = dimensions or tuple(vocabs)
+    try:
+        named_vocab = vocab if isinstance(vocab, (str, os.PathLike)) else vocabs  # a path names the file
+        dimensions = resolve_dimensions(dataset_json, targets_csv=targets_csv, vocab=named_vocab,
+                                        dimensions=dimensions)
+    except DimensionsError as e:
+        rep.problems.append(e)
+        return rep
+    except DataError:  # an unreadable file: its reader reports it below
+        dimensions = dimensions or (tuple(vocabs) if vocabs else None)
     try:
         ds = read_dataset_json(dataset_json, images_root, dimensions=dimensions, vocabs=vocabs,
                                allow_outside_root=allow_outside_root,
@@ -113,7 +127,10 @@ def validate_data(dataset_json: str | os.PathLike, images_root: str | os.PathLik
         src = os.fspath(src)
         try:
             raw = raw if raw is not None else raw_image_paths(ds.path, ds.images_root)
-            sig = read_signals(src, raw, vocabs=vocabs, images_root=ds.images_root, skip_bad=True)
+            # list signals carry their own concept index (the prototypes'), which may legitimately
+            # differ from the label vocabulary built from the records; a given vocab.json must match
+            sig = read_signals(src, raw, vocabs=given_vocabs, index=signals_index, images_root=ds.images_root,
+                               skip_bad=True, index_source="--signals_index")
         except DataError as e:
             rep.problems.append(e)
             continue
@@ -133,9 +150,9 @@ def validate_data(dataset_json: str | os.PathLike, images_root: str | os.PathLik
         if without:
             rep.warnings.append(f"{src}: {len(without)} dataset record(s) have no signals (first: {without[0]!r})")
         for d, v in sig.vocabs.items():
-            if d in vocabs and v != vocabs[d]:
+            if given_vocabs is not None and d in given_vocabs and v != given_vocabs[d]:
                 rep.problems.append(DataError(src, f"dimension {d!r}", f"concept names {v.names} differ from the "
-                                                                       f"vocabulary {vocabs[d].names}"))
+                                                                       f"vocabulary {given_vocabs[d].names}"))
     return rep
 
 
@@ -150,9 +167,11 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
     flags.DEFINE_string("targets_csv", None, "the targets CSV", flag_values=fv)
     flags.DEFINE_multi_string("signals", [], "a signals file (original JSON/CSV or cgjax keyed); repeat the flag "
                               "for several: --signals A --signals B", flag_values=fv)
-    flags.DEFINE_string("dimensions", None, "comma list (default: from --vocab, else artist,style,genre)",
-                        flag_values=fv)
+    flags.DEFINE_string("dimensions", None, "comma list (default: the data's own: the records' concepts keys, the "
+                        "targets CSV header, --vocab; else artist,style,genre)", flag_values=fv)
     flags.DEFINE_string("vocab", None, "a vocab.json fixing the label vocabularies", flag_values=fv)
+    flags.DEFINE_string("signals_index", None, "the concept index of list-format signals, a vocab.json (default: "
+                        "the vocab.json beside them)", flag_values=fv)
     flags.DEFINE_bool("no_image_check", False, "do not open the images", flag_values=fv)
     flags.DEFINE_bool("strict", False, "warnings count as problems", flag_values=fv)
     flags.DEFINE_bool("allow_outside_root", False, "accept image paths that are absolute or leave the images root "
@@ -162,8 +181,10 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
 def run(fv: flags.FlagValues) -> int:
     """:func:`validate_data` from the parsed flags of :func:`define_flags`: prints the report; the exit status."""
     dims = None if fv.dimensions is None else [d.strip() for d in fv.dimensions.split(",") if d.strip()]
+    index = load_vocab(fv.signals_index) if fv.signals_index else None
     rep = validate_data(fv.dataset_json, fv.images_root, fv.targets_csv, fv.signals, dimensions=dims,
-                        vocab=fv.vocab, check_images=not fv.no_image_check, allow_outside_root=fv.allow_outside_root)
+                        vocab=fv.vocab, signals_index=index, check_images=not fv.no_image_check,
+                        allow_outside_root=fv.allow_outside_root)
     for line in rep.lines():
         print(line)
     bad = len(rep.problems) + (len(rep.warnings) if fv.strict else 0)

@@ -4,12 +4,18 @@
         [--images-root ROOT] [--targets-csv C] [--baseline-json B] [--report-dir DIR]
 
 ``--targets-csv`` supplies the training reasons for the coherence lexicon (rows of the evaluated
-images are left out). ``--baseline-json`` also writes ``metrics_baseline.json`` next to ``--out``
-and adds ``comparison`` to the metrics. ``--report-dir`` writes ``report.html`` +
+images are left out). The records' splits are those every stage used: a record's own ``split``,
+else the data set's split file (``cgjax.data.splits``; ``--splits-json``, default beside the dataset
+JSON; read, never made here). ``--split test`` scores only that split's images; the metrics'
+``inputs.splits`` counts the evaluated images per split, and evaluated training images are warned
+of. ``--baseline-json`` also writes ``metrics_baseline.json`` next to ``--out`` and adds
+``comparison`` to the metrics. ``--report-dir`` writes ``report.html`` +
 ``concept_graph.png``. Definitions: ``docs/evaluation.md``.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +27,8 @@ from absl import flags
 
 from cgjax import commandline, persistence
 from cgjax.data.records import read_dataset_json, read_targets_csv
-from cgjax.data.schema import DataError, load_vocab, read_json
+from cgjax.data.schema import DataError, load_vocab, normalize_split, read_json
+from cgjax.data.splits import SplitPolicy
 from cgjax.eval.metrics import EvidenceLexicon, compare, evaluate, label_vocabs, match_records
 from cgjax.eval.parser import AnswerParser, DEFAULT_SENTINELS
 from cgjax.eval.report import write_report
@@ -72,7 +79,12 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
     flags.DEFINE_string("baseline-json", None, "reasoning_baseline.json of the no-concept baseline", flag_values=fv)
     flags.DEFINE_string("out", None, "metrics JSON to write", flag_values=fv, required=True)
     flags.DEFINE_string("baseline-out", None, "baseline metrics JSON (default: beside --out)", flag_values=fv)
-    flags.DEFINE_string("dimensions", None, "comma-separated dimensions (default artist,style,genre)", flag_values=fv)
+    flags.DEFINE_string("dimensions", None, "comma-separated dimensions (default: the records' concepts keys, "
+                        "else artist,style,genre)", flag_values=fv)
+    flags.DEFINE_string("split", None, "score only the images of this split (train, validation or test)",
+                        flag_values=fv)
+    flags.DEFINE_string("splits-json", None, "the split file of a dataset JSON without splits (default: "
+                        "<dataset stem>.splits.json beside it, as training writes it)", flag_values=fv)
     flags.DEFINE_string("sentinels", ",".join(DEFAULT_SENTINELS), "JSON start,end sentinels", flag_values=fv)
     flags.DEFINE_integer("n-bins", 10, "calibration bins", flag_values=fv)
     flags.DEFINE_string("lexicon-out", None, "also write the learned evidence lexicon here", flag_values=fv)
@@ -90,7 +102,8 @@ def evaluate_reasoning(reasoning_json: str, dataset_json: str, out: str, *, imag
                        dimensions: Sequence[str] | None = None, sentinels: Sequence[str] = DEFAULT_SENTINELS,
                        n_bins: int = 10, lexicon_out: str | None = None, report_dir: str | None = None,
                        gallery_n: int = 12, saliency_json: str | None = None,
-                       allow_outside_root: bool = False) -> dict[str, Any]:
+                       allow_outside_root: bool = False, split: str | None = None,
+                       splits_json: str | None = None) -> dict[str, Any]:
     """Metrics of ``reasoning_json`` against ``dataset_json``, written to ``out`` (see the module
     docstring for the optional inputs and outputs); -> the metrics."""
     sentinels = tuple(sentinels)
@@ -98,6 +111,14 @@ def evaluate_reasoning(reasoning_json: str, dataset_json: str, out: str, *, imag
         raise ValueError(f"sentinels: expected a start and an end marker, got {sentinels!r}")
     dataset = read_dataset_json(dataset_json, images_root, dimensions=list(dimensions) if dimensions else None,
                                 allow_outside_root=allow_outside_root)
+    policy = SplitPolicy(splits_json=splits_json or "")
+    dataset = policy.apply(dataset, create=False)  # the split file the stages wrote, if there is one
+    if split:
+        name = normalize_split(split)
+        if any(r.split is None for r in dataset.records):
+            raise DataError(dataset_json, None, f"--split {split}: records carry no split and there is no split file "
+                                                f"{policy.path(dataset_json)} (the stages write it on first use)")
+        dataset = dataclasses.replace(dataset, records=[r for r in dataset.records if r.split == name])
     root = dataset.images_root
     reasoning = _read_reasoning(reasoning_json)
     baseline = _read_reasoning(baseline_json) if baseline_json else None
@@ -119,9 +140,14 @@ def evaluate_reasoning(reasoning_json: str, dataset_json: str, out: str, *, imag
     parser = AnswerParser(label_vocabs(dataset, every, targets, vocabs), dataset.dimensions, sentinels=sentinels)
     kw = dict(images_root=root, lexicon=lexicon, n_bins=n_bins, parser=parser)
     metrics = evaluate(reasoning, dataset, **kw)
+    per_split = collections.Counter(str(r.split) for r in match_records(reasoning, dataset, root)[0].values())
+    if per_split.get("train"):
+        log.warning("%d evaluated image(s) are training images (split train): their numbers are not held out",
+                    per_split["train"])
     metrics["inputs"] = {"reasoning_json": os.path.abspath(reasoning_json),
                          "dataset_json": os.path.abspath(dataset_json),
-                         "targets_csv": os.path.abspath(targets_csv) if targets_csv else None}
+                         "targets_csv": os.path.abspath(targets_csv) if targets_csv else None,
+                         "split": normalize_split(split) if split else None, "splits": dict(sorted(per_split.items()))}
     baseline_metrics = None
     if baseline is not None:
         baseline_metrics = evaluate(baseline, dataset, **kw)
@@ -153,7 +179,7 @@ def evaluate_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
         baseline_json=fv["baseline-json"].value, baseline_out=fv["baseline-out"].value, dimensions=dims,
         sentinels=sentinels, n_bins=fv["n-bins"].value, lexicon_out=fv["lexicon-out"].value,
         report_dir=fv["report-dir"].value, gallery_n=fv["gallery-n"].value, saliency_json=fv["saliency-json"].value,
-        allow_outside_root=fv.allow_outside_root)
+        allow_outside_root=fv.allow_outside_root, split=fv.split, splits_json=fv["splits-json"].value)
     for mode in metrics["modes"]:
         m = metrics[mode]
         print(f"{mode:10s} n={m['n']:4d} all-correct={m['multi_label_all_correct']} macro-F1="

@@ -1,9 +1,10 @@
 """Signal export: embeddings of the dataset's images -> post-processed signals -> files.
 
 Writes the original formats (``concept_signals_<dim>.json`` aligned 1:1 with the dataset records,
-the top-k CSV), cgjax's keyed format and the validate_signals report, with the original's bugs
-left out: every record gets its signal even when image paths repeat (the original filled only the
-last duplicate), CSV + zscore works for several dimensions, and images are encoded in batches.
+with its concept index in the ``vocab.json`` beside it; the top-k CSV), cgjax's keyed format and
+the validate_signals report, with the original's bugs left out: every record gets its signal even
+when image paths repeat (the original filled only the last duplicate), CSV + zscore works for
+several dimensions, and images are encoded in batches.
 Readers and writers are ``cgjax.data``'s.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cgjax import persistence
 from cgjax.data.records import normalize_image_path, read_dataset_json
 from cgjax.data.schema import DEFAULT_DIMENSIONS, Vocabulary, read_json
 from cgjax.data.signals import (Signals, signals_csv_text, signals_json_entries, signals_json_text,
-                                write_signals_keyed)
+                                write_signals_index, write_signals_keyed)
 from cgjax.prototypes.calibrate import postprocess
 from cgjax.prototypes.head import PrototypeSet, record_paths
 from cgjax.prototypes.validate_signals import validate_signals, write_json
@@ -112,6 +113,8 @@ def write_outputs(signals: Any, ds: Any, row_images: Sequence[str | None], dims:
     entries = [by_image.get(p, empty) if p is not None else empty for p in row_images]
     if fmt == "json":
         persistence.write_text(output, signals_json_text(entries))
+        # the list holds concept indices only: its concept index goes into the vocab.json beside it
+        written["index"] = write_signals_index(output, {d: signals.vocabs[d] for d in dims})
     else:
         persistence.write_text(output, csv_text(signals, ds, dims, row_images, max(1, int(topk))))
     written["output"] = output

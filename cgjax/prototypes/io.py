@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cgjax import checkpoints, persistence
+from cgjax.data.schema import Vocabulary, load_vocab
 from cgjax.prototypes.head import DEFAULT_CLIP_MODEL, PrototypeSet, l2_normalize
 
 PT_SUFFIXES = (".pt", ".pth", ".bin")
@@ -177,4 +178,28 @@ def load_many(paths: Sequence[str | os.PathLike]) -> PrototypeSet:
     out = load_prototypes(paths[0])
     for p in paths[1:]:
         out = out.merged(load_prototypes(p))
+    return out
+
+
+def concept_index(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, Vocabulary]:
+    """The concept index ``{dim: Vocabulary(idx_to_concept[dim])}`` of list-format signals, from
+    prototype files (an original ``.pt``, a cgjax checkpoint directory, a prototypes work dir) or
+    ``vocab.json`` files; a comma-separated string or a list (e.g. one ``.pt`` per dimension).
+    Two files that give one dimension different names are an error naming both."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [p.strip() for p in os.fspath(paths).split(",") if p.strip()]
+    out: dict[str, Vocabulary] = {}
+    source: dict[str, str] = {}
+    for p in map(os.fspath, paths):
+        if p.endswith(".json"):
+            vocabs = load_vocab(p)
+        else:
+            work_dir = os.path.join(p, "prototypes")
+            ps = load_prototypes(work_dir if os.path.isdir(work_dir) else p)
+            vocabs = {d: Vocabulary(d, ps.idx_to_concept[d]) for d in ps.dimensions}
+        for d, v in vocabs.items():
+            if d in out and out[d] != v:
+                raise ValueError(f"concept index: {p} names the {d!r} concepts {v.names} but {source[d]} names "
+                                 f"them {out[d].names}")
+            out[d], source[d] = v, p
     return out

@@ -1,7 +1,9 @@
 """``train_prototypes(config, workdir)``: the prototype stage behind ``scripts/train.py``.
 
-1. read the dataset (``cgjax.data.records``), split it (the records' ``split`` field, else a
-   seeded ``val_fraction``; test records are never trained on);
+1. read the dataset (``cgjax.data.records``; its dimensions are the records' ``concepts`` keys
+   unless ``data.dimensions`` names them), split it (the records' ``split`` field, else the data
+   set's split file, made here on first use and reused by every later stage: ``cgjax.data.splits``;
+   test records are never trained on);
 2. convert the open_clip tower and embed every train/validation image ONCE (cached on disk
    under ``workdir/cache``, keyed by model, weights and files);
 3. mean prototypes from the training images, then the jitted all-dimension trainer with an
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cgjax import demo_assets, multihost, persistence
+from cgjax.data.splits import SplitPolicy
 from cgjax.prototypes import export, io as pio
 from cgjax.prototypes.calibrate import calibrate
 from cgjax.prototypes.head import AugmentedEncoder, PrototypeHead, build_prototypes, read_records, record_paths
@@ -43,18 +46,14 @@ def _get(cfg: Any, path: str, default: Any = None) -> Any:
     return cur
 
 
-def split_indices(ds: Any, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) record indices: from the records' ``split`` when any has one (records
-    without a split train; test is excluded), else a seeded random ``val_fraction``."""
+def split_indices(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) record indices from the records' ``split`` (after
+    :meth:`SplitPolicy.apply <cgjax.data.splits.SplitPolicy.apply>`, every record has one; a record
+    without one trains); test records are excluded."""
     splits = [r.split for r in ds.records]
-    n = len(splits)
-    if any(s is not None for s in splits):
-        train = np.array([i for i, s in enumerate(splits) if s in (None, "train")], np.int64)
-        val = np.array([i for i, s in enumerate(splits) if s == "validation"], np.int64)
-        return train, val
-    perm = np.random.default_rng([int(seed), 17]).permutation(n)
-    n_val = int(round(val_fraction * n))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    train = np.array([i for i, s in enumerate(splits) if s in (None, "train")], np.int64)
+    val = np.array([i for i, s in enumerate(splits) if s == "validation"], np.int64)
+    return train, val
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -124,9 +123,11 @@ def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
                                 else config.data.dimensions) if d.strip()]
 
     # -- data
-    ds = read_records(config.data.dataset_json, config.data.images_root or None, dimensions=dims)
+    ds = read_records(config.data.dataset_json, config.data.images_root or None, dimensions=dims or None)
+    dims = list(ds.dimensions)
+    ds = SplitPolicy.from_config(config.data).apply(ds)  # the split file every later stage reuses
     paths = record_paths(ds)
-    train_idx, val_idx = split_indices(ds, float(config.data.val_fraction), int(config.data.split_seed))
+    train_idx, val_idx = split_indices(ds)
     used = np.concatenate([train_idx, val_idx])
     missing = [(int(i), paths[i]) for i in used if not os.path.isfile(paths[i])]
     if missing:

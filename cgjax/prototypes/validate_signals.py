@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 from absl import flags
 
 from cgjax import commandline, persistence
+from cgjax.data.signals import read_signals_index
 from cgjax.prototypes import io as pio
 from cgjax.prototypes.head import read_records
 
@@ -241,6 +242,9 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
         ck = fv[f"ckpt_{d}"].value if f"ckpt_{d}" in fv else None
         if ck:
             idx_to_concept[d] = pio.load_prototypes(ck).idx_to_concept[d]
+        beside = read_signals_index(paths[d]) or {}  # the concept index written beside the list, if any
+        if d not in idx_to_concept and d in beside:
+            idx_to_concept[d] = list(beside[d].names)
     gt = ground_truth_from_dataset(fv.dataset_json, list(paths), fv.images_root)
     rep = validate_signals(signals, gt, idx_to_concept, threshold_mode=fv.threshold_mode, **gating_kwargs(fv))
     write_json(fv.output, rep)

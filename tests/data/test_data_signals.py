@@ -41,10 +41,46 @@ def test_original_json_as_the_original_wrote_it(tmp_path):
     entries = [{"style": {"0": [float(np.float32(1) - x), float(x)], "1": [0.79, 0.21]}}, {}, {"style": {"1": [0.5, 0.5]}}]
     p = tmp_path / "concept_signals_style.json"
     p.write_text(json.dumps(entries))
-    sig = S.read_signals_json(p, _records())
-    assert sig.vocabs["style"].names == ["0", "1"]  # no names in the file
+    with pytest.raises(DataError, match=r"concept_signals_style\.json: list-format signals hold no concept names"):
+        S.read_signals_json(p, _records())  # no index given and no vocab.json beside it
+    index = {"style": Vocabulary("style", ["Realism", "Cubism"])}  # the prototypes' idx_to_concept
+    sig = S.read_signals_json(p, _records(), vocabs=index)
+    assert sig.vocabs["style"].names == ["Realism", "Cubism"]  # names from the index, none in the file
     assert sig.scores["style"][0, 0] == x and np.isnan(sig.scores["style"][1]).all()
     assert np.isnan(sig.scores["style"][2, 0]) and sig.scores["style"][2, 1] == np.float32(0.5)
+
+
+def test_list_signals_are_read_against_their_concept_index(tmp_path):
+    """The writer puts the concept index in the vocab.json beside the list; a reader with no index
+    uses it; a count or an order that does not match is an error naming the file and the dimension."""
+    p = tmp_path / "concept_signals_style.json"
+    S.write_signals_json(p, _signals(), _records())
+    S.write_signals_json(tmp_path / "concept_signals_genre.json",
+                         S.Signals(["monet/m_1.jpg"], {"genre": Vocabulary("genre", ["landscape"])},
+                                   {"genre": np.float32([[0.5]])}), _records())
+    beside = json.loads((tmp_path / "vocab.json").read_text())
+    assert beside["concepts"] == {"style": STYLE.names, "genre": ["landscape"]}  # merged, one folder
+    back = S.read_signals(p, _records())
+    assert back.vocabs["style"] == STYLE
+    np.testing.assert_array_equal(back.scores["style"], _signals().scores["style"])
+    # the index given (the prototypes .pt) agrees with the vocab.json: fine
+    assert S.read_signals(p, _records(), index={"style": STYLE}).vocabs["style"] == STYLE
+    reordered = Vocabulary("style", ["Realism", "Post_Impressionism", "Impressionism"])
+    with pytest.raises(DataError, match=r"concept_signals_style\.json: dimension 'style': prototypes_style\.pt "
+                                        r"lists \['Realism', .* but .*vocab\.json lists \['Post_Impressionism'"):
+        S.read_signals(p, _records(), index={"style": reordered}, index_source="prototypes_style.pt")
+    (tmp_path / "vocab.json").unlink()
+    short = Vocabulary("style", ["Post_Impressionism", "Realism"])
+    with pytest.raises(DataError, match=r"concept_signals_style\.json: dimension 'style': 3 concepts \(largest "
+                                        r"index 2\) but its concept index prototypes_style\.pt has 2"):
+        S.read_signals(p, _records(), index={"style": short}, index_source="prototypes_style.pt")
+    with pytest.raises(DataError, match=r"concept_signals_style\.json: dimension 'style': is not in its concept "
+                                        r"index"):
+        S.read_signals(p, _records(), index={"genre": Vocabulary("genre", ["landscape"])})
+    # a label vocabulary the signals must match (data.vocab_json), in another order: an error too
+    with pytest.raises(DataError, match=r"concept_signals_style\.json: dimension 'style': concept names .* differ "
+                                        r"from the vocabulary"):
+        S.read_signals(p, _records(), index={"style": STYLE}, vocabs={"style": reordered})
 
 
 def test_original_csv_exact_and_read(tmp_path):
@@ -132,10 +168,14 @@ def test_signals_json_length_must_match_dataset(tmp_path):
 
 def test_malformed_signal_entries_name_row(tmp_path):
     p = tmp_path / "concept_signals_style.json"
-    p.write_text(json.dumps([{"style": {"0": [0.5]}}, {"style": {"x": [0.5, 0.5]}}, {"style": {"7": [0.5, 0.5]}}]))
+    good = {"style": {"0": [0.5, 0.5], "1": [0.5, 0.5], "2": [0.5, 0.5]}}
+    p.write_text(json.dumps([{"style": {"0": [0.5]}}, {"style": {"x": [0.5, 0.5]}}, good]))
     with pytest.raises(DataError, match=r"row 0 \(image 'van_gogh/v_0.jpg'\).*expected \[1 - s, s\]"):
-        S.read_signals_json(p, _records())
+        S.read_signals_json(p, _records(), vocabs={"style": STYLE})
     sig = S.read_signals_json(p, _records(), vocabs={"style": STYLE}, skip_bad=True)
     msgs = [str(e) for e in sig.meta["_problems"]]
-    assert len(msgs) == 3 and "row 1" in msgs[1] and "not a non-negative integer" in msgs[1]
-    assert "row 2" in msgs[2] and "outside the vocabulary" in msgs[2]
+    assert len(msgs) == 2 and "row 1" in msgs[1] and "not a non-negative integer" in msgs[1]
+    # a concept index past the index's names is a mismatch of the whole file, even with skip_bad
+    p.write_text(json.dumps([good, {}, {"style": {"7": [0.5, 0.5]}}]))
+    with pytest.raises(DataError, match=r"concept_signals_style\.json: dimension 'style': 8 concepts"):
+        S.read_signals_json(p, _records(), vocabs={"style": STYLE}, skip_bad=True)

@@ -77,7 +77,11 @@ def test_seeded_split_signals_and_overwrite(demo, tmp_path):
         TB.pack(tmp_path / "nosplit.json", demo["images_root"], a)
     TB.pack(tmp_path / "nosplit.json", demo["images_root"], a, overwrite=True, seed=4)
     assert "signals" not in TB.open_source(a, "train")[0]
-    assert sorted(os.listdir(tmp_path)) == ["a", "b", "nosplit.json", "signals.json"]
+    # the split is the data set's split file, made by the first pack, shared with every stage (seed 4 read it)
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "nosplit.json", "nosplit.splits.json", "signals.json"]
+    filed = json.load(open(tmp_path / "nosplit.splits.json"))["splits"]
+    assert sorted(e["image_path"].decode() for e in _all(TB.open_source(a, "test"))) == \
+        sorted(k.removeprefix("images/") for k, v in filed.items() if v == "test")
 
 
 def test_bad_image_raises_or_is_skipped(demo, tmp_path):
