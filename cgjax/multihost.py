@@ -177,6 +177,13 @@ def all_true(flag: bool) -> list[bool]:
     return [bool(x) for x in np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).reshape(-1)]
 
 
+def sum_over_processes(n: int) -> int:
+    """The sum of ``n`` over every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return int(n)
+    return int(np.asarray(multihost_utils.process_allgather(np.int64(n))).sum())
+
+
 def on_primary(name: str, fn: Callable[[], T]) -> T | None:
     """``fn()`` on process 0 while the others wait; if it fails there, every process raises.
 

@@ -87,6 +87,9 @@ class TextRows:
             raise ValueError(f"image {ex['image_path']!r}: the prompt head before <image> is not {self.n_head} tokens")
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = {k: v[0] for k, v in text.pad_rows([row], self.length, pad, side="right").items()}
+        out["skipped"] = np.int32(ex.get("skipped", 0))
+        if out["skipped"]:  # an image that did not decode (data.skip_undecodable): no loss from it
+            out["labels"] = np.full_like(out["labels"], IGNORE_INDEX)
         out["pixel_values"] = np.zeros_like(ex["pixel_values"]) if self.blank_images else ex["pixel_values"]
         out["scores"] = np.concatenate([np.asarray(ex["signals"][d], np.float32) for d in self.concept_dims])
         out["gold_keys"] = keys
@@ -101,7 +104,8 @@ HOST_KEYS = ("gold_keys",)
 
 @dataclasses.dataclass(frozen=True)
 class Collate:
-    """grain ``collate_fn``: stacks rows; a short last batch is padded (``valid`` = 0) to ``batch_size``."""
+    """grain ``collate_fn``: stacks rows; a short last batch is padded (``valid`` = 0) to ``batch_size``;
+    a skipped image's row is not valid either."""
 
     batch_size: int
 
@@ -110,6 +114,8 @@ class Collate:
         rows = list(rows) + [rows[0]] * (self.batch_size - n)
         out = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k not in HOST_KEYS}
         out["valid"] = (np.arange(self.batch_size) < n).astype(np.int32)
+        if "skipped" in out:  # undecodable images (data.skip_undecodable) are not validated either
+            out["valid"] *= 1 - out["skipped"]
         for k in HOST_KEYS:
             out[k] = [r[k] for r in rows]
         return out

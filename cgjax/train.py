@@ -188,7 +188,7 @@ class Trainer:
         return image_dataset(self.train_source, self.preprocess, per_host, seed=int(self.config.seed), shuffle=True,
                              element_fn=self.text_rows(), collate_fn=Collate(per_host),
                              worker_count=int(c.worker_count), read_threads=int(c.read_threads),
-                             prefetch_batches=int(c.prefetch_batches))
+                             prefetch_batches=int(c.prefetch_batches), skip_undecodable=bool(c.skip_undecodable))
 
     def _put(self, x: np.ndarray) -> jax.Array:
         """Host-local batch rows -> a global array sharded over ``batch`` (replicated if it does not divide)."""
@@ -238,7 +238,8 @@ class Trainer:
             ds = image_dataset(self.val_source, self.preprocess, vb, shuffle=False, num_epochs=1,
                                drop_remainder=False, shard_index=0, shard_count=1,
                                element_fn=self.text_rows(with_prompt=True), collate_fn=Collate(vb),
-                               read_threads=int(self.config.data.read_threads))
+                               read_threads=int(self.config.data.read_threads),
+                               skip_undecodable=bool(self.config.data.skip_undecodable))
             self._val_cache = list(ds)
         return self._val_cache
 
@@ -503,13 +504,20 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
 
     with Preemption() as pre:
         try:
-            batch = tr.device_batch(next(it), tr.TRAIN_KEYS) if start < num_steps else None
+            skipped = [0]  # undecodable images in this host's batches (data.skip_undecodable), this launch
+
+            def next_batch():
+                hb = next(it)
+                skipped[0] += int(np.sum(hb.get("skipped", 0)))
+                return tr.device_batch(hb, tr.TRAIN_KEYS)
+
+            batch = next_batch() if start < num_steps else None
             t_prev = time.perf_counter()
             for s in range(start, num_steps):
                 state, m = tr.train_step(state, batch, s)
                 it_state = it.get_state()  # after the batches of steps 0..s
                 if s + 1 < num_steps:
-                    batch = tr.device_batch(next(it), tr.TRAIN_KEYS)  # overlaps the device step
+                    batch = next_batch()  # overlaps the device step
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 done = s + 1
                 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
@@ -526,6 +534,8 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
                 history.append(m["loss"])
                 m["lr"] = float(lr_schedule(tr.sc)(s // max(1, tr.sc.grad_accum)))
                 m["s_per_step"] = dt
+                if config.data.skip_undecodable:
+                    m["skipped_images"] = skipped[0]
                 last = m
                 logs.write(done, "train", m)
                 if done % log_every == 0:
@@ -579,6 +589,8 @@ def train_stage(config, workdir: str, *, step_callback: Callable[[int, dict], No
         out["init_from_step"] = init_step
     out.update({k: last[k] for k in ("loss", "loss_keys", "loss_reason", "reg") if k in last})
     out.update(val)
+    if config.data.skip_undecodable:
+        out["skipped_images"] = multihost.sum_over_processes(skipped[0])
     if best[1] is not None:
         out["best_val_key_acc"], out["best_step"] = best
     if times:

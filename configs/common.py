@@ -137,6 +137,9 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     c.data.split_seed = 0
     c.data.allow_outside_root = False  # image paths that are absolute or climb out with '..' are refused
     c.data.preload = False  # read every image file once into memory
+    # an image that does not decode: False stops with an error naming it; True logs it, and its
+    # batch row carries no loss and is not validated (counted as skipped_images in the metrics)
+    c.data.skip_undecodable = False
     c.data.blank_images = False  # zero every image (the demo's base pretraining: learn to read concept tokens)
     c.data.worker_count = 0  # grain mp_prefetch processes
     c.data.read_threads = 2

@@ -149,6 +149,10 @@ def test_text_rows_and_collate(assets):
     assert b["prompt_mask"][0] == 0 and b["prompt_mask"][-1] == 1  # left padded inference prompt
     batch = Collate(3)([a, a])
     assert batch["input_ids"].shape == (3, 200) and batch["valid"].tolist() == [1, 1, 0]
+    # an image that did not decode (data.skip_undecodable): its row has no target and is not valid
+    skipped = TextRows(stage="B", **kw)(dict(ex, skipped=np.int32(1)))
+    assert (skipped["labels"] == IGNORE_INDEX).all() and (b["labels"] != IGNORE_INDEX).any()
+    assert Collate(3)([a, skipped])["valid"].tolist() == [1, 0, 0]
     assert parse_key_lines("Artist: x\nstyle:y \nnoise\nartist: z", ("artist", "style", "genre")) == \
         {"artist": "x", "style": "y"}
 

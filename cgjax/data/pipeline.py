@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -33,6 +34,8 @@ from cgjax.data.schema import DataError, Vocabulary, normalize_split, read_json
 from cgjax.data.splits import SplitPolicy
 from cgjax.data.tfds_builder import load_pack_info, open_source
 from cgjax.preprocess import PreprocessConfig, preprocess_image
+
+log = logging.getLogger(__name__)
 
 
 class RecordSource:
@@ -161,21 +164,32 @@ def _text(x: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeAndPreprocess(grain.transforms.Map):
-    """Map stage: decodes the image bytes with PIL (RGB, as the original) and preprocesses them."""
+    """Map stage: decodes the image bytes with PIL (RGB, as the original) and preprocesses them.
+
+    An image that does not decode is a ``DataError`` naming it; with ``skip_undecodable`` it is
+    logged and its element kept with zero pixels and ``skipped = 1`` (the text rows then carry no
+    loss and validation does not count it), so every host keeps the same number of batches."""
 
     cfg: PreprocessConfig
+    skip_undecodable: bool = False
 
     def map(self, ex: Mapping[str, Any]) -> dict[str, Any]:
         path = _text(ex["image_path"])
         raw = ex["image"]
         raw = raw.item() if isinstance(raw, np.ndarray) else raw
+        skipped = 0
         try:
             with Image.open(io.BytesIO(raw)) as im:
                 pixels = preprocess_image(im.convert("RGB"), self.cfg)
         except Exception as e:
-            raise DataError(None, f"image {path!r}", f"cannot decode: {type(e).__name__}: {e}") from e
+            if not self.skip_undecodable:
+                raise DataError(None, f"image {path!r}", f"cannot decode: {type(e).__name__}: {e}") from e
+            log.warning("image %r cannot be decoded (%s: %s): skipped (data.skip_undecodable)", path,
+                        type(e).__name__, e)
+            pixels, skipped = np.zeros_like(preprocess_image(Image.new("RGB", (8, 8)), self.cfg)), 1
         out = {
             "pixel_values": pixels,
+            "skipped": np.int32(skipped),
             "labels": {d: np.int32(v) for d, v in ex["labels"].items()},
             "index": np.int32(ex["index"]),
             "image_path": path,
@@ -212,7 +226,7 @@ def image_dataset(source, preprocess_cfg: PreprocessConfig | Mapping[str, Any], 
                   shuffle: bool = True, num_epochs: int | None = None,
                   shard_index: int | None = None, shard_count: int | None = None,
                   drop_remainder: bool = True, worker_count: int = 0, worker_buffer_size: int = 2,
-                  read_threads: int = 2, prefetch_batches: int = 2,
+                  read_threads: int = 2, prefetch_batches: int = 2, skip_undecodable: bool = False,
                   element_fn: Callable[[dict], dict] | None = None,
                   collate_fn: Callable[[Sequence[dict]], Any] | None = None) -> grain.IterDataset:
     """The image pipeline (see the module docstring) over ``source`` (tfds source or ``RecordSource``).
@@ -223,7 +237,8 @@ def image_dataset(source, preprocess_cfg: PreprocessConfig | Mapping[str, Any], 
     ``len(source) // shard_count`` elements per epoch and partial batches are dropped.
     ``num_epochs=None`` repeats forever. ``element_fn`` (per decoded element) and ``collate_fn``
     (list of elements -> batch) are the hooks for text collation; both must pickle when
-    ``worker_count > 0`` (``mp_prefetch`` with that many processes).
+    ``worker_count > 0`` (``mp_prefetch`` with that many processes). ``skip_undecodable``: see
+    :class:`DecodeAndPreprocess`.
     """
     if shard_index is None or shard_count is None:
         shard_index = jax.process_index() if shard_index is None else shard_index
@@ -245,7 +260,7 @@ def image_dataset(source, preprocess_cfg: PreprocessConfig | Mapping[str, Any], 
     ds = ds[shard_index:stop:shard_count]
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    ds = ds.map(DecodeAndPreprocess(_as_cfg(preprocess_cfg)))
+    ds = ds.map(DecodeAndPreprocess(_as_cfg(preprocess_cfg), bool(skip_undecodable)))
     if element_fn is not None:
         ds = ds.map(_Apply(element_fn))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate_fn)

@@ -53,6 +53,35 @@ def test_batch_content_memory_source(demo):
         assert b["target_keys"][i] == f"artist: {r.labels['artist']}\nstyle: {r.labels['style']}\ngenre: {r.labels['genre']}"
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_an_undecodable_image_is_named_or_skipped(demo, tmp_path, skip):
+    """A truncated image: a DataError naming it, or (skip_undecodable) one element with zero pixels
+    and ``skipped = 1`` while the others decode as before."""
+    import shutil
+
+    from cgjax.data.schema import DataError
+
+    root = str(tmp_path / "images")
+    shutil.copytree(demo["images_root"], root)
+    src = P.memory_source(demo["dataset_json"], root, targets_csv=demo["targets_csv"], split="train")
+    bad = src.data.records[int(src.indices[3])].image
+    with open(os.path.join(root, bad), "r+b") as f:
+        f.truncate(20)
+    it = P.image_dataset(src, CFG, batch_size=len(src), seed=0, shard_index=0, shard_count=1, shuffle=False,
+                         num_epochs=1, skip_undecodable=skip)
+    if not skip:
+        with pytest.raises(DataError, match=bad.replace(".", r"\.")):
+            next(iter(it))
+        return
+    b = next(iter(it))
+    flags = b["skipped"].tolist()
+    assert flags.count(1) == 1 and b["image_path"][flags.index(1)] == bad
+    assert not b["pixel_values"][flags.index(1)].any()
+    ok = flags.index(0)
+    with Image.open(os.path.join(root, b["image_path"][ok])) as im:
+        np.testing.assert_array_equal(b["pixel_values"][ok], preprocess_image(im.convert("RGB"), CFG))
+
+
 def test_tfds_and_memory_sources_agree(demo, packed):
     mem = P.memory_source(demo["dataset_json"], demo["images_root"], targets_csv=demo["targets_csv"], split="validation")
     tf = TB.open_source(packed, "validation")
