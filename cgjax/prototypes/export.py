@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -142,26 +143,24 @@ def write_bulk(signals: Any, ds: Any, row_images: Sequence[str | None], dims: Se
                validate_kw: dict | None = None) -> dict[str, Any]:
     """``export_all_signals``: ``concept_signals_<dim>.json`` (and ``.csv``) per dimension in
     ``out_dir``, plus ONE keyed file and ONE report over all dimensions (the budget spans them)."""
-    os.makedirs(out_dir, exist_ok=True)
+    persistence.makedirs(out_dir)
     out: dict[str, Any] = {}
     for d in dims:
         one = signals.select([d])
-        out[d] = write_outputs(one, ds, row_images, [d], os.path.join(out_dir, f"concept_signals_{d}.json"),
+        out[d] = write_outputs(one, ds, row_images, [d], persistence.join(out_dir, f"concept_signals_{d}.json"),
                                "json", keyed=None, report=None)["output"]
         if csv_too:
-            out[d + "_csv"] = write_outputs(one, ds, row_images, [d], os.path.join(out_dir, f"concept_signals_{d}.csv"),
+            out[d + "_csv"] = write_outputs(one, ds, row_images, [d],
+                                            persistence.join(out_dir, f"concept_signals_{d}.csv"),
                                             "csv", topk, keyed=None, report=None)["output"]
     if keyed is not None:
-        out["keyed"] = keyed or os.path.join(out_dir, "concept_signals.keyed.json")
+        out["keyed"] = keyed or persistence.join(out_dir, "concept_signals.keyed.json")
         write_signals_keyed(out["keyed"], signals)
     if report is not None:
-        tmp = os.path.join(out_dir, f".all_signals.{os.getpid()}.json")
-        try:
-            w = write_outputs(signals, ds, row_images, dims, tmp, "json", keyed=None,
-                              report=report or os.path.join(out_dir, "validation_metrics.json"), validate_kw=validate_kw)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with tempfile.TemporaryDirectory() as scratch:  # the all-dimensions list: only its report is kept
+            w = write_outputs(signals, ds, row_images, dims, os.path.join(scratch, "all_signals.json"), "json",
+                              keyed=None, report=report or persistence.join(out_dir, "validation_metrics.json"),
+                              validate_kw=validate_kw)
         out["report"], out["validation"] = w["report"], w["validation"]
     return out
 

@@ -10,7 +10,9 @@ counters and RNG) and ``meta`` (JSON: dimensions, concept index, CLIP model name
 """
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -85,11 +87,12 @@ def load_pt(path: str | os.PathLike) -> PrototypeSet:
     """Read an original ``.pt`` prototype file safely (``weights_only=True``)."""
     import torch  # optional [torch] extra
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    path = persistence.resolve(path)
+    if not persistence.exists(path) or persistence.isdir(path):
         raise FileNotFoundError(f"prototype checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        src = io.BytesIO(persistence.Path(path).read_bytes()) if persistence.is_url(path) else path
+        payload = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for unsafe content, RuntimeError for non-zip files
         raise ValueError(f"{path}: not a loadable prototype .pt file ({type(e).__name__}: {e})") from e
     return from_payload(payload, path)
@@ -98,17 +101,17 @@ def load_pt(path: str | os.PathLike) -> PrototypeSet:
 # ----------------------------------------------------------------------------- orbax
 
 def _is_manager_dir(path: str) -> bool:
-    return any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
+    return any(p.name.isdigit() and p.is_dir() for p in persistence.Path(path).iterdir())
 
 
 def load_checkpoint(path: str | os.PathLike, step: int | None = None, ema: bool = False) -> PrototypeSet:
     """Prototypes from a cgjax orbax checkpoint: a ``CheckpointManager`` directory (latest step,
     or ``step``) or one step directory. ``ema=True`` takes the EMA prototypes (renormalised)."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
+    path = persistence.resolve(path)
+    if not persistence.isdir(path):
         raise FileNotFoundError(f"cgjax checkpoint directory not found: {path}")
     if not _is_manager_dir(path):
-        parent, name = os.path.split(path)
+        parent, name = path.rstrip("/").rsplit("/", 1)
         if not name.isdigit():
             raise ValueError(f"{path}: not a cgjax checkpoint (no numbered step directories, "
                              f"and not a step directory itself)")
@@ -142,8 +145,14 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None, ema: bool 
 def save_checkpoint(ps: PrototypeSet, path: str | os.PathLike, step: int = 0, **meta: Any) -> str:
     """Write a prototypes-only cgjax checkpoint (``state = {"protos"}``, ``meta`` with the index).
 
-    Written into a temporary folder that replaces ``path`` at the end (an older one is replaced)."""
-    path = os.path.abspath(os.fspath(path))
+    Written into a temporary folder that replaces ``path`` at the end (an older one is replaced); a
+    URL (``gs://``) gets the finished folder uploaded."""
+    path = persistence.resolve(path)
+    if persistence.is_url(path):
+        with tempfile.TemporaryDirectory() as local:
+            save_checkpoint(ps, os.path.join(local, "prototypes"), step, **meta)
+            persistence.upload_tree(os.path.join(local, "prototypes"), path)
+        return path
     padded, _ = ps.padded()
     m = {"dimensions": ps.dimensions, "n_concepts": [len(ps.idx_to_concept[d]) for d in ps.dimensions],
          "clip_model_name": ps.clip_model_name, "concept_to_idx": ps.concept_to_idx,
@@ -163,10 +172,10 @@ def load_prototypes(path: str | os.PathLike | PrototypeSet, ema: bool = False) -
     """An original ``.pt`` file or a cgjax checkpoint directory (or a ``PrototypeSet``)."""
     if isinstance(path, PrototypeSet):
         return path
-    path = os.fspath(path)
-    if os.path.isdir(path):
+    path = persistence.resolve(path)
+    if persistence.isdir(path):
         return load_checkpoint(path, ema=ema)
-    if not os.path.exists(path):
+    if not persistence.exists(path):
         raise FileNotFoundError(f"prototype checkpoint not found: {path}")
     return load_pt(path)
 
@@ -194,8 +203,8 @@ def concept_index(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> dic
         if p.endswith(".json"):
             vocabs = load_vocab(p)
         else:
-            work_dir = os.path.join(p, "prototypes")
-            ps = load_prototypes(work_dir if os.path.isdir(work_dir) else p)
+            work_dir = persistence.join(p, "prototypes")
+            ps = load_prototypes(work_dir if persistence.isdir(work_dir) else p)
             vocabs = {d: Vocabulary(d, ps.idx_to_concept[d]) for d in ps.dimensions}
         for d, v in vocabs.items():
             if d in out and out[d] != v:

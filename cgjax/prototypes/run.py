@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from typing import Any
@@ -75,9 +76,9 @@ def cached_embeddings(head: PrototypeHead, paths: list[str], cache_dir: str | No
     """Embeddings of ``paths`` (all must exist), read from / written to ``cache_dir``."""
     key = _fingerprint(head.clip_model_name, _file_id(str(checkpoint)), head.preprocess_cfg,
                        [_file_id(p) for p in paths])
-    file = os.path.join(cache_dir, f"embeddings_{key}.npy") if cache_dir else None
-    if file and os.path.exists(file):
-        emb = np.load(file)
+    file = persistence.join(cache_dir, f"embeddings_{key}.npy") if cache_dir else None
+    if file and persistence.exists(file):
+        emb = np.load(io.BytesIO(persistence.Path(file).read_bytes()))
         if emb.shape[0] == len(paths):
             log.info("embeddings from cache %s", file)
             return emb
@@ -104,12 +105,17 @@ def trainer_config(config: Any) -> TrainerConfig:
 
 def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
     """Run the prototype stage; returns the final metrics (also written to ``artifacts/metrics.json``)."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = persistence.resolve(workdir)  # a local folder or a URL (gs://...), never a local "gs:" folder
+    if persistence.is_url(workdir):
+        persistence.check_reachable(workdir)  # seconds, naming the URL, before any compute
+    persistence.makedirs(workdir)
     config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
     if hasattr(config, "unlock"):
         config.unlock()
     if str(_get(config, "preset", "")).startswith("demo"):
+        if persistence.is_url(workdir):
+            raise ValueError(f"{workdir}: the demo preset generates its assets inside the work dir, on a local disk; "
+                             "use a local work dir, or the default preset with your data")
         # process 0 builds what is missing; then every process fills in the same paths
         multihost.on_primary("demo asset generation", lambda: demo_assets.prepare_prototype_demo(config.copy_and_resolve_references(),
                                                                            workdir))
@@ -149,7 +155,7 @@ def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
     head = openclip.load_head(config.clip.model_name, config.clip.checkpoint or None,
                                        batch_size=int(config.clip.batch_size), dtype=dtype)
     order = np.concatenate([train_idx, val_idx])
-    cache_dir = os.path.join(workdir, layout.cache) if config.cache_embeddings else None
+    cache_dir = persistence.join(workdir, layout.cache) if config.cache_embeddings else None
     emb = cached_embeddings(head, [paths[i] for i in order], cache_dir, config.clip.checkpoint)
     tr_emb, va_emb = emb[: len(train_idx)], emb[len(train_idx):]
 
@@ -174,7 +180,7 @@ def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
     else:
         embeddings = tr_emb
     state, history = trainer.train(embeddings, y_tr, va_emb, y_va,
-                                   ckpt_dir=os.path.join(workdir, layout.checkpoints),
+                                   ckpt_dir=persistence.join(workdir, layout.checkpoints),
                                    resume=bool(config.trainer.resume), log_fn=log.info)
 
     # -- final prototypes, calibration
@@ -201,16 +207,16 @@ def train_prototypes(config: Any, workdir: str) -> dict[str, Any]:
 def _export(final, head: PrototypeHead, config: Any, workdir: str, tdims: list[str], epoch: int,
             metrics: dict[str, Any]) -> dict[str, Any]:
     layout = config.layout
-    art_dir = os.path.join(workdir, layout.artifacts)
-    metrics["artifacts"] = {"checkpoint": pio.save_checkpoint(final, os.path.join(workdir, layout.prototypes),
+    art_dir = persistence.join(workdir, layout.artifacts)
+    metrics["artifacts"] = {"checkpoint": pio.save_checkpoint(final, persistence.join(workdir, layout.prototypes),
                                                               epoch=epoch)}
     if config.export.pt:
-        metrics["artifacts"]["pt"] = [pio.save_pt(final, os.path.join(art_dir, f"prototypes_{d}_trained.pt"), [d])
+        metrics["artifacts"]["pt"] = [pio.save_pt(final, persistence.join(art_dir, f"prototypes_{d}_trained.pt"), [d])
                                       for d in tdims]
     if config.export.signals:
         metrics["artifacts"]["signals"] = export_all(head, final, config, art_dir, tdims)
 
-    write_json(os.path.join(art_dir, "metrics.json"), metrics)
+    write_json(persistence.join(art_dir, "metrics.json"), metrics)
     return metrics
 
 
