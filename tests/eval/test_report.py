@@ -57,6 +57,35 @@ def metrics_pair(demo_reasoning):
     return evaluate(demo_reasoning["reasoning_obj"], ds), evaluate(demo_reasoning["baseline_obj"], ds)
 
 
+def _check_overview(text, demo_reasoning):
+    """The overview (first section) against accuracy and macro-F1 computed here, with sklearn, from
+    the structured answers the fixture wrote (its predictions; the baseline always answers
+    Unknown / Unknown / landscape); every table scrolls inside its own box."""
+    from sklearn.metrics import f1_score
+
+    ds = demo_reasoning["dataset"]
+    assert re.search(r"</h1>\s*<p>[^<]*</p>\s*<h2 id=\"overview\">", text)  # right after the title line
+    overview = text[text.index('<h2 id="overview">'):text.index('<h2 id="summary">')]
+    bars = _bars(overview)
+    baseline_pred = {"artist": "Unknown", "style": "Unknown", "genre": "landscape"}
+    for d in ds.dimensions:
+        recs = [r for r in ds.records if r.labels.get(d)]
+        gt = [r.labels[d] for r in recs]
+        for series, pred in (("concept", [demo_reasoning["preds"][r.image][d] for r in recs]),
+                             ("baseline", [baseline_pred[d]] * len(recs))):
+            f1 = f1_score(gt, pred, labels=sorted(set(gt)), average="macro", zero_division=0)
+            acc = float(np.mean(np.asarray(gt) == np.asarray(pred)))
+            assert bars["structured", d, series] == pytest.approx(f1, abs=1e-9)
+            row = re.search(rf"<tr><td>structured</td><td>{d}</td>(.*?)</tr>", overview).group(1)
+            cells = re.findall(r"<td>(.*?)</td>", row)
+            assert float(cells[0 if series == "concept" else 1]) == pytest.approx(acc, abs=5e-4)
+            assert float(cells[3 if series == "concept" else 4]) == pytest.approx(f1, abs=5e-4)
+    assert {k[0] for k in bars} == {"structured", "natural"} and len(bars) == 2 * 2 * len(ds.dimensions)
+    assert "parse as JSON: concept model 100%, baseline 100%" in overview
+    assert re.search(r"\.scroll\{overflow-x:auto", text)
+    assert text.count("<table") == text.count('<div class="scroll"><table') > 5
+
+
 def test_report_sections(demo_reasoning, metrics_pair, tmp_path):
     m, mb = metrics_pair
     ds = demo_reasoning["dataset"]
@@ -72,12 +101,22 @@ def test_report_sections(demo_reasoning, metrics_pair, tmp_path):
                    "prototype artist", "llava answer", "activated concepts", "raw answer"):
         assert needle in text
     assert text.count('<div class="card">') == 4
+    _check_overview(text, demo_reasoning)
     # figures: reliability, confusion, F1, graph; 4 thumbnails + 3 saliency overlays
     assert len(c.images) == 4 + 4 + 3
     assert re.search(r"macro_f1</td><td>artist</td><td>[0-9.]+</td><td>[0-9.]+</td><td><span class=\"pos\">\+", text)
     graph = tmp_path / "eval" / "concept_graph.png"
     with Image.open(graph) as im:
         assert im.format == "PNG" and min(im.size) > 200
+
+
+def _bars(text):
+    """``{(mode, dim, series): value}`` of the overview plot's bars."""
+    out = {}
+    for m in re.finditer(r'<rect class="bar"[^>]*data-mode="([^"]*)" data-dim="([^"]*)" data-series="([^"]*)" '
+                         r'data-value="([^"]*)"', text):
+        out[m.group(1), m.group(2), m.group(3)] = float(m.group(4)) if m.group(4) else None
+    return out
 
 
 def test_report_from_paths_without_baseline_or_signals(demo_reasoning, eval_demo, metrics_pair, tmp_path):
@@ -90,6 +129,7 @@ def test_report_from_paths_without_baseline_or_signals(demo_reasoning, eval_demo
     assert "baseline" not in c.ids and "no signal scores to calibrate" in text
     assert "no concept signals" in text
     assert (tmp_path / "r" / "concept_graph.png").exists()
+    assert "No baseline metrics were given" in text and {k[2] for k in _bars(text)} == {"concept"}
 
 
 def test_cooccurrence_counts():
@@ -121,12 +161,12 @@ def test_concept_graph_png(demo_reasoning, tmp_path, layout):
 
 def test_every_table_cell_is_escaped():
     """Dimension and mode names come from the user's data: markup in them is shown, not run."""
-    from cgjax.eval.report import _comparison_table, _summary_table
+    from cgjax.eval.report import _comparison_table, _overview, _summary_table
 
     d = "<img src=x onerror=alert(1)>"
     c = {"dimensions": [d], "natural": {"accuracy": {d: 0.8}, "macro_f1": {d: 0.7}, "n": 3,
                                         "multi_label_all_correct": 0.5, "coverage": 0.4}}
     b = {"dimensions": [d], "natural": {"accuracy": {d: 0.5}, "macro_f1": {d: 0.2}, "n": 3,
                                         "multi_label_all_correct": 0.1, "coverage": 0.4}}
-    for html_text in (_comparison_table(c, b), _summary_table(c, [d])):
+    for html_text in (_comparison_table(c, b), _summary_table(c, [d]), _overview(c, b, [d])):
         assert "<img" not in html_text and "&lt;img src=x onerror=alert(1)&gt;" in html_text
