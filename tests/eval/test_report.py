@@ -2,7 +2,10 @@
 import base64
 import io
 import json
+import os
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import numpy as np
@@ -85,15 +88,21 @@ def _check_overview(text, demo_reasoning):
     assert text.count("<table") == text.count('<div class="scroll"><table') > 5
 
 
-def test_report_sections(demo_reasoning, metrics_pair, tmp_path):
+@pytest.fixture(scope="module")
+def full_report(demo_reasoning, metrics_pair, tmp_path_factory):
+    """report.html with a baseline and saliency maps (written once for this module)."""
     m, mb = metrics_pair
     ds = demo_reasoning["dataset"]
     first = next(k for k in demo_reasoning["reasoning_obj"] if k.endswith(ds.records[0].image))  # gallery order
     saliency = {first: {"prototype artist": np.random.default_rng(0).random((8, 8)),
                         "llava answer": np.outer(np.arange(6), np.arange(6))},
                 ds.records[1].image: np.ones((4, 4))}  # keyed by record path; constant map
-    path = write_report(tmp_path / "eval", m, demo_reasoning["reasoning"], ds, baseline_metrics=mb,
-                        saliency=saliency, gallery_n=4)
+    return write_report(tmp_path_factory.mktemp("report") / "eval", m, demo_reasoning["reasoning"], ds,
+                        baseline_metrics=mb, saliency=saliency, gallery_n=4)
+
+
+def test_report_sections(demo_reasoning, full_report):
+    path = full_report
     text, c = _check_html(path)
     assert {"summary", "baseline", "signals", "reliability", "confusion", "f1", "graph", "gallery"} <= c.ids
     for needle in ("Reliability diagram", "Confusion matrices", "Per-class F1", "Baseline vs concept model",
@@ -104,7 +113,7 @@ def test_report_sections(demo_reasoning, metrics_pair, tmp_path):
     # figures: reliability, confusion, F1, graph; 4 thumbnails + 3 saliency overlays
     assert len(c.images) == 4 + 4 + 3
     assert re.search(r"macro_f1</td><td>artist</td><td>[0-9.]+</td><td>[0-9.]+</td><td><span class=\"pos\">\+", text)
-    graph = tmp_path / "eval" / "concept_graph.png"
+    graph = os.path.join(os.path.dirname(path), "concept_graph.png")
     with Image.open(graph) as im:
         assert im.format == "PNG" and min(im.size) > 200
 
@@ -116,6 +125,22 @@ def _bars(text):
                          r'data-value="([^"]*)"', text):
         out[m.group(1), m.group(2), m.group(3)] = float(m.group(4)) if m.group(4) else None
     return out
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium (apt-get install chromium)")
+def test_report_fits_the_window_in_chromium(full_report, tmp_path):
+    """Headless Chromium at 900 px: the page itself does not scroll sideways, while its widest
+    table (the per-mode summary) is wider than its box and scrolls inside it."""
+    probe = ("<script>const boxes = [...document.querySelectorAll('.scroll')];"
+             "document.body.dataset.page = document.documentElement.scrollWidth > window.innerWidth;"
+             "document.body.dataset.inner = boxes.some(b => b.scrollWidth > b.clientWidth);</script>")
+    page = tmp_path / "probe.html"
+    page.write_text(open(full_report, encoding="utf-8").read().replace("</body>", probe + "</body>"), encoding="utf-8")
+    out = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=900,800",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    m = re.search(r'<body data-page="(\w+)" data-inner="(\w+)"', out.stdout)
+    assert m, out.stderr[-2000:]
+    assert m.groups() == ("false", "true")
 
 
 def test_report_from_paths_without_baseline_or_signals(demo_reasoning, eval_demo, metrics_pair, tmp_path):
