@@ -98,11 +98,12 @@ class TextRows:
             reason = ""
             if self.stage == "B":
                 reason = text.truncate_tokens(self.tokenizer, ex["target_reason"].strip(), self.max_reason_tokens)
-            if structured:
+            target = (keys, reason)
+            if structured:  # gold_keys stay the key lines (validation asks the Stage A/B prompt)
                 prompt = self.structured_prompt
-                keys, reason = structured_target(parse_key_lines(keys, self.label_dims), self.label_dims, reason,
-                                                 self.sentinels)
-            row = text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id, keys, reason,
+                target = structured_target(parse_key_lines(keys, self.label_dims), self.label_dims, reason,
+                                           self.sentinels)
+            row = text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id, *target,
                               add_eos=self.add_eos)
             # the generation prompt never depends on the labels (Stage B: chosen from the image path)
             ask = stage_prompt if self.stage == "A" else text.stage_b_prompt_for_image(ex["image_path"], self.prompt_seed)

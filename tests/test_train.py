@@ -166,6 +166,7 @@ def test_text_rows_structured_share(assets):
     assert "evidence" in tok.decode(ids[seg == SEGMENT_REASON], skip_special_tokens=True)
     want = text.encode(tok, text.stage_b_prompt_for_image("x.png", 42), 7, img).input_ids
     np.testing.assert_array_equal(r["prompt_ids"][r["prompt_mask"] > 0], want)
+    assert r["gold_keys"] == ex["target_keys"]  # validation still scores the key lines
     plain = TextRows(**kw)(ex)  # share 0: the Stage B row
     assert "BEGIN_JSON" not in tok.decode(plain["input_ids"][plain["segment_ids"] != 0])
     picked = np.asarray([[in_share(f"img_{i}.png", 42, 0.3, w) for w in ("structured", "no_concepts")]
