@@ -36,6 +36,11 @@ LLAVA_DEMO = dict(
                         num_key_value_heads=2),
 )
 
+# Shares of the base pretraining's images asked the structured (JSON) prompt, and given no concept
+# token (pretrain_base).
+STRUCTURED_SHARE = 0.25
+NO_CONCEPT_SHARE = 0.1
+
 
 def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -160,12 +165,18 @@ def stage_config(stage: str, llava_dir: str, paths: dict[str, str], signals: str
     return override(config, **overrides)
 
 
-def pretrain_base(workdir: str, llava_dir: str, paths: dict[str, str], signals: str, steps: int) -> str:
+def pretrain_base(workdir: str, llava_dir: str, paths: dict[str, str], signals: str, steps: int,
+                  structured_share: float = STRUCTURED_SHARE, no_concept_share: float = NO_CONCEPT_SHARE) -> str:
     """Stand-in for a pretrained VLM: a random LLaVA cannot follow prompts, so the demo first
     trains the whole tiny model (and throw-away concept values) on the Stage B targets with BLANK
     images. It learns the answer format, the label vocabulary and to read concept tokens, but
     nothing about the images themselves: the no-concept baseline stays at chance, and what the
-    concept stages add is measurable. Returns the pretrained HF checkpoint directory."""
+    concept stages add is measurable. A pretrained VLM also follows the structured (JSON) inference
+    prompt, which the original's stages never train on (they only train concept values on the
+    Stage A/B prompts): so ``structured_share`` of the images are asked that prompt here and answer
+    with the JSON of their keys and reason. And it answers without concept tokens, as the
+    no-concept baseline asks it to: ``no_concept_share`` of the images get none (with blank images,
+    it can only learn the answer format and a prior). Returns the pretrained HF checkpoint directory."""
     run_dir = os.path.join(workdir, "pretrain")
     config = stage_config("B", llava_dir, paths, signals, **{
         "trainable": (".*",), "num_steps": steps, "grad_accum": 1, "batch_size": 8, "optim.lr": 3e-3,
@@ -173,6 +184,7 @@ def pretrain_base(workdir: str, llava_dir: str, paths: dict[str, str], signals: 
         "optim.warmup_updates": 20, "data.blank_images": True, "loss.reg_lambda": 0.0, "loss.w_reason": 0.5,
         "gating.threshold": 0.0, "gating.backoff_delta": 0.0, "val.at_end": False, "val.every_steps": 0,
         "checkpoint.every_steps": steps, "checkpoint.keep_best": 0, "init_from": "", "export.pt": False,
+        "text.structured_share": structured_share, "data.no_concept_share": no_concept_share,
     })
     train_stage(config, run_dir)
     out = os.path.join(workdir, "checkpoints", "llava-pretrained")
@@ -212,7 +224,8 @@ def evaluate(workdir: str, llava_dir: str, paths: dict[str, str], n_images: int 
                                  report_dir=eval_dir, saliency_json=out.get("saliency") or None)
     keys = metrics.get("keys", {})
     return {"report": os.path.join(eval_dir, "report.html"), "keys_macro_f1": keys.get("macro_f1"),
-            "comparison": metrics.get("comparison", {}).get("keys", {}).get("macro_f1")}
+            "comparison": metrics.get("comparison", {}).get("keys", {}).get("macro_f1"),
+            "structured_json_parse_rate": metrics.get("structured", {}).get("json_parse_rate")}
 
 
 def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0, pretrain_steps: int = 300,
@@ -252,7 +265,8 @@ def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0, 
     _log(f"validation: {json.dumps(summary['stages'])}")
     _log("inference on the test split (concept model and no-concept baseline), metrics and report")
     summary["eval"] = evaluate(workdir, base, paths, n_images=eval_images, quant=quant)
-    _log(f"report: {summary['eval']['report']}; keys macro-F1: {json.dumps(summary['eval']['keys_macro_f1'])}")
+    _log(f"report: {summary['eval']['report']}; keys macro-F1: {json.dumps(summary['eval']['keys_macro_f1'])}; "
+         f"structured answers parsed as JSON: {summary['eval']['structured_json_parse_rate']}")
     summary["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

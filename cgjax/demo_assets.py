@@ -14,6 +14,8 @@ from cgjax import persistence, text
 from cgjax.config import config_paths
 from cgjax.data.demo_data import demo_paths, make_demo, write_label_signals
 from cgjax.data.schema import DataError, read_json
+from cgjax.infer import structured_prompt
+from cgjax.text_rows import parse_key_lines, structured_target
 from converters import tiny_clip
 from converters.tiny_llava import make_llava_checkpoint
 from converters.tiny_tokenizer import train_tokenizer
@@ -49,12 +51,18 @@ def ensure_demo_assets(config) -> None:
 
 
 def tokenizer_corpus(targets_csv: str) -> list[str]:
-    """Texts the demo tokenizer is trained on: prompts, answers and reasons of the data set."""
+    """Texts the demo tokenizer is trained on: prompts, answers and reasons of the data set, and
+    the structured (JSON) prompt with each answer written as its JSON."""
     corpus = [text.SYSTEM, text.STAGE_A_PROMPT, *text.STAGE_B_PROMPTS]
+    prompts: dict[str, None] = {}
     with open(targets_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            corpus += [row["target_keys"], row["target_reason"]]
-    return corpus
+            dims = [line.partition(":")[0].strip() for line in row["target_keys"].splitlines() if ":" in line]
+            prompts[structured_prompt(dims)] = None
+            json_answer = "\n".join(structured_target(parse_key_lines(row["target_keys"], dims), dims,
+                                                      row["target_reason"].strip()))
+            corpus += [row["target_keys"], row["target_reason"], json_answer]
+    return corpus + list(prompts)
 
 
 def make_tiny_llava(out_dir: str, targets_csv: str, vocab_size: int = 1024, seed: int = 0, **size) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import threading
 from typing import Any, Mapping, Sequence
 
@@ -12,7 +14,7 @@ from cgjax import text
 from cgjax.data.schema import UNKNOWN
 from cgjax.losses import IGNORE_INDEX
 
-__all__ = ["parse_key_lines", "TextRows", "Collate", "HOST_KEYS"]
+__all__ = ["parse_key_lines", "structured_target", "in_share", "TextRows", "Collate", "HOST_KEYS"]
 
 _TOKENIZER_LOCK = threading.Lock()  # HF fast tokenizers are not safe to share across grain threads
 
@@ -27,6 +29,25 @@ def parse_key_lines(s: str, dims: Sequence[str]) -> dict[str, str]:
         if sep and d is not None and d not in out:
             out[d] = value.strip()
     return out
+
+
+def structured_target(values: Mapping[str, str], dims: Sequence[str], reason: str,
+                      sentinels: tuple[str, str] = ("<BEGIN_JSON>", "<END_JSON>")) -> tuple[str, str]:
+    """The answer to the structured prompt as ``(keys part, evidence part)``: joined by ``\n`` (as
+    ``text.encode`` joins keys and reason) they are ``<BEGIN_JSON>{"artist": ..., ...,\n"evidence":
+    ...}<END_JSON>``, one JSON object; a missing value is ``Unknown``."""
+    start, end = sentinels
+    keys = ", ".join(f"{json.dumps(d)}: {json.dumps(values.get(d) or 'Unknown', ensure_ascii=False)}" for d in dims)
+    return f"{start}{{{keys},", f'"evidence": {json.dumps(reason, ensure_ascii=False)}}}{end}'
+
+
+def in_share(image_path: str, seed: int, share: float, what: str) -> bool:
+    """Whether an image is in the ``share`` picked for ``what`` (``structured``, ``no_concepts``):
+    ``md5("path|seed|what")`` mapped to [0, 1) is below ``share`` (independent draws per ``what``)."""
+    if share <= 0:
+        return False
+    u = (int(hashlib.md5(f"{image_path}|{seed}|{what}".encode("utf-8")).hexdigest(), 16) % 10**8) / 10**8
+    return u < share
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +69,14 @@ class TextRows:
     n_head: int = -1  # expected position of the first image token (checked when >= 0)
     max_targets: int = 0  # > 0: at most this many supervised tokens per row (checked)
     blank_images: bool = False  # zero pixels: the image carries no information (demo base pretraining)
+    # this share of the images (in_share) is asked ``structured_prompt`` instead and answers
+    # with ``structured_target`` (the demo's base pretraining: a base that follows the JSON prompt)
+    structured_share: float = 0.0
+    structured_prompt: str = ""
+    sentinels: tuple[str, str] = ("<BEGIN_JSON>", "<END_JSON>")
+    # this share of the images gets no concept token (scores -1: no gating threshold passes), as the
+    # no-concept baseline answers (the demo's base pretraining)
+    no_concept_share: float = 0.0
 
     def _labels(self, ex) -> list[str]:
         """The label strings the original hashed for the Stage B prompt (its targets CSV columns,
@@ -63,15 +92,24 @@ class TextRows:
         keys = ex["target_keys"] if int(ex["has_target"]) else ""
         if not keys.strip():  # no CSV row: the original's target builder
             keys = "\n".join(f"{d}: {n}" for d, n in zip(self.label_dims, labels))
-        prompt = text.STAGE_A_PROMPT if self.stage == "A" else text.stage_b_prompt(labels, self.prompt_seed)
+        stage_prompt = text.STAGE_A_PROMPT if self.stage == "A" else text.stage_b_prompt(labels, self.prompt_seed)
+        prompt = stage_prompt
+        structured = in_share(ex["image_path"], self.prompt_seed, self.structured_share, "structured")
+        if structured and not self.structured_prompt:
+            raise ValueError("structured_share > 0 needs the structured_prompt text")
         with _TOKENIZER_LOCK:
             reason = ""
             if self.stage == "B":
                 reason = text.truncate_tokens(self.tokenizer, ex["target_reason"].strip(), self.max_reason_tokens)
-            row = text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id, keys, reason,
+            target = (keys, reason)
+            if structured:  # gold_keys stay the key lines (validation asks the Stage A/B prompt)
+                prompt = self.structured_prompt
+                target = structured_target(parse_key_lines(keys, self.label_dims), self.label_dims, reason,
+                                           self.sentinels)
+            row = text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id, *target,
                               add_eos=self.add_eos)
             # the generation prompt never depends on the labels (Stage B: chosen from the image path)
-            ask = prompt if self.stage == "A" else text.stage_b_prompt_for_image(ex["image_path"], self.prompt_seed)
+            ask = stage_prompt if self.stage == "A" else text.stage_b_prompt_for_image(ex["image_path"], self.prompt_seed)
             prompt_row = (text.encode(self.tokenizer, ask, self.n_image_block, self.image_token_id)
                           if self.with_prompt else None)
         if len(row.input_ids) > self.length:
@@ -92,6 +130,8 @@ class TextRows:
             out["labels"] = np.full_like(out["labels"], IGNORE_INDEX)
         out["pixel_values"] = np.zeros_like(ex["pixel_values"]) if self.blank_images else ex["pixel_values"]
         out["scores"] = np.concatenate([np.asarray(ex["signals"][d], np.float32) for d in self.concept_dims])
+        if in_share(ex["image_path"], self.prompt_seed, self.no_concept_share, "no_concepts"):
+            out["scores"] = np.full_like(out["scores"], -1.0)
         out["gold_keys"] = keys
         if prompt_row is not None:
             p = text.pad_rows([prompt_row], self.length, pad, side="left")

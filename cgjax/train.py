@@ -48,6 +48,7 @@ from cgjax.data.splits import SplitPolicy
 from cgjax.demo_assets import ensure_demo_assets
 from cgjax.export import write_values_pt
 from cgjax.flops import param_counts, step_flops
+from cgjax.infer import structured_prompt
 from cgjax.metrics_log import MetricsLog
 from cgjax.multihost import Preemption, gather_host_strings, host_data_state
 from cgjax.preprocess import PREPROCESS_MODES, llava_preprocess_config
@@ -174,13 +175,20 @@ class Trainer:
 
     def text_rows(self, with_prompt: bool = False) -> TextRows:
         vocabs = self.train_source.vocabs
+        share = float(self.config.text.get("structured_share", 0.0))
+        no_concepts = float(self.config.data.get("no_concept_share", 0.0))
+        for name, v in (("text.structured_share", share), ("data.no_concept_share", no_concepts)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"config.{name} must be in [0, 1], got {v}")
         return TextRows(
             tokenizer=self.tokenizer, stage=self.stage, n_image_block=self.n_image_block,
             image_token_id=self.image_token_id, length=self.length, concept_dims=self.index.dims,
             label_dims=self.label_dims, label_names=tuple(tuple(vocabs[d].names) for d in self.label_dims),
             prompt_seed=int(self.config.text.prompt_seed), max_reason_tokens=int(self.config.text.max_reason_tokens),
             add_eos=bool(self.config.text.add_eos), with_prompt=with_prompt, n_head=self.n_head,
-            max_targets=self.sc.max_targets, blank_images=bool(self.config.data.get("blank_images", False)))
+            max_targets=self.sc.max_targets, blank_images=bool(self.config.data.get("blank_images", False)),
+            structured_share=share, structured_prompt=structured_prompt(self.label_dims) if share > 0 else "",
+            no_concept_share=no_concepts)
 
     def train_dataset(self):
         per_host = self.batch_size // jax.process_count()

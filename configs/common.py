@@ -113,6 +113,10 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     # logits only at the supervised positions, at most this many per row (0: every position)
     c.text.max_target_tokens = 64 if stage == "A" else 128
     c.text.prompt_seed = c.get_ref("seed")  # Stage B prompt hash seed (the original used cfg.seed)
+    # Share of the images whose row asks the structured (JSON) inference prompt instead, answered with
+    # the JSON of its keys and reason (cgjax.text_rows.structured_target). Only the demo's base
+    # pretraining sets it: the original trains its stages on the Stage A/B prompts alone.
+    c.text.structured_share = 0.0
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset_json = ""
@@ -141,6 +145,7 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     # batch row carries no loss and is not validated (counted as skipped_images in the metrics)
     c.data.skip_undecodable = False
     c.data.blank_images = False  # zero every image (the demo's base pretraining: learn to read concept tokens)
+    c.data.no_concept_share = 0.0  # this share of the images gets no concept token (the demo's base pretraining)
     c.data.worker_count = 0  # grain mp_prefetch processes
     c.data.read_threads = 2
     c.data.prefetch_batches = 2

@@ -76,3 +76,6 @@ def test_demo_runs_end_to_end(installed, tmp_path):
     with open(os.path.join(eval_dir, "metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["n_images"] == 3 and "comparison" in metrics
+    assert summary["eval"]["structured_json_parse_rate"] == metrics["structured"]["json_parse_rate"]
+    with open(os.path.join(eval_dir, "report.html"), encoding="utf-8") as f:
+        assert '<h2 id="overview">' in f.read()  # the report opens with concept model vs baseline

@@ -20,7 +20,7 @@ from cgjax.data.demo_data import make_demo
 from cgjax.config import load_config, override
 from cgjax.testing import tiny_llava_with_tokenizer
 from cgjax.data.demo_data import write_label_signals
-from cgjax.text_rows import Collate, TextRows, parse_key_lines
+from cgjax.text_rows import Collate, TextRows, in_share, parse_key_lines
 from cgjax import steps
 from cgjax.demo_assets import ensure_demo_assets
 from cgjax.metrics_log import MetricsLog
@@ -155,6 +155,56 @@ def test_text_rows_and_collate(assets):
     assert Collate(3)([a, skipped])["valid"].tolist() == [1, 0, 0]
     assert parse_key_lines("Artist: x\nstyle:y \nnoise\nartist: z", ("artist", "style", "genre")) == \
         {"artist": "x", "style": "y"}
+
+
+def test_text_rows_structured_share(assets):
+    """``structured_share``: that share of the images (md5 of the path) is asked the structured
+    prompt and answers one JSON object between the sentinels: the labels in the keys segment, the
+    truncated reason as ``evidence`` in the reason segment; the validation prompt stays Stage B's.
+    ``no_concept_share``: that share gets no concept token."""
+    from transformers import AutoTokenizer
+
+    from cgjax.infer import structured_prompt
+
+    tok = AutoTokenizer.from_pretrained(assets["ckpt"])
+    img = tok.convert_tokens_to_ids("<image>")
+    dims = ("artist", "style", "genre")
+    reason = "Long thin strokes: a calm, even light. " * 20
+    ex = {"labels": {"artist": 1, "style": 0, "genre": 0}, "target_keys": "artist: teodor-lindqvist\nstyle: "
+          "Impasto_Dabs\ngenre: landscape", "target_reason": reason, "has_target": 1, "image_path": "x.png",
+          "pixel_values": np.zeros((3, 32, 32), np.float32),
+          "signals": {d: np.array([0.5], np.float32) for d in dims}}
+    kw = dict(tokenizer=tok, n_image_block=7, image_token_id=img, length=240, concept_dims=dims, label_dims=dims,
+              label_names=(("maren-okafor", "teodor-lindqvist"), ("Impasto_Dabs",), ("landscape",)),
+              prompt_seed=42, max_reason_tokens=10, add_eos=True, stage="B", with_prompt=True)
+    prompt = structured_prompt(dims)
+    r = TextRows(structured_share=1.0, structured_prompt=prompt, **kw)(ex)
+    ids, seg = r["input_ids"], r["segment_ids"]
+    head = text.encode(tok, prompt, 7, img).input_ids
+    np.testing.assert_array_equal(ids[:len(head)], head)  # asked the structured prompt
+    answer = tok.decode(ids[seg != 0], skip_special_tokens=True).strip()
+    assert answer.startswith("<BEGIN_JSON>{") and answer.endswith("}<END_JSON>")
+    obj = json.loads(answer[len("<BEGIN_JSON>"):-len("<END_JSON>")])
+    assert obj == {"artist": "teodor-lindqvist", "style": "Impasto_Dabs", "genre": "landscape",
+                   "evidence": text.truncate_tokens(tok, reason.strip(), 10)}
+    keys_part = tok.decode(ids[seg == SEGMENT_KEYS], skip_special_tokens=True)
+    assert "landscape" in keys_part and "evidence" not in keys_part
+    assert "evidence" in tok.decode(ids[seg == SEGMENT_REASON], skip_special_tokens=True)
+    want = text.encode(tok, text.stage_b_prompt_for_image("x.png", 42), 7, img).input_ids
+    np.testing.assert_array_equal(r["prompt_ids"][r["prompt_mask"] > 0], want)
+    assert r["gold_keys"] == ex["target_keys"]  # validation still scores the key lines
+    plain = TextRows(**kw)(ex)  # share 0: the Stage B row
+    assert "BEGIN_JSON" not in tok.decode(plain["input_ids"][plain["segment_ids"] != 0])
+    picked = np.asarray([[in_share(f"img_{i}.png", 42, 0.3, w) for w in ("structured", "no_concepts")]
+                         for i in range(2000)])
+    assert (0.26 < picked.mean(0)).all() and (picked.mean(0) < 0.34).all() and not in_share("x.png", 42, 0.0, "x")
+    assert 0.05 < picked.all(1).mean() < 0.13  # independent draws: about 0.3 * 0.3 of the images are in both
+    # no_concept_share: scores below every gating threshold (>= 0, backoff included): no concept token
+    empty = TextRows(no_concept_share=1.0, **kw)(ex)
+    np.testing.assert_array_equal(empty["input_ids"], plain["input_ids"])
+    assert (empty["scores"] < 0).all() and (plain["scores"] == 0.5).all()
+    with pytest.raises(ValueError, match="structured_prompt"):
+        TextRows(structured_share=1.0, **kw)(ex)
 
 
 def test_shortcuts_equal_full_forward(assets, tmp_path):

@@ -1,10 +1,13 @@
 """The evaluation report: a self-contained ``report.html`` (images inlined as base64 PNG) and
 ``concept_graph.png`` (concepts as nodes coloured by dimension, edges weighted by co-activation).
 
-Sections: summary per answer mode, baseline vs concept model, signals (recall@k, precision of the
+Sections: an overview that fits one screen (per answer mode and dimension, the concept model
+against the no-concept baseline: an inline SVG bar plot of macro-F1 and a short table of accuracy and
+macro-F1), summary per answer mode, baseline vs concept model, signals (recall@k, precision of the
 injected concepts, reliability diagram), confusion matrices, per-class F1 bars, the concept graph
 and a gallery of test images with the activated concepts, the parsed answer and the explanation
-(plus saliency overlays when given). matplotlib only (``Figure`` objects, no pyplot: the caller's backend is left alone).
+(plus saliency overlays when given). Wide tables and figures scroll inside their box. matplotlib only
+(``Figure`` objects, no pyplot: the caller's backend is left alone).
 """
 from __future__ import annotations
 
@@ -47,6 +50,11 @@ def _img_tag(png: bytes, alt: str, width: int | None = None) -> str:
             f'{base64.b64encode(png).decode("ascii")}">')
 
 
+def _figure(png: bytes, alt: str) -> str:
+    """A wide figure scrolls inside its box instead of widening the page."""
+    return f'<div class="scroll">{_img_tag(png, alt)}</div>'
+
+
 def _array_png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -67,7 +75,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") 
     """Header cells are escaped here; body cells arrive as HTML, every text in them escaped by the caller."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return (f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            "</table></div>")
 
 
 def _load(obj: Any) -> Any:
@@ -414,6 +423,10 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}table.small 
 .ok{background:#d7f5dd;padding:1px 4px;border-radius:3px}.bad{background:#fbd9d9;padding:1px 4px;border-radius:3px}
 .na{background:#eee;padding:1px 4px;border-radius:3px}.warn{color:#b00020;font-size:12px}
 pre{white-space:pre-wrap;font-size:11px;background:#f8f8f8;padding:6px}.prompt{font-size:11px;color:#666}
+.scroll{overflow-x:auto;max-width:100%}.scroll table{margin:0}
+.overview{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}.overview svg{flex:none}
+.overview>div{flex:1 1 480px;min-width:0}th.group{text-align:center}table.brief th{vertical-align:bottom}table.brief td:nth-child(2){text-align:left}
+.note{font-size:13px;color:#444;margin:4px 0}
 """
 
 
@@ -459,6 +472,123 @@ def _activation_table(metrics: Mapping[str, Any], dims: Sequence[str]) -> str:
                    "selected / image", "ECE", "n"], rows)
 
 
+SUMMARY_METRICS = ("accuracy", "macro_f1")  # per dimension in the overview; the plot shows the last
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
+MODE_NOTES = {"keys": "key lines (the Stage A/B prompts)", "structured": "the JSON prompt",
+              "natural": "the prose prompt"}
+CONCEPT_COLOR, BASELINE_COLOR = "#1f77b4", "#b0b0b0"
+
+
+def overview_rows(metrics: Mapping[str, Any], baseline: Mapping[str, Any] | None,
+                  dims: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per answer mode and dimension: ``{"mode", "dim", "<metric>": concept value,
+    "<metric>_baseline": baseline value (None without a baseline)}`` for ``SUMMARY_METRICS``;
+    only modes the concept model answered in (and the baseline too, when there is one)."""
+    rows = []
+    for mode in MODES:
+        c, b = metrics.get(mode), (baseline or {}).get(mode)
+        if not isinstance(c, Mapping) or (baseline is not None and not isinstance(b, Mapping)):
+            continue
+        for d in dims:
+            row: dict[str, Any] = {"mode": mode, "dim": d}
+            for k in SUMMARY_METRICS:
+                row[k] = (c.get(k) or {}).get(d)
+                row[f"{k}_baseline"] = (b.get(k) or {}).get(d) if isinstance(b, Mapping) else None
+            rows.append(row)
+    return rows
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float, np.integer, np.floating)) and math.isfinite(float(x)) else None
+
+
+def overview_svg(rows: Sequence[Mapping[str, Any]], metric: str = SUMMARY_METRICS[-1]) -> str:
+    """Inline SVG: per answer mode, per dimension, the concept model's ``metric`` beside the
+    baseline's (bars on a 0-1 axis, value written above; each bar carries ``data-mode``,
+    ``data-dim``, ``data-series`` and ``data-value``)."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    with_baseline = any(_num(r.get(f"{metric}_baseline")) is not None for r in rows)
+    bar, gap, top, plot_h, left = 22, 18, 46, 150, 34
+    series = [("concept", metric, CONCEPT_COLOR)] + ([("baseline", f"{metric}_baseline", BASELINE_COLOR)]
+                                                    if with_baseline else [])
+    group_w = bar * len(series) + gap
+    out, x = [], left
+    for mode in modes:
+        mrows = [r for r in rows if r["mode"] == mode]
+        x0 = x
+        for r in mrows:
+            for k, (name, key, color) in enumerate(series):
+                v = _num(r.get(key))
+                h = 0.0 if v is None else max(0.0, min(1.0, v)) * plot_h
+                bx, by = x + k * bar, top + plot_h - h
+                label = f"{mode} {r['dim']} {name}: {_fmt(v) if v is not None else 'n/a'}"
+                out.append(f'<rect class="bar" x="{bx}" y="{by:.1f}" width="{bar - 2}" height="{h:.1f}" '
+                           f'fill="{color}" data-mode="{html.escape(mode)}" data-dim="{html.escape(r["dim"])}" '
+                           f'data-series="{name}" data-value="{"" if v is None else repr(v)}">'
+                           f"<title>{html.escape(label)}</title></rect>")
+                out.append(f'<text x="{bx + bar / 2 - 1}" y="{by - 3:.1f}" font-size="9" text-anchor="middle">'
+                           f'{"n/a" if v is None else f"{v:.2f}"}</text>')
+            out.append(f'<text x="{x + bar * len(series) / 2}" y="{top + plot_h + 14}" font-size="11" '
+                       f'text-anchor="middle">{html.escape(str(r["dim"])[:14])}</text>')
+            x += group_w
+        out.append(f'<text x="{(x0 + x - gap) / 2}" y="{top + plot_h + 30}" font-size="12" font-weight="600" '
+                   f'text-anchor="middle">{html.escape(mode)} answers</text>')
+        x += gap
+    width = max(x, 260)
+    axis = [f'<line x1="{left - 4}" x2="{width - 8}" y1="{top + plot_h * (1 - t)}" y2="{top + plot_h * (1 - t)}" '
+            f'stroke="#ddd"/><text x="{left - 8}" y="{top + plot_h * (1 - t) + 3}" font-size="9" '
+            f'text-anchor="end">{t:g}</text>' for t in (0.0, 0.5, 1.0)]
+    legend = [f'<text x="{left - 30}" y="14" font-size="12" font-weight="600">'
+              f"{html.escape(METRIC_NAMES.get(metric, metric))} per dimension</text>"]
+    for k, (name, _, color) in enumerate(series):
+        lx = left - 30 + k * 150
+        text_ = "concept model" if name == "concept" else "no-concept baseline"
+        legend.append(f'<rect x="{lx}" y="22" width="12" height="12" fill="{color}"/>'
+                      f'<text x="{lx + 16}" y="32" font-size="11">{text_}</text>')
+    height = top + plot_h + 40
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" aria-label="{html.escape(metric)}: concept model vs baseline">'
+            + "".join(axis + legend + out) + "</svg>")
+
+
+def overview_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The overview's short table: per mode and dimension, each ``SUMMARY_METRICS`` for the
+    concept model, the baseline and their difference (a two-row header)."""
+    top = "".join(f'<th colspan="3" class="group">{html.escape(METRIC_NAMES.get(k, k))}</th>' for k in SUMMARY_METRICS)
+    sub = "<th>concept model</th><th>baseline</th><th>delta</th>" * len(SUMMARY_METRICS)
+    body = []
+    for r in rows:
+        cells = [html.escape(str(r["mode"])), html.escape(str(r["dim"]))]
+        for k in SUMMARY_METRICS:
+            c, b = _num(r.get(k)), _num(r.get(f"{k}_baseline"))
+            delta = None if c is None or b is None else c - b
+            cls = "" if not delta else ("pos" if delta > 0 else "neg")
+            cells += [_fmt(c), _fmt(b), f'<span class="{cls}">{_fmt(delta, True)}</span>']
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return ('<div class="scroll"><table class="brief"><thead><tr><th rowspan="2">answers</th>'
+            f'<th rowspan="2">dimension</th>{top}</tr><tr>{sub}</tr></thead><tbody>{"".join(body)}</tbody>'
+            "</table></div>")
+
+
+def _overview(metrics: Mapping[str, Any], baseline: Mapping[str, Any] | None, dims: Sequence[str]) -> str:
+    rows = overview_rows(metrics, baseline, dims)
+    if not rows:
+        return "<p>no answers matched the dataset.</p>"
+    notes = []
+    for name, m in (("concept model", metrics), ("baseline", baseline)):
+        rate = _num(((m or {}).get("structured") or {}).get("json_parse_rate"))
+        if rate is not None:
+            notes.append(f"{name} {100 * rate:.0f}%")
+    note = (f'<p class="note">Structured answers that parse as JSON: {html.escape(", ".join(notes))}.</p>'
+            if notes else "")
+    if baseline is None:
+        note += '<p class="note">No baseline metrics were given.</p>'
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    note += ('<p class="note">Answers: ' + "; ".join(f"{html.escape(m)} = {html.escape(MODE_NOTES[m])}" for m in modes)
+             + ". The baseline is the same model with every concept slot empty.</p>")
+    return f'<div class="overview">{overview_svg(rows)}<div>{overview_table(rows)}{note}</div></div>'
+
+
 def write_report(out_dir: str | os.PathLike, metrics: Mapping[str, Any] | str, reasoning: Mapping[str, Any] | str,
                  dataset: Dataset | str, baseline_metrics: Mapping[str, Any] | str | None = None,
                  images_root: str | os.PathLike | None = None, saliency: Mapping[str, Any] | None = None,
@@ -489,19 +619,20 @@ def write_report(out_dir: str | os.PathLike, metrics: Mapping[str, Any] | str, r
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>{_fmt(metrics.get('n_images'))} images evaluated{note}. "
              f"Dimensions: {html.escape(', '.join(dims))}.</p>",
-             '<h2 id="summary">Summary</h2>', _summary_table(metrics, dims)]
+             '<h2 id="overview">Concept model vs no-concept baseline</h2>', _overview(metrics, baseline, dims),
+             '<h2 id="summary">Summary per answer mode</h2>', _summary_table(metrics, dims)]
     if baseline is not None:
         parts += ['<h2 id="baseline">Baseline vs concept model</h2>', "<h3>baseline</h3>",
                   _summary_table(baseline, dims), "<h3>side by side</h3>", _comparison_table(metrics, baseline)]
     parts += ['<h2 id="signals">Concept signals</h2>', _activation_table(metrics, dims)]
     rel = plot_reliability(metrics, dims)
     parts += ['<h3 id="reliability">Reliability diagram</h3>',
-              _img_tag(rel, "reliability diagram") if rel else "<p>no signal scores to calibrate.</p>"]
+              _figure(rel, "reliability diagram") if rel else "<p>no signal scores to calibrate.</p>"]
     conf = plot_confusion(metrics, dims)
     parts += ['<h2 id="confusion">Confusion matrices</h2>',
-              _img_tag(conf, "confusion matrices") if conf else "<p>no answers.</p>"]
+              _figure(conf, "confusion matrices") if conf else "<p>no answers.</p>"]
     f1 = plot_f1_bars(metrics, dims, baseline)
-    parts += ['<h2 id="f1">Per-class F1</h2>', _img_tag(f1, "per-class F1") if f1 else "<p>no answers.</p>"]
+    parts += ['<h2 id="f1">Per-class F1</h2>', _figure(f1, "per-class F1") if f1 else "<p>no answers.</p>"]
     with open(graph_path, "rb") as f:
         parts += ['<h2 id="graph">Concept graph</h2>', _img_tag(f.read(), "concept graph", 640)]
     parts += [f'<h2 id="gallery">Gallery ({min(gallery_n, len(results))} of {len(results)})</h2>',
