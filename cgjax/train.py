@@ -109,8 +109,9 @@ class Trainer:
                   split_policy=SplitPolicy.from_config(config.data))
         root = config.data.images_root or None
         if config.data.get("packed_dir"):  # a packed ArrayRecord set (cgjax.data.tfds_builder.pack)
-            self.train_source = PackedSource(config.data.packed_dir, config.data.train_split)
-            self.val_source = PackedSource(config.data.packed_dir, config.data.val_split) if config.data.val_split \
+            cache = config.data.packed_cache_dir or None
+            self.train_source = PackedSource(config.data.packed_dir, config.data.train_split, cache)
+            self.val_source = PackedSource(config.data.packed_dir, config.data.val_split, cache) if config.data.val_split \
                 else None
         else:  # one read of the data set for both splits; image files checked to exist, decoded by the loader
             self.train_source, self.val_source = split_sources(

@@ -126,6 +126,9 @@ def base_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict
     # The concept index of list-format signals (concept_signals_<dim>.json): prototype .pt file(s)
     # (comma-separated), a prototypes work dir or a vocab.json; "" = the vocab.json beside the signals.
     c.data.signals_index = ""
+    # a packed set in a bucket (gs://) is copied once per host to this local folder ("" = the
+    # temporary folder's cgjax-packs): ArrayRecord reads local files
+    c.data.packed_cache_dir = ""
     c.data.packed_dir = ""  # a packed ArrayRecord set (cgjax.data.tfds_builder.pack) instead of the files above
     c.data.vocab_json = ""  # optional vocab.json fixing label / concept names
     # () = the data's own: the records' concepts keys, the targets CSV header, vocab_json (they must agree);

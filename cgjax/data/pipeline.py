@@ -32,7 +32,7 @@ from PIL import Image
 from cgjax.data.examples import LoadedData, load_data, make_example
 from cgjax.data.schema import DataError, Vocabulary, normalize_split, read_json
 from cgjax.data.splits import SplitPolicy
-from cgjax.data.tfds_builder import load_pack_info, open_source
+from cgjax.data.tfds_builder import load_pack_info, localize_pack, open_source
 from cgjax.preprocess import PreprocessConfig, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,11 @@ class PackedData:
 
 class PackedSource:
     """One split of a packed tfds ArrayRecord set (``cgjax.data.tfds_builder.pack``): random access
-    from the files, nothing read at start-up beyond ``pack.json`` and ``vocab.json``."""
+    from the files, nothing read at start-up beyond ``pack.json`` and ``vocab.json``. A set at a URL
+    (``gs://``) is first copied to this host's disk, under ``cache_dir`` (``localize_pack``)."""
 
-    def __init__(self, packed_dir: str | os.PathLike, split: str):
+    def __init__(self, packed_dir: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None):
+        packed_dir = localize_pack(os.fspath(packed_dir), cache_dir)
         self.source = open_source(packed_dir, split)
         info, vocabs = load_pack_info(packed_dir)
         raw = read_json(os.path.join(os.fspath(packed_dir), "vocab.json"))

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import os
 import shutil
+import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -187,6 +189,44 @@ def pack(dataset_json: str | os.PathLike, images_root: str | os.PathLike | None,
 
 def version_dir(out_dir: str | os.PathLike) -> str:
     return os.path.join(os.fspath(out_dir), BUILDER_NAME, BUILDER_VERSION)
+
+
+def localize_pack(url: str, cache_root: str | os.PathLike | None = None) -> str:
+    """A packed set at a URL (``gs://``) copied once to this host's disk: ArrayRecord reads local
+    files (it stalls on a bucket). ``cache_root`` (default: the temporary folder's ``cgjax-packs``)
+    gets one folder per URL; a complete copy is reused, a partial one is never seen (the copy is
+    renamed into place when whole). -> the local folder. A local path is returned as it is."""
+    if not persistence.is_url(url):
+        return os.fspath(url)
+    root = os.fspath(cache_root) if cache_root else os.path.join(tempfile.gettempdir(), "cgjax-packs")
+    local = os.path.join(root, hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:16])
+    if os.path.exists(os.path.join(local, "pack.json")):
+        return local
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=".copy-")
+    try:
+        src = persistence.Path(url)
+        if not (src / "pack.json").exists():
+            raise FileNotFoundError(f"{url}: no pack.json (not a packed set written by cgjax.data.tfds_builder.pack)")
+        todo = [(src, tmp)]
+        while todo:  # a walk by listing (a recursive glob is refused on a bucket)
+            folder, dest = todo.pop()
+            for f in folder.iterdir():
+                if f.is_dir():
+                    os.makedirs(os.path.join(dest, f.name), exist_ok=True)
+                    todo.append((f, os.path.join(dest, f.name)))
+                else:
+                    with open(os.path.join(dest, f.name), "wb") as out:
+                        out.write(f.read_bytes())
+        try:
+            os.rename(tmp, local)
+        except OSError:  # another process on this host finished first: use its copy
+            if not os.path.exists(os.path.join(local, "pack.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("packed set %s copied to %s", url, local)
+    return local
 
 
 def open_source(out_dir: str | os.PathLike, split: str = "train"):

@@ -50,3 +50,29 @@ def test_a_missing_object_is_named(gcs):
         assert url in str(e) and "not found" in str(e)
     else:
         raise AssertionError("no error for a missing object")
+
+
+def test_a_packed_set_in_a_bucket_is_copied_once_and_reads_like_the_folder(packed, gcs, tmp_path, monkeypatch):
+    """ArrayRecord reads local files: a packed set at a gs:// URL is copied to the host's cache once
+    (renamed into place when whole) and then gives the folder's elements; a second open reuses it."""
+    from cgjax.data.pipeline import PackedSource
+
+    url = f"gs://{gcs.bucket}/packs/demo"
+    persistence.upload_tree(packed, url)
+    cache = tmp_path / "cache"
+    local, remote = PackedSource(packed, "train"), PackedSource(url, "train", cache_dir=str(cache))
+    assert len(remote) == len(local) > 0
+    for i in (0, len(local) - 1):
+        a, b = local[i], remote[i]
+        assert a["image_path"] == b["image_path"] and a["image"] == b["image"]
+    copies = os.listdir(cache)
+    assert len(copies) == 1 and not copies[0].startswith(".")  # no partial copy left beside it
+    monkeypatch.setattr(persistence.Path(url).__class__, "read_bytes",
+                        lambda self: (_ for _ in ()).throw(AssertionError("downloaded again")))
+    assert len(PackedSource(url, "validation", cache_dir=str(cache))) == len(PackedSource(packed, "validation"))
+    try:
+        PackedSource(f"gs://{gcs.bucket}/packs/nothing", "train", cache_dir=str(cache))
+    except FileNotFoundError as e:
+        assert "packs/nothing: no pack.json" in str(e)
+    else:
+        raise AssertionError("a URL without a pack must be an error")
