@@ -13,6 +13,7 @@ from absl import logging
 from cgjax import persistence, text
 from cgjax.config import config_paths
 from cgjax.data.demo_data import demo_paths, make_demo, write_label_signals
+from cgjax.data.dimensions import csv_dimensions
 from cgjax.data.schema import DataError, read_json
 from converters import tiny_clip
 from converters.tiny_llava import make_llava_checkpoint
@@ -49,8 +50,9 @@ def ensure_demo_assets(config) -> None:
 
 
 def tokenizer_corpus(targets_csv: str) -> list[str]:
-    """Texts the demo tokenizer is trained on: prompts, answers and reasons of the data set."""
-    corpus = [text.SYSTEM, text.STAGE_A_PROMPT, *text.STAGE_B_PROMPTS]
+    """Texts the demo tokenizer is trained on: prompts (over the CSV's dimensions), answers and reasons."""
+    dims = csv_dimensions(targets_csv)
+    corpus = [text.SYSTEM, text.stage_a_prompt(dims), *text.stage_b_prompts(dims)]
     with open(targets_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             corpus += [row["target_keys"], row["target_reason"]]

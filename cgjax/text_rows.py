@@ -63,7 +63,9 @@ class TextRows:
         keys = ex["target_keys"] if int(ex["has_target"]) else ""
         if not keys.strip():  # no CSV row: the original's target builder
             keys = "\n".join(f"{d}: {n}" for d, n in zip(self.label_dims, labels))
-        prompt = text.STAGE_A_PROMPT if self.stage == "A" else text.stage_b_prompt(labels, self.prompt_seed)
+        dims = self.label_dims
+        prompt = (text.stage_a_prompt(dims) if self.stage == "A"
+                  else text.stage_b_prompt(labels, self.prompt_seed, dims=dims))
         with _TOKENIZER_LOCK:
             reason = ""
             if self.stage == "B":
@@ -71,7 +73,8 @@ class TextRows:
             row = text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id, keys, reason,
                               add_eos=self.add_eos)
             # the generation prompt never depends on the labels (Stage B: chosen from the image path)
-            ask = prompt if self.stage == "A" else text.stage_b_prompt_for_image(ex["image_path"], self.prompt_seed)
+            ask = prompt if self.stage == "A" else text.stage_b_prompt_for_image(ex["image_path"], self.prompt_seed,
+                                                                                 dims=dims)
             prompt_row = (text.encode(self.tokenizer, ask, self.n_image_block, self.image_token_id)
                           if self.with_prompt else None)
         if len(row.input_ids) > self.length:
