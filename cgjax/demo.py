@@ -18,7 +18,7 @@ from PIL import Image
 from cgjax import persistence
 from cgjax.demo_assets import make_tiny_llava
 from cgjax.config import load_config, override
-from cgjax.data.demo_data import ARTISTS, GENRES, STYLES, make_demo, render_painting
+from cgjax.data.demo_domains import get_domain
 from cgjax.eval.cli import evaluate_reasoning
 from cgjax.infer import run_inference
 from cgjax.prototypes.run import train_prototypes as run_stage
@@ -46,9 +46,9 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def make_data(workdir: str, n_images: int = 240, size: int = 64, seed: int = 0) -> dict[str, str]:
-    """Generate the demo data set into ``workdir/data`` (original formats)."""
-    return make_demo(os.path.join(workdir, "data"), n_images=n_images, size=size, seed=seed)
+def make_data(workdir: str, n_images: int = 240, size: int = 64, seed: int = 0, domain: str = "art") -> dict[str, str]:
+    """Generate the demo data set of ``domain`` (``cgjax.data.demo_domains``) into ``workdir/data``."""
+    return get_domain(domain).make(os.path.join(workdir, "data"), n_images=n_images, size=size, seed=seed)
 
 
 def make_clip(workdir: str, seed: int = 0) -> str:
@@ -59,14 +59,14 @@ def make_clip(workdir: str, seed: int = 0) -> str:
 
 
 def pretrain_clip(workdir: str, clip_name: str, seed: int = 0, n_images: int = 1536, epochs: int = 10,
-                  size: int = 64) -> str:
+                  size: int = 64, domain: str = "art") -> str:
     """Stand-in for a pretrained CLIP: a random tower sees colour, not layout, so genre (composition)
     is invisible to it. Like the base LLaVA, the tiny tower is therefore trained first, in PyTorch
     with open_clip (the demo's ``open_clip`` checkpoint is then converted as a user's would be), to
     name the artist, style and genre of ``n_images`` paintings rendered from a different seed: a
     corpus disjoint from the demo's own train/validation/test images. Writes a ``local-dir:``
     checkpoint under ``workdir/checkpoints/clip-pretrained`` and returns its name; ``epochs=0``
-    returns ``clip_name`` unchanged."""
+    returns ``clip_name`` unchanged. ``domain``: whose images and dimensions (art: paintings)."""
     if epochs <= 0:
         return clip_name
     if n_images < 1:
@@ -79,13 +79,12 @@ def pretrain_clip(workdir: str, clip_name: str, seed: int = 0, n_images: int = 1
 
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(clip_name)
-    paintings = [render_painting(i, seed + 10_000, size) for i in range(n_images)]
-    pixels = torch.stack([preprocess(Image.fromarray(p.image)) for p in paintings])
-    labels = [torch.tensor([names.index(key(p)) for p in paintings]) for names, key in (
-        ([a.slug for a in ARTISTS], lambda p: p.artist.slug), (STYLES, lambda p: p.style),
-        (GENRES, lambda p: p.genre))]
+    dom = get_domain(domain)
+    corpus = [dom.render(i, seed + 10_000, size) for i in range(n_images)]
+    pixels = torch.stack([preprocess(Image.fromarray(image)) for image, _ in corpus])
+    labels = [torch.tensor([names.index(lab[d]) for _, lab in corpus]) for d, names in zip(dom.dims, dom.classes)]
     dim = model.visual.output_dim
-    heads = torch.nn.ModuleList([torch.nn.Linear(dim, len(names)) for names in (ARTISTS, STYLES, GENRES)])
+    heads = torch.nn.ModuleList([torch.nn.Linear(dim, len(names)) for names in dom.classes])
     opt = torch.optim.AdamW([*model.visual.parameters(), *heads.parameters()], lr=2e-3, weight_decay=0.1)
     batch = min(64, n_images)
     model.train()
@@ -96,8 +95,8 @@ def pretrain_clip(workdir: str, clip_name: str, seed: int = 0, n_images: int = 1
             x = pixels[idx]
             x = torch.where((torch.rand(batch) < 0.5)[:, None, None, None], x.flip(-1), x)  # keeps the layout
             emb = model.encode_image(x)
-            artist, style, genre = (torch.nn.functional.cross_entropy(h(emb), y[idx]) for h, y in zip(heads, labels))
-            loss = artist + style + 2.0 * genre  # genre is the slowest to learn
+            loss = sum(w * torch.nn.functional.cross_entropy(h(emb), y[idx])
+                       for w, h, y in zip(dom.clip_loss_weights, heads, labels))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -107,7 +106,7 @@ def pretrain_clip(workdir: str, clip_name: str, seed: int = 0, n_images: int = 1
     with persistence.atomic_dir(out) as tmp:
         shutil.copy2(os.path.join(src, "open_clip_config.json"), os.path.join(tmp, "open_clip_config.json"))
         save_file(state, os.path.join(tmp, "open_clip_model.safetensors"))
-    _log(f"CLIP tower pretrained ({epochs} epochs on {n_images} paintings, last loss {loss.item():.3f})")
+    _log(f"CLIP tower pretrained ({epochs} epochs on {n_images} {dom.noun}, last loss {loss.item():.3f})")
     return f"local-dir:{out}"
 
 
@@ -230,23 +229,25 @@ def evaluate(workdir: str, llava_dir: str, paths: dict[str, str], n_images: int 
 
 def run(workdir: str, n_images: int = 240, image_size: int = 64, seed: int = 0, pretrain_steps: int = 300,
         stage_steps: int = 64, eval_images: int = 0, clip_pretrain_epochs: int = 10,
-        clip_pretrain_images: int = 1536, quant: QuantConfig = QuantConfig()) -> dict[str, Any]:
+        clip_pretrain_images: int = 1536, quant: QuantConfig = QuantConfig(), domain: str = "art") -> dict[str, Any]:
     """The whole demo: data -> checkpoints -> (the stages available in this build). ``quant``: Stage
-    A/B and inference on the pretrained base quantized (the pretraining itself is full precision)."""
+    A/B and inference on the pretrained base quantized (the pretraining itself is full precision).
+    ``domain``: the concept domain (``art`` or ``birds``, ``cgjax.data.demo_domains``)."""
+    noun = get_domain(domain).noun
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
-    summary: dict[str, Any] = {"workdir": os.path.abspath(workdir)}
+    summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "domain": domain}
     _log("generating the demo data set")
-    paths = make_data(workdir, n_images=n_images, size=image_size, seed=seed)
+    paths = make_data(workdir, n_images=n_images, size=image_size, seed=seed, domain=domain)
     summary["data"] = paths
     _log(f"data: {paths['dataset_json']}")
     _log("building tiny CLIP and LLaVA checkpoints with open_clip / transformers")
     clip_name = make_clip(workdir, seed=seed)
     if clip_pretrain_epochs > 0:
         _log(f"pretraining the tiny CLIP tower ({clip_pretrain_epochs} epochs on {clip_pretrain_images} other "
-             "paintings: a stand-in for a pretrained CLIP)")
+             f"{noun}: a stand-in for a pretrained CLIP)")
     clip_name = pretrain_clip(workdir, clip_name, seed=seed, n_images=clip_pretrain_images,
-                              epochs=clip_pretrain_epochs, size=image_size)
+                              epochs=clip_pretrain_epochs, size=image_size, domain=domain)
     llava_dir = make_llava(workdir, paths["targets_csv"], seed=seed)
     summary["clip_model"], summary["llava_checkpoint"] = clip_name, llava_dir
     _log("converting them to cgjax and checking against PyTorch")

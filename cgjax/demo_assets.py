@@ -13,6 +13,7 @@ from absl import logging
 from cgjax import persistence, text
 from cgjax.config import config_paths
 from cgjax.data.demo_data import demo_paths, make_demo, write_label_signals
+from cgjax.data.dimensions import csv_dimensions
 from cgjax.data.schema import DataError, read_json
 from cgjax.infer import structured_prompt
 from cgjax.text_rows import parse_key_lines, structured_target
@@ -51,9 +52,10 @@ def ensure_demo_assets(config) -> None:
 
 
 def tokenizer_corpus(targets_csv: str) -> list[str]:
-    """Texts the demo tokenizer is trained on: prompts, answers and reasons of the data set, and
-    the structured (JSON) prompt with each answer written as its JSON."""
-    corpus = [text.SYSTEM, text.STAGE_A_PROMPT, *text.STAGE_B_PROMPTS]
+    """Texts the demo tokenizer is trained on: prompts (over the CSV's dimensions), answers and
+    reasons of the data set, and the structured (JSON) prompt with each answer written as its JSON."""
+    dims = csv_dimensions(targets_csv)
+    corpus = [text.SYSTEM, text.stage_a_prompt(dims), *text.stage_b_prompts(dims)]
     prompts: dict[str, None] = {}
     with open(targets_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):

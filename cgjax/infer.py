@@ -17,9 +17,11 @@ schema (indent 4, sorted keys, written atomically)::
 
 Prompt modes: ``structured`` (the original's JSON prompt; keys = the data set's dimensions +
 ``evidence``; sentinels configurable), ``natural`` (the original's prose prompt), ``stageA``
-(``text.STAGE_A_PROMPT``), ``stageB`` (one of the original's Stage B variants, chosen by the md5 of
+(``text.stage_a_prompt``), ``stageB`` (one of the original's Stage B variants, chosen by the md5 of
 the image's key (its path) and the seed: never from its labels, so the question does not carry the
-answer), ``both`` = structured + natural, ``all`` = the four; or a comma-separated list.
+answer), ``both`` = structured + natural, ``all`` = the four; or a comma-separated list. Every prompt
+is a template over the data set's dimensions; for artist/style/genre the original's bytes (the art
+wording rule is ``cgjax.text``'s).
 
 Signals: from the prototype head (CLIP tower + prototypes), post-processed exactly as the exported
 training signals (the export's ``normalize`` / ``temperature`` / ``clip``, read from the keyed
@@ -84,13 +86,6 @@ INFER_CHOICES = {"dtype": tuple(DTYPES), "param_dtype": ("",) + tuple(DTYPES), "
 # prompts
 
 
-def _join(names: Sequence[str]) -> str:
-    names = list(names)
-    if len(names) <= 2:
-        return " and ".join(names)
-    return ", ".join(names[:-1]) + ", and " + names[-1]
-
-
 def structured_prompt(dims: Sequence[str] = ("artist", "style", "genre"),
                       sentinels: tuple[str, str] = DEFAULT_SENTINELS) -> str:
     """The original's structured prompt, byte for byte (its en dash in "2\u20133"; keys = ``dims`` + evidence)."""
@@ -101,9 +96,11 @@ def structured_prompt(dims: Sequence[str] = ("artist", "style", "genre"),
 
 
 def natural_prompt(dims: Sequence[str] = ("artist", "style", "genre")) -> str:
-    """The original's natural prompt (the dimensions named in the prose)."""
-    return (f"Describe this painting in one cohesive paragraph. Naturally mention the {_join(dims)} in the prose "
-            "(no JSON, no key-value lines). Then briefly justify your identification by referring to brushwork, "
+    """The original's natural prompt (the dimensions named in the prose; art words only for art dims)."""
+    art = text.is_art_domain(dims)
+    what, cues = ("painting", "brushwork") if art else ("image", "shape")
+    return (f"Describe this {what} in one cohesive paragraph. Naturally mention the {text.join_names(dims)} in the "
+            f"prose (no JSON, no key-value lines). Then briefly justify your identification by referring to {cues}, "
             "palette, and composition.")
 
 
@@ -281,8 +278,8 @@ class Inferencer:
         self.rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
         self._encoded: dict[str, np.ndarray] = {}
         # one prompt length for every template: one compiled shape
-        probes = [structured_prompt(self.dims, self.sentinels), natural_prompt(self.dims), text.STAGE_A_PROMPT,
-                  *text.STAGE_B_PROMPTS]
+        probes = [structured_prompt(self.dims, self.sentinels), natural_prompt(self.dims),
+                  text.stage_a_prompt(self.dims), *text.stage_b_prompts(self.dims)]
         n = max(len(self.encode(p)) for p in probes)
         self.prompt_length = int(-(-max(n, int(min_prompt_length)) // 8) * 8)
         self._head_order = None
@@ -391,9 +388,9 @@ class Inferencer:
         if mode == "natural":
             return natural_prompt(self.dims)
         if mode == "stageA":
-            return text.STAGE_A_PROMPT
+            return text.stage_a_prompt(self.dims)
         if mode == "stageB":
-            return text.stage_b_prompt_for_image(key, self.prompt_seed)
+            return text.stage_b_prompt_for_image(key, self.prompt_seed, dims=self.dims)
         raise ValueError(f"unknown prompt mode {mode!r}")
 
     # -- images and signals ----------------------------------------------------------------------

@@ -5,6 +5,14 @@ the image block (image tokens, then the concept-token slots) sits at ``<image>``
 before the target is label -100; target tokens carry a segment id (keys or reason) that selects
 their loss weight. Tokenisation follows the original's ``tokenizer_image_token``: the text on
 each side of ``<image>`` is tokenised on its own, the second part without its BOS.
+
+Prompts are templates over the data's dimension names (:func:`stage_a_prompt`,
+:func:`stage_b_prompts`): the names are joined into the sentence ("artist, style, and genre",
+"artist/style/genre", "three lines"). The rule for the wording: when every dimension is one of the
+original's ``artist, style, genre`` (:func:`is_art_domain`), the original's art-specific words stay
+("art expert", "brushwork", "attribution"), so those prompts are byte-identical to the original's
+(``STAGE_A_PROMPT``, ``STAGE_B_PROMPTS``); any other domain gets neutral words ("expert", "shape",
+"identification", "image").
 """
 from __future__ import annotations
 
@@ -20,35 +28,82 @@ SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-STAGE_A_PROMPT = (
-    "You are an art expert. Output exactly three lines: 'artist: ...', 'style: ...', 'genre: ...'. "
-    "No additional text. If uncertain, use 'Unknown'."
-)
-STAGE_B_PROMPTS = (
-    "Identify the artist, style, and genre. First give three lines 'artist: ...', 'style: ...', "
-    "'genre: ...'. Then write 2-3 short sentences explaining the attribution.",
-    "Return three key-value lines for artist, style, genre, followed by 2-3 brief sentences of visual "
-    "reasoning about brushwork, color, and composition.",
-    "Give the keys (artist/style/genre) as three lines, then add 2-3 concise sentences describing "
-    "evidence for the attribution and style.",
-)
+ART_DIMENSIONS = ("artist", "style", "genre")
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 STAGE_B_WEIGHTS = (0.5, 0.3, 0.2)
 
 
-def stage_b_prompt(labels: Sequence[str], seed: int, weights: Sequence[float] = STAGE_B_WEIGHTS) -> str:
-    """The original's deterministic choice: ``md5("a|s|g|seed")`` against the cumulative weights."""
+def is_art_domain(dims: Sequence[str]) -> bool:
+    """True when every dimension is one of the original's artist/style/genre (its art wording applies)."""
+    return bool(dims) and all(d in ART_DIMENSIONS for d in dims)
+
+
+def join_names(names: Sequence[str], sep: str = ", ", last: str = ", and ") -> str:
+    """``a, b, and c`` (two: ``a and b``)."""
+    names = [str(n) for n in names]
+    if len(names) <= 2:
+        return " and ".join(names)
+    return sep.join(names[:-1]) + last + names[-1]
+
+
+def _count(dims: Sequence[str]) -> str:
+    return _NUMBERS[len(dims)] if len(dims) < len(_NUMBERS) else str(len(dims))
+
+
+def _line(dims: Sequence[str]) -> str:
+    return "line" if len(dims) == 1 else "lines"
+
+
+def stage_a_prompt(dims: Sequence[str] = ART_DIMENSIONS) -> str:
+    """The Stage A prompt over ``dims`` (artist/style/genre: the original's, byte for byte)."""
+    dims = list(dims)
+    expert = "an art expert" if is_art_domain(dims) else "an expert"
+    keys = ", ".join(f"'{d}: ...'" for d in dims)
+    return (f"You are {expert}. Output exactly {_count(dims)} {_line(dims)}: {keys}. "
+            "No additional text. If uncertain, use 'Unknown'.")
+
+
+def stage_b_prompts(dims: Sequence[str] = ART_DIMENSIONS) -> tuple[str, str, str]:
+    """The three Stage B variants over ``dims`` (artist/style/genre: the original's, byte for byte)."""
+    dims = list(dims)
+    art = is_art_domain(dims)
+    n, lines = _count(dims), _line(dims)
+    what = "the attribution" if art else "the identification"
+    cues = "brushwork, color, and composition" if art else "shape, color, and composition"
+    evidence = "the attribution and style" if art else "the identification"
+    keys = ", ".join(f"'{d}: ...'" for d in dims)
+    return (
+        f"Identify the {join_names(dims)}. First give {n} {lines} {keys}. Then write 2-3 short sentences "
+        f"explaining {what}.",
+        f"Return {n} key-value {lines} for {', '.join(dims)}, followed by 2-3 brief sentences of visual "
+        f"reasoning about {cues}.",
+        f"Give the keys ({'/'.join(dims)}) as {n} {lines}, then add 2-3 concise sentences describing "
+        f"evidence for {evidence}.",
+    )
+
+
+STAGE_A_PROMPT = stage_a_prompt(ART_DIMENSIONS)
+STAGE_B_PROMPTS = stage_b_prompts(ART_DIMENSIONS)
+
+
+def stage_b_prompt(labels: Sequence[str], seed: int, weights: Sequence[float] = STAGE_B_WEIGHTS,
+                   dims: Sequence[str] = ART_DIMENSIONS) -> str:
+    """The original's deterministic choice: ``md5("a|s|g|seed")`` against the cumulative weights,
+    among :func:`stage_b_prompts` of ``dims``."""
     key = "|".join(list(labels) + [str(seed)])
     u = (int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 10**8) / 10**8
     w = np.asarray(weights, np.float64)
     cum = np.cumsum(w / w.sum())
-    return STAGE_B_PROMPTS[int(min(np.searchsorted(cum, u, side="left"), len(STAGE_B_PROMPTS) - 1))]
+    prompts = stage_b_prompts(dims)
+    return prompts[int(min(np.searchsorted(cum, u, side="left"), len(prompts) - 1))]
 
 
-def stage_b_prompt_for_image(image_path: str, seed: int, weights: Sequence[float] = STAGE_B_WEIGHTS) -> str:
+def stage_b_prompt_for_image(image_path: str, seed: int, weights: Sequence[float] = STAGE_B_WEIGHTS,
+                             dims: Sequence[str] = ART_DIMENSIONS) -> str:
     """The Stage B prompt for answering an image (inference, validation generation): the
     original's md5 choice over the image's path instead of its labels, so the question never
     carries the answer. Training rows keep :func:`stage_b_prompt` (the original's targets)."""
-    return stage_b_prompt([str(image_path)], seed, weights)
+    return stage_b_prompt([str(image_path)], seed, weights, dims)
 
 
 def conversation(prompt: str) -> tuple[str, str]:

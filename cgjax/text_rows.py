@@ -92,7 +92,9 @@ class TextRows:
         keys = ex["target_keys"] if int(ex["has_target"]) else ""
         if not keys.strip():  # no CSV row: the original's target builder
             keys = "\n".join(f"{d}: {n}" for d, n in zip(self.label_dims, labels))
-        stage_prompt = text.STAGE_A_PROMPT if self.stage == "A" else text.stage_b_prompt(labels, self.prompt_seed)
+        dims = self.label_dims
+        stage_prompt = (text.stage_a_prompt(dims) if self.stage == "A"
+                        else text.stage_b_prompt(labels, self.prompt_seed, dims=dims))
         prompt = stage_prompt
         structured = in_share(ex["image_path"], self.prompt_seed, self.structured_share, "structured")
         if structured and not self.structured_prompt:
@@ -109,7 +111,8 @@ class TextRows:
             row = text.encode(self.tokenizer, prompt, self.n_image_block, self.image_token_id, *target,
                               add_eos=self.add_eos)
             # the generation prompt never depends on the labels (Stage B: chosen from the image path)
-            ask = stage_prompt if self.stage == "A" else text.stage_b_prompt_for_image(ex["image_path"], self.prompt_seed)
+            ask = stage_prompt if self.stage == "A" else text.stage_b_prompt_for_image(ex["image_path"], self.prompt_seed,
+                                                                                       dims=dims)
             prompt_row = (text.encode(self.tokenizer, ask, self.n_image_block, self.image_token_id)
                           if self.with_prompt else None)
         if len(row.input_ids) > self.length:

@@ -6,6 +6,7 @@ import os
 import subprocess
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -79,3 +80,61 @@ def test_demo_runs_end_to_end(installed, tmp_path):
     assert summary["eval"]["structured_json_parse_rate"] == metrics["structured"]["json_parse_rate"]
     with open(os.path.join(eval_dir, "report.html"), encoding="utf-8") as f:
         assert '<h2 id="overview">' in f.read()  # the report opens with concept model vs baseline
+
+
+def test_birds_domain_in_process(tmp_path):
+    """The second demo domain without a second end-to-end run: its data set is read with its own dimensions,
+    its labels are visible in the pixels, the demo tokenizer covers its prompts, and a training row is built
+    from prompts over species/habitat/season with no art word in it."""
+    import re
+
+    from cgjax import text
+    from cgjax.data.demo_birds import render_bird
+    from cgjax.data.demo_domains import get_domain
+    from cgjax.data.dimensions import resolve_dimensions
+    from cgjax.data.records import read_dataset_json
+    from cgjax.demo_assets import tokenizer_corpus
+    from cgjax.prototypes.export import read_aligned
+    from cgjax.text_rows import TextRows
+    from converters.tiny_tokenizer import train_tokenizer
+
+    birds = get_domain("birds")
+    paths = birds.make(str(tmp_path / "birds"), n_images=12, size=32, seed=0)
+    dims = ("species", "habitat", "season")
+    assert resolve_dimensions(paths["dataset_json"], targets_csv=paths["targets_csv"]) == dims
+    ds = read_dataset_json(paths["dataset_json"])
+    assert ds.dimensions == dims and all(r.labels[d] in names for r in ds.records
+                                         for d, names in zip(dims, birds.classes))
+    assert read_aligned(paths["dataset_json"], paths["images_root"])[0].dimensions == dims  # no art columns
+    with pytest.raises(ValueError, match="unknown demo domain 'fish'"):
+        get_domain("fish")
+
+    # the labels drive the pixels: same index and seed, one factor changed at a time -> the image changes there
+    a = render_bird(3, 0, 32)
+    same = [render_bird(3, 0, 32) for _ in range(2)]
+    assert all(np.array_equal(a.image, s.image) for s in same)
+    per_class = {}
+    for i in range(60):
+        b = render_bird(i, 1, 32)
+        per_class.setdefault(b.season, []).append(b.image.reshape(-1, 3).mean(0))
+    means = {k: np.mean(v, 0) for k, v in per_class.items()}
+    assert means["winter"][2] > means["autumn"][2] + 20  # blue cast vs orange cast
+
+    # the tokenizer corpus carries the birds prompts; a Stage B row asks about the birds dims only
+    corpus = tokenizer_corpus(paths["targets_csv"])
+    assert text.stage_a_prompt(dims) in corpus and not any("artist" in c for c in corpus)
+    tok = train_tokenizer(corpus, vocab_size=400)
+    vocabs = ds.vocabularies()
+    img = tok.convert_tokens_to_ids("<image>")
+    rows = TextRows(tokenizer=tok, stage="B", n_image_block=2, image_token_id=img, length=256, concept_dims=dims,
+                    label_dims=dims, label_names=tuple(tuple(vocabs[d].names) for d in dims), prompt_seed=0,
+                    max_reason_tokens=0, add_eos=True, with_prompt=True)
+    r = ds.records[0]
+    ex = {"labels": {d: vocabs[d].index(r.labels[d]) for d in dims}, "target_keys": "", "target_reason": "",
+          "has_target": 0, "image_path": r.image, "pixel_values": np.zeros((3, 4, 4), np.float32),
+          "signals": {d: np.zeros(len(vocabs[d]), np.float32) for d in dims}}
+    out = rows(ex)
+    decoded = tok.decode(out["input_ids"][out["attention_mask"] > 0])
+    assert f"species: {r.labels['species']}" in decoded and "season:" in decoded
+    assert any(p in decoded for p in text.stage_b_prompts(dims))
+    assert not re.search(r"\b(artist|style|genre|painting|artwork)\b", decoded)

@@ -1,5 +1,6 @@
 """Prompts and tokenisation of training rows."""
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -163,3 +164,31 @@ def test_stage_b_training_prompt_hashes_unknown_genre_as_a_class(tok, tmp_path):
         keys = "\n".join(f"{d}: {r.labels[d] or 'Unknown'}" for d in dims)
         expect = text.encode(tok, want, 2, img, keys, "", add_eos=True).input_ids
         np.testing.assert_array_equal(out["input_ids"][out["attention_mask"] > 0], expect)
+
+
+def test_prompts_are_templates_over_the_dimensions():
+    """Other dimensions: every prompt names them (and only them), with neutral words; the art dims keep the
+    original's bytes (test_prompts_are_the_originals_bytes); the md5 choice picks the same variant index."""
+    from cgjax import infer
+    from cgjax.eval.parser import prompt_mode
+
+    birds = ("species", "habitat", "season")
+    prompts = [text.stage_a_prompt(birds), *text.stage_b_prompts(birds), infer.natural_prompt(birds),
+               infer.structured_prompt(birds)]
+    art_words = re.compile(r"\b(artist|style|genre|art|painting|artwork|brushwork|attribution)\b", re.I)
+    for p in prompts:
+        assert not art_words.search(p), p
+        assert all(d in p for d in birds), p
+    assert "'species: ...', 'habitat: ...', 'season: ...'" in text.stage_a_prompt(birds)
+    assert "(species/habitat/season) as three lines" in text.stage_b_prompts(birds)[2]
+    assert "keys species, habitat, season, evidence." in infer.structured_prompt(birds)
+    assert "mention the species, habitat, and season" in infer.natural_prompt(birds)
+    four = ("species", "habitat", "season", "sex")
+    assert "exactly four lines" in text.stage_a_prompt(four) and "'sex: ...'" in text.stage_a_prompt(four)
+    assert all(prompt_mode(p) == "keys" for p in [text.stage_a_prompt(four), *text.stage_b_prompts(four),
+                                                  *text.stage_b_prompts(birds)])
+    assert text.stage_a_prompt(("artist", "style", "genre")) == ORIGINAL_STAGE_A
+    for i in range(20):
+        labels = [f"a{i}", "s", "g"]
+        k = text.STAGE_B_PROMPTS.index(text.stage_b_prompt(labels, 3))
+        assert text.stage_b_prompt(labels, 3, dims=birds) == text.stage_b_prompts(birds)[k]

@@ -55,9 +55,11 @@ def gating_config(config, index: ConceptIndex) -> gating.GatingConfig:
     g = config.gating
     pri = [p.strip() for p in str(g.priority or "").split(",") if p.strip()]
     unknown = [p for p in pri if p not in index.dims]
-    if unknown:
+    if unknown and ",".join(pri) != DEFAULT_GATING["priority"]:  # the art default on other dims: their order
         logging.warning("gating.priority names %s, not dimensions of the signals %s; ignored", unknown, index.dims)
     order = tuple(index.dims.index(p) for p in pri if p in index.dims)
+    if pri and not order:  # names none of the data's dimensions (the art default on birds): their own order
+        order = tuple(range(len(index.dims)))
     return gating.GatingConfig(dim_ranges=index.ranges, k_max=int(g.k_max), threshold=float(g.threshold),
                                backoff_delta=float(g.backoff_delta), topk_per_dim=int(g.topk_per_dim),
                                max_concepts=int(g.max_concepts), priority=order or None)

@@ -298,7 +298,7 @@ def render_painting(index: int, seed: int, size: int = 64) -> DemoPainting:
 # the data set on disk
 
 
-def _encode(image: np.ndarray, fmt: str) -> bytes:
+def encode_image(image: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
     if fmt == "png":
         Image.fromarray(image).save(buf, format="PNG", optimize=False)
@@ -307,7 +307,7 @@ def _encode(image: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _split_names(n: int, fractions: Sequence[float], seed: int) -> list[str]:
+def split_names(n: int, fractions: Sequence[float], seed: int) -> list[str]:
     f = np.asarray(fractions, np.float64)
     if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
         raise ValueError(f"split must be three non-negative fractions train,val,test; got {fractions}")
@@ -336,7 +336,7 @@ def make_demo(out_dir: str | os.PathLike, n_images: int = 240, size: int = 64, s
         raise ValueError("n_images must be >= 1 and size >= 16")
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and os.listdir(out_dir):
-        if not overwrite or not _is_demo_dir(out_dir):
+        if not overwrite or not is_demo_dir(out_dir):
             raise FileExistsError(f"{out_dir} exists and is not an earlier demo set; not replacing it")
     with persistence.atomic_dir(out_dir) as tmp:
         _write_demo(tmp, n_images, size, seed, split, image_format)
@@ -351,41 +351,68 @@ def demo_paths(out_dir: str | os.PathLike) -> dict[str, str]:
             "vocab_json": os.path.join(d, "vocab.json")}
 
 
-def _is_demo_dir(d: str) -> bool:
+def is_demo_dir(d: str) -> bool:
+    """True when ``d`` holds a demo set cgjax wrote (its ``vocab.json`` says so)."""
     try:
         return read_json(os.path.join(d, "vocab.json")).get("source") == "cgjax.demo"
     except Exception:
         return False
 
 
-def _write_demo(root: str, n: int, size: int, seed: int, split, fmt: str) -> None:
-    splits = _split_names(n, split, seed)
+@dataclasses.dataclass
+class DemoSample:
+    """One generated image of a demo domain, ready to be written."""
+
+    folder: str                      # images/<folder>/<folder>_<k>.<fmt>
+    labels: dict[str, str]
+    image: np.ndarray                # uint8 [H, W, 3]
+    reason: str
+    title: str = ""
+    date: str = ""
+    extra_concepts: dict = dataclasses.field(default_factory=dict)
+
+
+def write_demo_set(root: str, samples, n: int, dims: Sequence[str], seed: int, split, fmt: str,
+                   generator: dict) -> None:
+    """Writes ``n`` samples (``samples(i) -> DemoSample``) in the original formats under ``root``:
+    images, dataset/train/val/test JSON, targets CSV and ``vocab.json`` (``source: cgjax.demo``)."""
+    splits = split_names(n, split, seed)
     counts: dict[str, int] = {}
     records, targets = [], []
-    dims = DEFAULT_DIMENSIONS
     for i in range(n):
-        p = render_painting(i, seed, size)
-        a = p.artist
-        k = counts.get(a.folder, 0)
-        counts[a.folder] = k + 1
-        rel = f"images/{a.folder}/{a.folder}_{k}.{fmt}"  # relative to DIR; "images/" strips under DIR/images
-        os.makedirs(os.path.join(root, "images", a.folder), exist_ok=True)
+        p = samples(i)
+        k = counts.get(p.folder, 0)
+        counts[p.folder] = k + 1
+        rel = f"images/{p.folder}/{p.folder}_{k}.{fmt}"  # relative to DIR; "images/" strips under DIR/images
+        os.makedirs(os.path.join(root, "images", p.folder), exist_ok=True)
         with open(os.path.join(root, rel), "wb") as f:
-            f.write(_encode(p.image, fmt))
-        labels = {"artist": a.slug, "style": p.style, "genre": p.genre}
-        year = a.years[0] + (i * 7919 + seed) % (a.years[1] - a.years[0] + 1)
-        records.append(Record(image=rel, labels=labels, media=[],
-                              title=f"{p.genre.replace('_', ' ').title()} No. {k + 1}", date=str(year),
-                              split=splits[i], extra_concepts={"art_movement": ""}, row=i))
-        targets.append(TargetRow(rel, labels, format_target_keys(labels, dims), p.reason, row=i + 1))
+            f.write(encode_image(p.image, fmt))
+        title = p.title.format(k=k + 1)
+        records.append(Record(image=rel, labels=dict(p.labels), media=[], title=title, date=p.date,
+                              split=splits[i], extra_concepts=dict(p.extra_concepts), row=i))
+        targets.append(TargetRow(rel, p.labels, format_target_keys(p.labels, dims), p.reason, row=i + 1))
     write_dataset_json(os.path.join(root, "dataset.json"), records, dims)
     for name, split_name in (("train", "train"), ("val", "validation"), ("test", "test")):
         write_dataset_json(os.path.join(root, f"{name}.json"), [r for r in records if r.split == split_name], dims)
     write_targets_csv(os.path.join(root, "targets.csv"), targets, dims)
     vocabs = {d: Vocabulary.build(d, (r.labels[d] for r in records)) for d in dims}
     save_vocab(os.path.join(root, "vocab.json"), vocabs, source="cgjax.demo",
-               generator={"n_images": n, "size": size, "seed": seed, "split": [float(x) for x in split],
+               generator={"n_images": n, **generator, "seed": seed, "split": [float(x) for x in split],
                           "image_format": fmt})
+
+
+def _painting_sample(i: int, seed: int, size: int) -> DemoSample:
+    p = render_painting(i, seed, size)
+    a = p.artist
+    year = a.years[0] + (i * 7919 + seed) % (a.years[1] - a.years[0] + 1)
+    return DemoSample(a.folder, {"artist": a.slug, "style": p.style, "genre": p.genre}, p.image, p.reason,
+                      title=f"{p.genre.replace('_', ' ').title()} No. {{k}}", date=str(year),
+                      extra_concepts={"art_movement": ""})
+
+
+def _write_demo(root: str, n: int, size: int, seed: int, split, fmt: str) -> None:
+    write_demo_set(root, lambda i: _painting_sample(i, seed, size), n, DEFAULT_DIMENSIONS, seed, split, fmt,
+                   {"size": size})
 
 
 PROG = "data/make_demo.py"

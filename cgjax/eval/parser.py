@@ -542,7 +542,7 @@ def prompt_mode(prompt: str, sentinels: tuple[str, str] = DEFAULT_SENTINELS) -> 
     As the original: a prompt naming the sentinels or starting "return a json object" asks for
     structured output unless it says "no json" / "no key-value"; those say natural. A prompt
     asking for ``'artist: ...'`` lines / "key-value lines" / "three lines" (the Stage A/B
-    templates) asks for keys.
+    templates over any dimensions) asks for keys.
     """
     p = (prompt or "").lower()
     if "no json" in p or "no key-value" in p or "no key value" in p:
@@ -550,7 +550,8 @@ def prompt_mode(prompt: str, sentinels: tuple[str, str] = DEFAULT_SENTINELS) -> 
     s, e = (x.lower() for x in sentinels)
     if (s and s in p) or (e and e in p) or p.startswith("return a json object") or "compact json" in p:
         return "structured"
-    if "key-value lines" in p or "three lines" in p or re.search(r"'[a-z_]+: \.\.\.'", p):
+    if "key-value lines" in p or re.search(r"\b(one|two|three|four|five|six|seven|eight|nine|ten|\d+) lines?\b", p) \
+            or re.search(r"'[a-z_]+: \.\.\.'", p):
         return "keys"
     return None
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cgjax import persistence
-from cgjax.data.records import normalize_image_path, read_dataset_json
+from cgjax.data.records import concept_dimensions, normalize_image_path, read_dataset_json
 from cgjax.data.schema import DEFAULT_DIMENSIONS, Vocabulary, read_json
 from cgjax.data.signals import (Signals, signals_csv_text, signals_json_entries, signals_json_text,
                                 write_signals_index, write_signals_keyed)
@@ -35,10 +35,13 @@ def read_aligned(dataset_json: str, images_root: str | None, dimensions: Sequenc
     """``(dataset, row_images)``: the records (bad rows skipped and logged) and, for EVERY row of
     the JSON list, its normalised image path (None for a row without one), so outputs stay
     aligned 1:1 with the file even when rows repeat an image."""
-    # the original CSV always carries artist/style/genre label columns
-    dims = list(dict.fromkeys(list(DEFAULT_DIMENSIONS) + list(dimensions or [])))
-    ds = read_dataset_json(dataset_json, images_root or None, dimensions=dims, skip_bad=True)
     raw = read_json(dataset_json)
+    # label columns: the original's CSV always carries artist/style/genre; another domain's data set
+    # carries its own dimensions (the records' concepts keys), never the art ones
+    own = concept_dimensions(raw)
+    base = DEFAULT_DIMENSIONS if all(d in DEFAULT_DIMENSIONS for d in (dimensions or own)) else own
+    dims = list(dict.fromkeys(list(base) + list(dimensions or [])))
+    ds = read_dataset_json(dataset_json, images_root or None, dimensions=dims, skip_bad=True)
     row_images: list[str | None] = []
     for obj in raw:
         img = obj.get("image") if isinstance(obj, dict) else None
