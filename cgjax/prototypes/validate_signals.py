@@ -122,7 +122,8 @@ def validate_signals(
     idx_to_concept = idx_to_concept or {}
     lengths = [len(signals[d]) for d in dims] + [len(ground_truth[d]) for d in dims if d in ground_truth]
     n = min(lengths) if lengths else 0
-    prio = [p for p in (s.strip() for s in priority) if p]
+    # the priority's dimensions that this data has; none of them (another domain): the data's order
+    prio = [p for p in (s.strip() for s in priority) if p in dims] or list(dims)
     cnt = {d: dict(act=0, pre=0, backoff=0, correct=0, judged=0, unknown_inj=0) for d in dims}
     budget_hit = overflow = 0
     for i in range(n):

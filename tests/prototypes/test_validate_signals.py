@@ -101,3 +101,14 @@ def test_unknown_genre_is_a_ground_truth_class(tmp_path):
     r = validate_signals(sig, gt, {"genre": ["Unknown_Genre", "landscape"]})["genre"]
     assert r["judged"] == 2 and r["precision_top1"] == pytest.approx(0.5)
     assert r["injection_when_unknown_gt"] == pytest.approx(1 / 3)  # only the record without a genre
+
+
+def test_another_domain_gets_the_data_order_as_priority():
+    """Dimensions the art priority does not name (species/habitat/season): the data's own order, and
+    the same report as the art data renamed (the art priority is that same order)."""
+    rename = {"artist": "species", "style": "habitat", "genre": "season"}
+    sig = {rename[d]: [{rename[d]: e[d]} if d in e else {} for e in v] for d, v in SIGNALS.items()}
+    r = validate_signals(sig, {rename[d]: v for d, v in GT.items()}, {rename[d]: v for d, v in NAMES.items()})
+    assert r["settings"]["priority"] == ["species", "habitat", "season"]
+    art = validate_signals(SIGNALS, GT, NAMES)
+    assert {rename[d]: art[d] for d in rename} == {d: r[d] for d in rename.values()}
