@@ -6,6 +6,8 @@ import difflib
 import importlib.util
 import os
 
+from cgjax import persistence
+
 
 def load_module(path: str):
     """Import a Python config file by path, as absl's ``--config FILE`` does (``configs/stageA.py``
@@ -106,3 +108,25 @@ def check_choices(config, choices) -> None:
         if str(node) not in allowed:
             raise ValueError(f"config.{key}={node!r}{_nearest(str(node), allowed)}: expected one of "
                              f"{', '.join(repr(a) for a in allowed)}")
+
+
+def _field(config, key: str):
+    node = config
+    for part in key.split("."):
+        if node is None or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_input_paths(config, fields) -> None:
+    """Every path in the given dotted ``fields`` (a path, a comma-separated list or a sequence;
+    empty fields skipped) exists, locally or at its URL. Else one ``FileNotFoundError`` naming every
+    field and path that is missing; run before a model is loaded or anything compiled."""
+    missing = []
+    for key in fields:
+        for path in config_paths(_field(config, key)):
+            if not persistence.exists(path):
+                missing.append(f"config.{key}: {path}")
+    if missing:
+        raise FileNotFoundError("not found (checked before loading anything): " + "; ".join(missing))

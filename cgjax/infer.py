@@ -54,7 +54,7 @@ from cgjax import checkpoints, multihost, persistence, provenance, quantize, sha
 from cgjax.concepts import gating
 from cgjax.concepts.index import ConceptIndex, gating_config_from_fields
 from cgjax.concepts.model import ConceptLlava
-from cgjax.config import check_choices, config_paths
+from cgjax.config import check_choices, check_input_paths, config_paths
 from cgjax.data.records import normalize_image_path, raw_image_paths, read_dataset_json, resolve_image
 from cgjax.data.schema import normalize_split, read_json
 from cgjax.data.signals import read_signals
@@ -80,6 +80,9 @@ PROMPT_MODES = ("structured", "natural", "stageA", "stageB")
 # the enumerated fields of an inference config, checked first (cgjax.config.check_choices)
 INFER_CHOICES = {"dtype": tuple(DTYPES), "param_dtype": ("",) + tuple(DTYPES), "data.preprocess": PREPROCESS_MODES,
                  "quantize": quantize.MODES, "generation.layout": ("",) + LAYOUTS}
+#: The input paths of an inference config, checked to exist before anything is loaded.
+INFER_INPUTS = ("llava_checkpoint", "stage_workdir", "prototypes.workdir", "prototypes.checkpoint",
+                "prototypes.clip_checkpoint", "signals", "signals_index", "data.dataset_json", "data.images_root")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -691,6 +694,7 @@ def run_inference(config) -> dict[str, str]:
     c = config
     check_choices(c, INFER_CHOICES)  # before any file is read or model loaded
     prompt_modes(c.prompt.mode)
+    check_input_paths(c, INFER_INPUTS)
     out_dir = c.output_dir or os.path.join(c.workdir, "eval")
     ds = read_dataset_json(c.data.dataset_json, c.data.images_root or None,
                            dimensions=tuple(config_paths(c.data.dimensions)) or None,  # () = the records'

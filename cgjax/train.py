@@ -42,7 +42,7 @@ from tqdm import tqdm
 from cgjax import checkpoints, multihost, persistence, provenance, quantize, sharding, text
 from cgjax.concepts.index import ConceptIndex, concept_index_from_vocabs, gating_config
 from cgjax.concepts.model import ConceptLlava
-from cgjax.config import check_choices, config_paths
+from cgjax.config import check_choices, check_input_paths, config_paths
 from cgjax.data.pipeline import PackedSource, image_dataset, split_sources
 from cgjax.data.splits import SplitPolicy
 from cgjax.demo_assets import ensure_demo_assets
@@ -87,6 +87,10 @@ class Trainer:
             raise ValueError(f"config.stage must be 'A' or 'B', got {self.stage!r}")
         if config.get("preset") == "demo" and config.get("demo") is not None and config.demo.generate_missing:
             multihost.on_primary("demo asset generation", lambda: ensure_demo_assets(config))
+        packed = bool(config.data.get("packed_dir"))  # a packed set is all the trainer reads of the data
+        check_input_paths(config, ("llava_checkpoint", "init_from", "data.vocab_json", "data.signals_index")
+                          + (("data.packed_dir",) if packed else
+                             ("data.dataset_json", "data.images_root", "data.targets_csv", "data.signals")))
 
         # mesh and rules
         shape = sharding.parse_mesh(config.mesh)

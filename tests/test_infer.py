@@ -392,6 +392,18 @@ def test_saliency_settings_are_checked_before_any_answer(setup, tmp_path, monkey
     assert not os.path.exists(tmp_path / "reasoning.json")
 
 
+def test_input_paths_are_checked_before_anything_loads(setup, tmp_path, monkeypatch):
+    """Every missing input is named at once, before the model (or any image) is read."""
+    monkeypatch.setattr(infer.Inferencer, "from_workdirs",
+                        classmethod(lambda *a, **k: pytest.fail("the model was loaded before the check")))
+    c = infer_config(setup, output_dir=str(tmp_path), stage_workdir=str(tmp_path / "no-stage"),
+                     **{"prototypes.workdir": str(tmp_path / "no-protos")})
+    with pytest.raises(FileNotFoundError, match=r"config.stage_workdir: .*no-stage; config.prototypes.workdir: "
+                                                 r".*no-protos"):
+        infer.run_inference(c)
+    assert not os.path.exists(tmp_path / "reasoning.json")
+
+
 def test_answers_do_not_depend_on_the_ground_truth(setup, tmp_path):
     """The ground-truth labels of the test records permuted: every generated answer (Stage B
     prompts included) is byte-identical."""
