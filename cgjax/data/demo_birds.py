@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from cgjax import persistence
-from cgjax.data.demo_data import DemoSample, demo_paths, is_demo_dir, write_demo_set
+from cgjax.data.demo_data import DemoSample, check_demo_output, demo_paths, write_demo_set
 
 DIMENSIONS = ("species", "habitat", "season")
 
@@ -187,14 +187,7 @@ def make_birds(out_dir: str | os.PathLike, n_images: int = 240, size: int = 64, 
                split: Sequence[float] = (0.7, 0.15, 0.15), image_format: str = "png",
                overwrite: bool = True) -> dict[str, str]:
     """The birds set in ``out_dir`` (as :func:`cgjax.data.demo_data.make_demo`; the same paths)."""
-    if image_format not in ("png", "jpg"):
-        raise ValueError("image_format must be 'png' or 'jpg'")
-    if n_images < 1 or size < 16:
-        raise ValueError("n_images must be >= 1 and size >= 16")
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        if not overwrite or not is_demo_dir(out_dir):
-            raise FileExistsError(f"{out_dir} exists and is not an earlier demo set; not replacing it")
+    out_dir = check_demo_output(out_dir, n_images, size, image_format, overwrite)
     with persistence.atomic_dir(out_dir) as tmp:
         write_demo_set(tmp, lambda i: _sample(i, seed, size), n_images, DIMENSIONS, seed, split, image_format,
                        {"domain": "birds", "size": size})

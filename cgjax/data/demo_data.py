@@ -330,6 +330,16 @@ def make_demo(out_dir: str | os.PathLike, n_images: int = 240, size: int = 64, s
     "targets_csv", "vocab_json"}``. An existing ``out_dir`` is replaced only if it is an earlier demo
     set (has ``vocab.json`` from the demo) or empty.
     """
+    out_dir = check_demo_output(out_dir, n_images, size, image_format, overwrite)
+    with persistence.atomic_dir(out_dir) as tmp:
+        _write_demo(tmp, n_images, size, seed, split, image_format)
+    return demo_paths(out_dir)
+
+
+def check_demo_output(out_dir: str | os.PathLike, n_images: int, size: int, image_format: str,
+                      overwrite: bool) -> str:
+    """The arguments of a demo-set writer checked, and ``out_dir`` (absolute) free to write: empty,
+    absent, or an earlier demo set when ``overwrite``."""
     if image_format not in ("png", "jpg"):
         raise ValueError("image_format must be 'png' or 'jpg'")
     if n_images < 1 or size < 16:
@@ -338,9 +348,7 @@ def make_demo(out_dir: str | os.PathLike, n_images: int = 240, size: int = 64, s
     if os.path.exists(out_dir) and os.listdir(out_dir):
         if not overwrite or not is_demo_dir(out_dir):
             raise FileExistsError(f"{out_dir} exists and is not an earlier demo set; not replacing it")
-    with persistence.atomic_dir(out_dir) as tmp:
-        _write_demo(tmp, n_images, size, seed, split, image_format)
-    return demo_paths(out_dir)
+    return out_dir
 
 
 def demo_paths(out_dir: str | os.PathLike) -> dict[str, str]:

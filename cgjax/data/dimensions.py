@@ -20,7 +20,7 @@ import os
 from typing import Mapping, Sequence
 
 from cgjax.data.records import TARGET_COLUMNS, concept_dimensions
-from cgjax.data.schema import DEFAULT_DIMENSIONS, DataError, Vocabulary, load_vocab, read_input_bytes, read_json
+from cgjax.data.schema import DEFAULT_DIMENSIONS, DataError, Vocabulary, load_vocab, read_input_text, read_json
 
 
 class DimensionsError(DataError):
@@ -30,12 +30,7 @@ class DimensionsError(DataError):
 def csv_dimensions(targets_csv: str | os.PathLike) -> tuple[str, ...]:
     """The label columns of a targets CSV's header (every column but ``image_path`` and the targets)."""
     path = os.fspath(targets_csv)
-    try:
-        text = read_input_bytes(path).decode("utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(path, None, "file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(path, None, f"not UTF-8 text: {e}") from None
+    text = read_input_text(path)
     try:
         header = next(csv.reader(io.StringIO(text, newline="")), [])
     except csv.Error as e:

@@ -20,7 +20,7 @@ from PIL import Image
 from cgjax import persistence
 from cgjax.data.schema import (DEFAULT_DIMENSIONS, MISSING_LABELS, SCHEMA_VERSION, UNKNOWN, DataError, Dataset,
                                ProblemLog, Record, TargetRow, Targets, Vocabulary, normalize_label, input_dir,
-                               input_exists, normalize_split, read_input_bytes, read_json)
+                               input_exists, normalize_split, read_input_bytes, read_input_text, read_json)
 
 TARGET_COLUMNS = ("target_keys", "target_reason")
 _RECORD_KEYS = ("image", "concepts", "title", "date", "split", "schema_version")
@@ -289,12 +289,7 @@ def read_targets_csv(path: str | os.PathLike, images_root: str | os.PathLike | N
     """
     path = os.fspath(path)
     images_root = input_dir(path) if images_root is None else os.fspath(images_root)
-    try:
-        text = read_input_bytes(path).decode("utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(path, None, "file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(path, None, f"not UTF-8 text: {e}") from None
+    text = read_input_text(path)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)

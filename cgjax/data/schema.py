@@ -257,6 +257,17 @@ def read_input_bytes(path: str | os.PathLike) -> bytes:
         return f.read()
 
 
+def read_input_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text (a BOM allowed) of an input file; missing or not UTF-8: a ``DataError`` naming it."""
+    path = os.fspath(path)
+    try:
+        return read_input_bytes(path).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(path, None, "file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, None, f"not UTF-8 text: {e}") from None
+
+
 def input_exists(path: str | os.PathLike) -> bool:
     path = os.fspath(path)
     if "://" in path:
