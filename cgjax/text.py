@@ -86,12 +86,16 @@ STAGE_A_PROMPT = stage_a_prompt(ART_DIMENSIONS)
 STAGE_B_PROMPTS = stage_b_prompts(ART_DIMENSIONS)
 
 
+def md5_unit(key: str) -> float:
+    """The original's deterministic draw in [0, 1): ``md5(key)`` as an integer, mod 1e8, / 1e8."""
+    return (int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 10**8) / 10**8
+
+
 def stage_b_prompt(labels: Sequence[str], seed: int, weights: Sequence[float] = STAGE_B_WEIGHTS,
                    dims: Sequence[str] = ART_DIMENSIONS) -> str:
     """The original's deterministic choice: ``md5("a|s|g|seed")`` against the cumulative weights,
     among :func:`stage_b_prompts` of ``dims``."""
-    key = "|".join(list(labels) + [str(seed)])
-    u = (int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 10**8) / 10**8
+    u = md5_unit("|".join(list(labels) + [str(seed)]))
     w = np.asarray(weights, np.float64)
     cum = np.cumsum(w / w.sum())
     prompts = stage_b_prompts(dims)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import threading
 from typing import Any, Mapping, Sequence
@@ -44,10 +43,7 @@ def structured_target(values: Mapping[str, str], dims: Sequence[str], reason: st
 def in_share(image_path: str, seed: int, share: float, what: str) -> bool:
     """Whether an image is in the ``share`` picked for ``what`` (``structured``, ``no_concepts``):
     ``md5("path|seed|what")`` mapped to [0, 1) is below ``share`` (independent draws per ``what``)."""
-    if share <= 0:
-        return False
-    u = (int(hashlib.md5(f"{image_path}|{seed}|{what}".encode("utf-8")).hexdigest(), 16) % 10**8) / 10**8
-    return u < share
+    return share > 0 and text.md5_unit(f"{image_path}|{seed}|{what}") < share
 
 
 @dataclasses.dataclass(frozen=True)
