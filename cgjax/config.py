@@ -89,7 +89,8 @@ def config_paths(x) -> list[str]:
         return []
     if isinstance(x, str):
         return [p.strip() for p in x.split(",") if p.strip()]
-    return [str(p.get() if hasattr(p, "get") and not isinstance(p, str) else p) for p in x]
+    out = [str(p.get() if hasattr(p, "get") and not isinstance(p, str) else p).strip() for p in x]
+    return [p for p in out if p]
 
 
 def check_choices(config, choices) -> None:

@@ -677,14 +677,6 @@ def load_saliency(path: str) -> dict[str, dict[str, np.ndarray]]:
     return {k: {n: np.asarray(m, np.float32) for n, m in v.items()} for k, v in obj.get("maps", {}).items()}
 
 
-def _paths(x) -> list[str]:
-    if x is None:
-        return []
-    if isinstance(x, str):
-        return [p.strip() for p in x.split(",") if p.strip()]
-    return [str(p) for p in x if str(p).strip()]
-
-
 def run_inference(config) -> dict[str, str]:
     """Answer the images of ``config.data`` (see ``configs/infer.py``) and write the reasoning files.
 
@@ -726,11 +718,11 @@ def run_inference(config) -> dict[str, str]:
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in c.get("sharding_rules",
                                                                                  sharding.DEFAULT_RULES))
     g = {k: c.gating[k] for k in ("threshold", "backoff_delta", "topk_per_dim", "max_concepts", "priority")}
-    signals = _paths(c.signals)
-    index_files = _paths(c.get("signals_index", ""))
+    signals = config_paths(c.signals)
+    index_files = config_paths(c.get("signals_index", ""))
     p = c.prototypes
     inf = Inferencer.from_workdirs(
-        c.llava_checkpoint, c.stage_workdir, prototypes=(p.workdir or _paths(p.checkpoint) or None),
+        c.llava_checkpoint, c.stage_workdir, prototypes=(p.workdir or config_paths(p.checkpoint) or None),
         signals=signals or None, signals_index=pio.concept_index(index_files) if index_files else None,
         clip_model_name=p.clip_model_name or None, clip_checkpoint=p.clip_checkpoint or None,
         clip_batch_size=int(p.batch_size), signal_normalize=p.normalize, signal_temperature=float(p.temperature),
@@ -818,10 +810,10 @@ def inference_fingerprint(config) -> str:
     generation = {k: v for k, v in c.generation.to_dict().items() if k != "layout"}  # same tokens either way
     keys = {"llava_checkpoint": c.llava_checkpoint, "stage_workdir": c.stage_workdir, "step": int(c.step),
             "dtype": c.dtype, "param_dtype": c.param_dtype, "prototypes": c.prototypes.to_dict(),
-            "signals": _paths(c.signals), "gating": c.gating.to_dict(), "prompt": c.prompt.to_dict(),
+            "signals": config_paths(c.signals), "gating": c.gating.to_dict(), "prompt": c.prompt.to_dict(),
             "generation": generation, "seed": int(c.seed), "preprocess": c.data.preprocess}
-    if _paths(c.get("signals_index", "")):  # (absent when unset: earlier fingerprints are unchanged)
-        keys["signals_index"] = _paths(c.signals_index)
+    if config_paths(c.get("signals_index", "")):  # (absent when unset: earlier fingerprints are unchanged)
+        keys["signals_index"] = config_paths(c.signals_index)
     quant = QuantConfig.from_config(c)
     if quant.enabled:  # (absent when off: fingerprints of unquantized runs are unchanged)
         keys["quantize"] = quant.to_json()
