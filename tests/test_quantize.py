@@ -114,6 +114,25 @@ def test_quantized_llava_is_the_dequantized_model(tiny, cfg):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cfg", [QuantConfig("int8"), QuantConfig("int8", activations=True), QuantConfig("int4", 16)],
+                         ids=["int8", "w8a8", "int4"])
+def test_fused_projections_equal_the_separate_ones(tiny, cfg):
+    """Generation's fused layers (q/k/v and gate/up each one quantized matmul, their scales
+    concatenated; with w8a8 one activation quantization) give the separate layers' numbers."""
+    lm = hf_llava.load(tiny, quant=cfg).language_model
+    fused = lm.unstacked_layers(fused=True)
+    qkv = fused[0].self_attn.qkv_proj
+    c = lm.config
+    assert qkv.kernel.get_value().dtype == cfg.qtype
+    assert qkv.kernel.get_value().shape == (c.hidden_size, c.num_attention_heads + 2 * c.num_key_value_heads, c.head_dim)
+    assert fused[0].mlp.gate_up_proj.kernel_scale.get_value().shape[-1] == 2 * c.intermediate_size
+    rng = np.random.default_rng(1)
+    emb = jnp.asarray(rng.normal(size=(2, 10, c.hidden_size)), jnp.float32)
+    mask = jnp.asarray(np.r_[[[0, 0] + [1] * 8], [[1] * 10]], jnp.int32)
+    run = jax.jit(lambda e, a, fuse: lm.prefill(e, a, lm.unstacked_layers(fuse), 12, last=10)[0], static_argnums=2)
+    np.testing.assert_allclose(np.asarray(run(emb, mask, True)), np.asarray(run(emb, mask, False)), rtol=1e-5, atol=1e-5)
+
+
 def test_int8_is_close_to_fp32_and_int4_further(tiny):
     fp = hf_llava.load(tiny)
     ids, pix = _inputs(fp.config)

@@ -191,6 +191,29 @@ class Kernel(nnx.Module):
             return quantize.dot(x, self.kernel.get_value(), self.kernel_scale.get_value(), self.n_in, self.activations)
         return jnp.tensordot(x, self.kernel.get_value().astype(x.dtype), self.n_in)
 
+    @classmethod
+    def concatenate(cls, parts: Sequence["Kernel"], axis: int = 0) -> "Kernel":
+        """One kernel whose output is the ``parts``' outputs side by side along output axis ``axis``
+        (0: the first output axis): projections of one input run as one matmul and, with int8
+        activations, quantize that input once. The parts share ``n_in`` and quantization."""
+        first = parts[0]
+        ax = first.n_in + axis
+
+        def joined(name):
+            var = getattr(first, name)
+            value = jnp.concatenate([getattr(p, name).get_value() for p in parts], ax)
+            axes = tuple(var.get_metadata().get("out_sharding") or (None,) * value.ndim)
+            return sharding.param(value, axes[len(axes) - value.ndim:])  # a layer sliced from the stack: no 'layers'
+
+        kernel = joined("kernel")
+        new = nnx.eval_shape(lambda: cls(kernel.get_value().shape, (None,) * kernel.get_value().ndim, param_dtype=F32,
+                                          rngs=nnx.Rngs(0), n_in=first.n_in))
+        new.kernel = kernel
+        if first.quantized:
+            new.quantized, new.activations = True, first.activations
+            new.kernel_scale = joined("kernel_scale")
+        return new
+
 
 class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
@@ -237,6 +260,16 @@ class LlamaAttention(nnx.Module):
         self.v_proj = Kernel((D, KV, hd), ("embed", "kv_heads", "head_dim"), name="self_attn.v_proj", **kw)
         self.o_proj = Kernel((H, hd, D), ("heads", "head_dim", "embed"), n_in=2, name="self_attn.o_proj", **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
+        self.fused = False
+
+    def fuse(self) -> None:
+        """Hold ``q_proj``, ``k_proj`` and ``v_proj`` as one ``qkv_proj`` (their heads stacked): one
+        matmul per call instead of three. Generation's laid-out layers use it (see
+        :meth:`LlamaForCausalLM.unstacked_layers`); the model's own parameters stay separate."""
+        if not self.fused:
+            self.qkv_proj = Kernel.concatenate([self.q_proj, self.k_proj, self.v_proj])
+            del self.q_proj, self.k_proj, self.v_proj
+            self.fused = True
 
     def __call__(self, x, cos, sin, mask, kv_store, attn_rows, last: int | None = None):
         """``x [B,T,D]``, ``mask [B,1,1,T,S]`` bool; ``kv_store(k, v) -> (keys, values, store)``
@@ -244,15 +277,20 @@ class LlamaAttention(nnx.Module):
         (``[B, KV, S, hd]``). ``last``: queries (and the output) only for the last ``last``
         positions; keys and values are still computed for all ``T``."""
         dt = x.dtype
-        k, v = self.k_proj(x), self.v_proj(x)
+        q = None
+        if self.fused:
+            q, k, v = jnp.split(self.qkv_proj(x), [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
+        else:
+            k, v = self.k_proj(x), self.v_proj(x)
         k = apply_rope(k, cos, sin)
         if last is not None:
             x, cos, sin, mask = x[:, x.shape[1] - last:], cos[:, cos.shape[1] - last:], sin[:, sin.shape[1] - last:], \
                 mask[..., mask.shape[-2] - last:, :]
+            q = None if q is None else q[:, q.shape[1] - last:]
         keys, values, store = kv_store(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
         if x.shape[1] == 0:  # last=0: the keys/values are all that is needed
             return jnp.zeros(x.shape, dt), store, None
-        q = apply_rope(self.q_proj(x), cos, sin)
+        q = apply_rope(self.q_proj(x) if q is None else q, cos, sin)
         B, T = q.shape[:2]
         KV, hd = self.num_kv_heads, self.head_dim
         G = self.num_heads // KV
@@ -280,9 +318,22 @@ class LlamaMLP(nnx.Module):
         self.gate_proj = Kernel((D, Fd), ("embed", "mlp"), name="mlp.gate_proj", **kw)
         self.up_proj = Kernel((D, Fd), ("embed", "mlp"), name="mlp.up_proj", **kw)
         self.down_proj = Kernel((Fd, D), ("mlp", "embed"), name="mlp.down_proj", **kw)
+        self.fused = False
+
+    def fuse(self) -> None:
+        """Hold ``gate_proj`` and ``up_proj`` as one ``gate_up_proj``: one matmul per call
+        (generation's laid-out layers; see :meth:`LlamaAttention.fuse`)."""
+        if not self.fused:
+            self.gate_up_proj = Kernel.concatenate([self.gate_proj, self.up_proj])
+            del self.gate_proj, self.up_proj
+            self.fused = True
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -484,12 +535,18 @@ class LlamaForCausalLM(nnx.Module):
             cache = KVCache(k=bufs[0], v=bufs[1], valid=valid, index=jnp.int32(T))
         return h, cache, attn
 
-    def unstacked_layers(self) -> list[LlamaDecoderLayer]:
+    def unstacked_layers(self, fused: bool = True) -> list[LlamaDecoderLayer]:
         """The decoder layers as separate modules (per-layer parameter slices, taken once): the
-        decode loop runs them unrolled, so no step slices the stacked weights again."""
+        decode loop runs them unrolled, so no step slices the stacked weights again. ``fused``: each
+        layer's q/k/v and gate/up projections joined into one matmul each (:meth:`LlamaAttention.fuse`)."""
         graphdef, state = nnx.split(self.layers)
-        return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
-                for i in range(self.config.num_hidden_layers)]
+        layers = [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+                  for i in range(self.config.num_hidden_layers)]
+        if fused:
+            for layer in layers:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+        return layers
 
     def prefill(self, inputs_embeds, attention_mask, layers: Sequence[LlamaDecoderLayer], max_len: int,
                 last: int = 1):

@@ -195,15 +195,20 @@ def test_last_positions_only(layers, last):
         m.hidden_states(emb, mask, return_attn_rows=[0], last=1)
 
 
-def test_prefill_and_decode_steps_on_unstacked_layers(gqa):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+def test_prefill_and_decode_steps_on_unstacked_layers(gqa, fused):
     """``prefill`` (unrolled on per-layer weights, per-layer caches) gives HF's logits at the last
     positions and the cache ``hidden_states(prefill_len=...)`` builds; ``decode_step`` from it
-    continues with HF's logits one token at a time."""
+    continues with HF's logits one token at a time. Fused layers (q/k/v and gate/up as one matmul
+    each) and separate ones alike."""
     hm, m = gqa
     ids, mask = _inputs(T=12)
     ref = _hf_logits(hm, ids, mask, _positions(mask))
     emb = m.embed(ids[:, :8])
-    h, cache = jax.jit(lambda e, a: m.prefill(e, a, m.unstacked_layers(), 16, last=2))(emb, mask[:, :8])
+    layers = m.unstacked_layers(fused=fused)
+    assert hasattr(layers[0].self_attn, "qkv_proj") == fused == hasattr(layers[0].mlp, "gate_up_proj")
+    assert hasattr(layers[0].self_attn, "q_proj") != fused
+    h, cache = jax.jit(lambda e, a: m.prefill(e, a, m.unstacked_layers(fused), 16, last=2))(emb, mask[:, :8])
     np.testing.assert_allclose(np.asarray(m.logits(h)), ref[:, 6:8], atol=ATOL)
     _, stacked, _ = jax.jit(lambda e, a: m.hidden_states(e, a, prefill_len=16))(emb, mask[:, :8])
     assert len(cache.k) == m.config.num_hidden_layers and int(cache.index) == 8
@@ -211,7 +216,7 @@ def test_prefill_and_decode_steps_on_unstacked_layers(gqa):
     for layer in range(m.config.num_hidden_layers):
         np.testing.assert_allclose(np.asarray(cache.k[layer]), np.asarray(stacked.k[layer]), atol=1e-6)
         np.testing.assert_allclose(np.asarray(cache.v[layer]), np.asarray(stacked.v[layer]), atol=1e-6)
-    step = jax.jit(lambda i, c: m.decode_step(m.embed(i), m.unstacked_layers(), c))
+    step = jax.jit(lambda i, c: m.decode_step(m.embed(i), m.unstacked_layers(fused), c))
     for t in range(8, 12):
         h, cache = step(ids[:, t:t + 1], cache)
         np.testing.assert_allclose(np.asarray(m.logits(h[:, 0])), ref[:, t], atol=ATOL)
