@@ -111,6 +111,21 @@ def test_unknown_layout_is_refused(pair):
         cgjax.Generator(pair[1], layout="unroled")
 
 
+def test_greedy_argmax_is_numpys_argmax():
+    """The decode step's two-reduction argmax picks numpy's index: the first of tied maxima, the
+    first NaN where there is one, the last column, -inf rows."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 1000)).astype(np.float32).round(1)  # many ties
+    x[1, [10, 500]] = 9.0
+    x[2, 700] = np.nan
+    x[3, -1] = 50.0
+    x[4] = -np.inf
+    x[5, [3, 4]] = np.nan
+    got = np.asarray(jax.jit(gen_module.greedy_argmax)(x))
+    np.testing.assert_array_equal(got, np.argmax(x, -1))
+    assert got.dtype == np.int32 and list(got[1:4]) == [10, 700, 999]
+
+
 def test_top_p_filter():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
     rows = np.repeat(logits, 500, axis=0)  # 500 independent draws in one call
