@@ -137,8 +137,8 @@ class GcsEmulator:
         self.bucket = bucket
         os.makedirs(log_dir, exist_ok=True)
         self.log = open(os.path.join(log_dir, "gcs-emulator.log"), "w")
-        exe = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
-        cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "gcp_storage_emulator"]
+        # the emulator with its media downloads fixed (they lack x-goog-generation): tests/gcs_emulator_fixed.py
+        cmd = [sys.executable, os.path.join(ROOT, "tests", "gcs_emulator_fixed.py")]
         self.proc = subprocess.Popen([*cmd, "start", "--host", "127.0.0.1", "--port", str(self.port),
                                       "--default-bucket", bucket, "--in-memory"], stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
