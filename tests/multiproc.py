@@ -165,11 +165,6 @@ class GcsEmulator:
 
 N_STEPS = 8
 
-#: tensorstore's reply to the GCS emulator now and then under load (OCDBT manifest generations; the
-#: same error is reported against other non-GCS stores, e.g. marin-community/marin#4373): a run
-#: that hits it is retried once in a fresh folder of the bucket. Any other failure fails the test.
-EMULATOR_FLAKE = "Malformed StorageGeneration"
-
 
 def demo_assets(root: str) -> str:
     """The demo preset's assets (48 images: 34 train, 7 val, 7 test, a tiny LLaVA) under ``root``."""
