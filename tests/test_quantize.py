@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import qwix
 from flax import nnx
 
 from cgjax import quantize as Q
@@ -81,6 +82,28 @@ def test_quantized_dot_is_the_dequantized_matmul():
         x = rng.normal(size=(3, 5) + shape[:n_in]).astype(np.float32)
         np.testing.assert_allclose(np.asarray(Q.dot(jnp.asarray(x), q, s, n_in)),
                                    np.tensordot(x, Q.dequantize(q, s), n_in), rtol=1e-5, atol=1e-4)
+
+
+def test_w8a8_dot_of_many_rows_is_the_int8_product(monkeypatch):
+    """A CPU w8a8 product of many rows runs as bf16 on the int8 values: the same numbers as the int8
+    matmul, and as numpy's product of the quantized rows with the quantized weight."""
+    rng = np.random.default_rng(3)
+    for n_in, shape in ((1, (64, 4, 8)), (2, (4, 16, 32))):
+        w = rng.normal(size=shape).astype(np.float32)
+        q, s = Q.quantize_array(jnp.asarray(w), Q.scale_shape(shape, n_in, QuantConfig("int8"), "w"), jnp.int8)
+        x = rng.normal(size=(3, 100) + shape[:n_in]).astype(np.float32)
+        xq = qwix.quantize(jnp.asarray(x), jnp.int8, channelwise_axes=(0, 1))  # the rows, as the dot quantizes them
+        want = np.tensordot(np.asarray(xq.qvalue, np.float32) * np.asarray(xq.scale), Q.dequantize(q, s), n_in)
+        got = {}
+        for name, min_rows in (("bf16", 1), ("int8", 10**9)):
+            monkeypatch.setattr(Q, "CPU_BF16_MIN_ROWS", min_rows)
+            def w8a8(x, q, s):  # a new function each time: no trace cached under the other setting
+                return Q.dot(x, q, s, n_in, True)
+
+            assert ("bf16" in str(jax.make_jaxpr(w8a8)(jnp.asarray(x), q, s))) == (name == "bf16"), name
+            got[name] = np.asarray(jax.jit(w8a8)(jnp.asarray(x), q, s))
+            np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(got["bf16"], got["int8"], rtol=1e-6, atol=1e-5)
 
 
 def _dequantized_float_model(tiny, qmodel):
