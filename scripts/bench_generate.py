@@ -4,11 +4,15 @@ The 'small' random LLaVA (CLIP 256 wide / 4 layers / 224 px / patch 16; LLaMA 51
 6 layers / vocab 32064), same weights on both sides, batch 4 (left padded), ~16 text tokens +
 196 image tokens, 32 new tokens. Tokens/s counts new tokens (batch x new tokens) per second of
 a full call (vision tower + prefill + decode); compile time is printed separately, not timed.
+Each timed call starts after ``--settle`` seconds of idle, whichever side runs it: on this
+project's shared 2-core VM, calls that closely followed the other side's ran 20-50 percent slower (cgjax
+Generator 262-323 ms/call with 0-0.5 s, 208 ms with 2 s; the PyTorch int8 peer 274-385 against 307
+ms), and no thread of either side was found busy in between (measured: no CPU time used while idle).
 cgjax is timed twice: ``cgjax.Generator`` (the decoder layers laid out once, as the Inferencer's
 batches run) and a one-shot ``cgjax.generate`` call (which lays them out inside every call); the
 speed-up is the Generator's.
 
-    python scripts/bench.py generate [--batch 4] [--new 32] [--text 16] [--repeats 5] [--dtype float32]
+    python scripts/bench.py generate [--batch 4] [--new 32] [--text 16] [--repeats 5] [--settle 2] [--dtype float32]
         [--quantize int8|int4 [--quantize-activations] [--group-size 128]]
 
 With ``--quantize``, cgjax runs on the quantized base (``cgjax.quantize``: the language model's
@@ -45,6 +49,8 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
     flags.DEFINE_integer("new", 32, "new greedy tokens per prompt", flag_values=fv)
     flags.DEFINE_integer("text", 16, "text tokens per prompt (besides the image tokens)", flag_values=fv)
     flags.DEFINE_integer("repeats", 5, "interleaved timed calls per side (the fastest is reported)", flag_values=fv)
+    flags.DEFINE_float("settle", 2.0, "seconds of idle before each timed call (every side alike): on this "
+                       "project's 2-core VM a call that follows another closely ran 20-50 percent slower", flag_values=fv)
     flags.DEFINE_enum("size", "small", sorted(SIZES), "random LLaVA size (converters.tiny_llava)", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "both sides' dtype", flag_values=fv)
     flags.DEFINE_enum("layout", "", ["", "unrolled", "scanned"], "cgjax's decoder stack in generation "
@@ -118,6 +124,7 @@ def run(args: flags.FlagValues) -> dict:
                                **dict(kw, max_new_tokens=n, min_new_tokens=n))
 
     def timed(fn, *a):
+        time.sleep(args.settle)
         t0 = time.perf_counter()
         out = fn(*a)
         return time.perf_counter() - t0, out
@@ -145,10 +152,12 @@ def run(args: flags.FlagValues) -> dict:
             qtimes.append(dt)
     jx, js, th = min(times), min(shot_times), min(ttimes)
     # breakdown: a 1-token call is vision tower + prefill + first token
-    pj, pt = [], []
+    pj, pt, pq = [], [], []
     for _ in range(args.repeats):
         pj.append(timed(run_cgjax, 1)[0])
         pt.append(timed(run_torch, 1)[0])
+        if tq is not None:
+            pq.append(timed(run_torch_int8, 1)[0])
     pj, pt = min(pj), min(pt)
     same = float((np.asarray(out) == ref[:, T:].cpu().numpy()).mean())
     same_shot = float((np.asarray(shot) == np.asarray(out)).mean())
@@ -166,6 +175,7 @@ def run(args: flags.FlagValues) -> dict:
     if qtimes:
         tq_s = min(qtimes)
         res.update({"torch_int8": n / tq_s, "torch_int8_s": tq_s, "speedup_vs_torch_int8": tq_s / jx,
+"torch_int8_prefill_s": min(pq),
                     "torch_int8_token_agreement_with_fp32": float((qref[:, T:].numpy() == ref[:, T:].cpu().numpy()).mean())})
     print(f"generate ({args.size} LLaVA, batch {B}, prompt {T} = {n_txt} text + {n_img} image tokens, "
           f"{args.new} new greedy tokens, {args.dtype}, jax on {jax.devices()[0].platform}, torch on {dev})")
@@ -181,6 +191,10 @@ def run(args: flags.FlagValues) -> dict:
               f"quantize_dynamic on the same Linear layers)  -> cgjax {quant.mode} is "
               f"{res['speedup_vs_torch_int8']:.2f}x the PyTorch int8 peer; the peer's greedy tokens identical to "
               f"fp32 HF: {res['torch_int8_token_agreement_with_fp32'] * 100:.1f}%")
+        print(f"    its prefill {min(pq) * 1e3:.1f} ms, decode per step {(tq_s - min(pq)) / (args.new - 1) * 1e3:.1f} ms")
+    if quant.mode == "int8" and not quant.activations and jax.default_backend() == "cpu":
+        print("  (weight-only int8 on XLA:CPU dequantizes each weight before its matmul; --quantize-activations "
+              "runs the peer's own scheme, int8 weights and activations)")
     print(f"  speed-up {res['speedup']:.2f}x (one-shot generate {res['speedup_one_shot']:.2f}x); greedy tokens "
           f"identical to HF: {same * 100:.1f}%, one-shot to Generator: {same_shot * 100:.1f}%")
     return res

@@ -47,7 +47,7 @@ COMMANDS = {
 # benchmark mode -> the flags it must keep; each is its own script and a mode of scripts/bench.py
 BENCH = {
     "stageA": ["steps", "rounds", "no-compile", "no-full"],
-    "generate": ["batch", "new", "text", "repeats", "size", "dtype", "layout", "quantize", "quantize-activations", "group-size"],
+    "generate": ["batch", "new", "text", "repeats", "settle", "size", "dtype", "layout", "quantize", "quantize-activations", "group-size"],
     "encode": ["model", "batch", "iters", "warmup", "seed"],
     "signals": ["model", "n_images", "batch", "size", "rounds"],
     "prototypes": ["model", "n_images", "size", "epochs", "device"],
