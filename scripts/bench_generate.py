@@ -4,10 +4,10 @@ The 'small' random LLaVA (CLIP 256 wide / 4 layers / 224 px / patch 16; LLaMA 51
 6 layers / vocab 32064), same weights on both sides, batch 4 (left padded), ~16 text tokens +
 196 image tokens, 32 new tokens. Tokens/s counts new tokens (batch x new tokens) per second of
 a full call (vision tower + prefill + decode); compile time is printed separately, not timed.
-Each timed call starts after ``--settle`` seconds of idle, whichever side runs it: on this
-project's shared 2-core VM, calls that closely followed the other side's ran 20-50 percent slower (cgjax
-Generator 262-323 ms/call with 0-0.5 s, 208 ms with 2 s; the PyTorch int8 peer 274-385 against 307
-ms), and no thread of either side was found busy in between (measured: no CPU time used while idle).
+Each timed call starts after ``--settle`` seconds of idle, the same for every side, so that no
+call runs on the heels of the other side's (on this project's shared 2-core VM such calls ran up
+to 20-50 percent slower now and then; no thread of either side was found busy in between). The
+machine's load still moves whole runs by as much, so compare several runs.
 cgjax is timed twice: ``cgjax.Generator`` (the decoder layers laid out once, as the Inferencer's
 batches run) and a one-shot ``cgjax.generate`` call (which lays them out inside every call); the
 speed-up is the Generator's.
@@ -49,8 +49,8 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
     flags.DEFINE_integer("new", 32, "new greedy tokens per prompt", flag_values=fv)
     flags.DEFINE_integer("text", 16, "text tokens per prompt (besides the image tokens)", flag_values=fv)
     flags.DEFINE_integer("repeats", 5, "interleaved timed calls per side (the fastest is reported)", flag_values=fv)
-    flags.DEFINE_float("settle", 2.0, "seconds of idle before each timed call (every side alike): on this "
-                       "project's 2-core VM a call that follows another closely ran 20-50 percent slower", flag_values=fv)
+    flags.DEFINE_float("settle", 2.0, "seconds of idle before each timed call, every side alike, so that no call "
+                       "runs on the heels of the other side's", flag_values=fv)
     flags.DEFINE_enum("size", "small", sorted(SIZES), "random LLaVA size (converters.tiny_llava)", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "both sides' dtype", flag_values=fv)
     flags.DEFINE_enum("layout", "", ["", "unrolled", "scanned"], "cgjax's decoder stack in generation "
@@ -175,7 +175,7 @@ def run(args: flags.FlagValues) -> dict:
     if qtimes:
         tq_s = min(qtimes)
         res.update({"torch_int8": n / tq_s, "torch_int8_s": tq_s, "speedup_vs_torch_int8": tq_s / jx,
-"torch_int8_prefill_s": min(pq),
+                    "torch_int8_prefill_s": min(pq),
                     "torch_int8_token_agreement_with_fp32": float((qref[:, T:].numpy() == ref[:, T:].cpu().numpy()).mean())})
     print(f"generate ({args.size} LLaVA, batch {B}, prompt {T} = {n_txt} text + {n_img} image tokens, "
           f"{args.new} new greedy tokens, {args.dtype}, jax on {jax.devices()[0].platform}, torch on {dev})")
