@@ -283,3 +283,16 @@ def test_bf16_compute_close(gqa):
     valid = mask.astype(bool)
     err = np.abs(np.asarray(out) - np.asarray(ref))[valid].max()
     assert 0 < err < 0.1
+
+
+def test_rope_tables_gathered_by_position_equal_the_direct_tables():
+    from cgjax.models.llama import rope_cos_sin
+    pos = jnp.asarray(np.random.RandomState(0).randint(0, 300, (3, 17)), jnp.int32)
+    direct = rope_cos_sin(pos, 64, 10000.0)
+    gathered = jax.jit(rope_cos_sin, static_argnums=(1, 2, 3))(pos, 64, 10000.0, 300)
+    for a, b in zip(direct, gathered):
+        assert a.shape == b.shape == (3, 17, 64)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=3e-5)  # fp32 angles up to 300 rad: ulp 3e-5
+    # positions past the bound are a caller's error: the table is not silently wider than asked
+    assert not np.allclose(np.asarray(jax.jit(rope_cos_sin, static_argnums=(1, 2, 3))(pos, 64, 10000.0, 100)[1]),
+                           np.asarray(direct[1]))
