@@ -138,11 +138,18 @@ def dot(x: jax.Array, kernel: jax.Array, scale: jax.Array, n_in: int, activation
     return qwix.dot_general(x, qarr, dims, preferred_element_type=x.dtype)
 
 
+def int8_as_bf16(q: jax.Array) -> jax.Array:
+    """``q.astype(bfloat16)`` for int8 ``q``, as the high half of its fp32 bits: an int8 value has at
+    most 8 significant bits, so the low half is zero and dropping it is exact. XLA:CPU runs this about
+    twice as fast as its rounding fp32 -> bf16 convert (0.10 against 0.18 ms for a 512 x 2752 weight)."""
+    bits = jax.lax.bitcast_convert_type(q.astype(jnp.float32), jnp.uint32)
+    return jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+
+
 def _exact_bf16_dot(xq, kernel, scale, dims, n_in: int) -> jax.Array:
     """The w8a8 product ``(xq.qvalue @ kernel) * xq.scale * scale`` with the int8 operands in bf16
     (exact) and fp32 accumulation; ``scale`` per output channel (int8: reduced axes of size 1)."""
-    acc = jax.lax.dot_general(xq.qvalue.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), dims,
-                              preferred_element_type=jnp.float32)
+    acc = jax.lax.dot_general(int8_as_bf16(xq.qvalue), int8_as_bf16(kernel), dims, preferred_element_type=jnp.float32)
     n_lead = xq.qvalue.ndim - n_in
     row_scale = xq.scale.reshape(xq.scale.shape[:n_lead] + (1,) * (acc.ndim - n_lead))
     return acc * row_scale * scale.reshape(scale.shape[n_in:]).astype(jnp.float32)

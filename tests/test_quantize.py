@@ -106,6 +106,13 @@ def test_w8a8_dot_of_many_rows_is_the_int8_product(monkeypatch):
         np.testing.assert_allclose(got["bf16"], got["int8"], rtol=1e-6, atol=1e-5)
 
 
+def test_int8_as_bf16_is_exact_for_every_int8_value():
+    every = np.arange(-128, 128, dtype=np.int8).reshape(16, 16)
+    got = np.asarray(Q.int8_as_bf16(jnp.asarray(every)))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got.astype(np.float32), every.astype(np.float32))
+
+
 def _dequantized_float_model(tiny, qmodel):
     """The fp32 model of ``tiny`` with every quantized weight replaced by its dequantized value."""
     fmodel = hf_llava.load(tiny)
