@@ -1,4 +1,4 @@
-"""Benchmarks: ``python scripts/bench.py MODE [flags]``; ``all`` runs every mode but quality, startup and compile.
+"""Benchmarks: ``python scripts/bench.py MODE [flags]``; ``all`` runs every mode but quality, startup, compile and int8.
 
 Each mode lives in ``scripts/bench_<mode>.py``: its absl flags (``define_flags``), ``run(flags) -> dict``,
 which prints its own figures and returns them, and ``main(argv) -> dict`` for a command line in this
@@ -25,8 +25,9 @@ from cgjax.flops import matmul_peak
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-MODES = ("stageA", "generate", "encode", "signals", "prototypes", "loader", "quality", "startup", "compile")
-NOT_IN_ALL = ("quality", "startup", "compile")  # quality and compile time, not a speed vs torch; startup: minutes of fresh processes
+MODES = ("stageA", "generate", "encode", "signals", "prototypes", "loader", "quality", "startup", "compile", "int8")
+# quality and compile time: not a speed vs torch; startup: minutes of fresh processes; int8: generate's kernels
+NOT_IN_ALL = ("quality", "startup", "compile", "int8")
 HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 
 

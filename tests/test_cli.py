@@ -55,6 +55,7 @@ BENCH = {
     "quality": ["sizes", "batch", "text", "new", "group-size"],
     "startup": ["images", "packed", "code", "repeats"],
     "compile": ["depths", "new", "repeats"],
+    "int8": ["size", "batch", "prompt", "repeats", "settle"],
 }
 
 
