@@ -74,13 +74,14 @@ def _select(logits, key, do_sample: bool, temperature, top_p):
 
 
 def decode(lm, inputs_embeds, attention_mask, n_new, temperature, top_p, eos_ids, pad_id, rng, *,
-           do_sample: bool, n_buf: int, layers=None, layout: str = "unrolled") -> jax.Array:
+           do_sample: bool, n_buf: int, layers=None, head=None, layout: str = "unrolled") -> jax.Array:
     """Prefill ``inputs_embeds [B, T, D]`` into a KV cache, then decode up to ``n_new`` tokens
     in one ``while_loop`` (traceable: call it inside ``jit``). -> ``[B, n_buf]`` int32 token ids.
 
     ``layout="unrolled"`` runs the decoder layers one by one on per-layer weights and caches
-    (``layers``, default ``lm.unstacked_layers()``): no slicing of stacked weights inside the
-    bandwidth-bound loop, but a program that grows with depth. ``"scanned"`` runs both phases as a
+    (``layers``, default ``lm.unstacked_layers()``, and ``head``, the logits' laid-out
+    ``lm.packed_head()`` if any, taken with the default layers): no slicing of stacked weights
+    inside the bandwidth-bound loop, but a program that grows with depth. ``"scanned"`` runs both phases as a
     ``lax.scan`` over the stacked layers and ``[L, ...]`` cache: compile time flat in depth."""
     B, T = inputs_embeds.shape[:2]
     if layout not in LAYOUTS:
@@ -92,12 +93,13 @@ def decode(lm, inputs_embeds, attention_mask, n_new, temperature, top_p, eos_ids
             h, cache, _ = lm.hidden_states(lm.embed(tok[:, None]), None, cache=cache)
             return h, cache
     else:
-        layers = lm.unstacked_layers() if layers is None else layers
+        if layers is None:
+            layers, head = lm.unstacked_layers(), lm.packed_head()
         h, cache = lm.prefill(inputs_embeds, attention_mask, layers, T + n_buf, last=1)
 
         def step(tok, cache):
             return lm.decode_step(lm.embed(tok[:, None]), layers, cache)
-    tok = _select(lm.logits(h[:, -1]), jax.random.fold_in(rng, 0), do_sample, temperature, top_p)
+    tok = _select(lm.logits(h[:, -1], head), jax.random.fold_in(rng, 0), do_sample, temperature, top_p)
     out = jnp.full((B, n_buf), pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos_ids)
 
@@ -108,7 +110,7 @@ def decode(lm, inputs_embeds, attention_mask, n_new, temperature, top_p, eos_ids
     def body(c):
         i, tok, done, cache, out = c
         h, cache = step(tok, cache)
-        nxt = _select(lm.logits(h[:, 0]), jax.random.fold_in(rng, i), do_sample, temperature, top_p)
+        nxt = _select(lm.logits(h[:, 0], head), jax.random.fold_in(rng, i), do_sample, temperature, top_p)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
         return i + 1, nxt, done | jnp.isin(nxt, eos_ids), cache, out
@@ -129,9 +131,9 @@ def _run(graphdef, state, layers_def, layers_state, input_ids, pixel_values, att
         embeds = model.merge_image_features(input_ids, model.get_image_features(pixel_values))
     else:
         embeds = lm.embed(input_ids)
-    layers = None if layers_def is None else nnx.merge(layers_def, layers_state)
+    layers, head = (None, None) if layers_def is None else nnx.merge(layers_def, layers_state)
     return decode(lm, embeds, attention_mask, n_new, temperature, top_p, eos_ids, pad_id, rng,
-                  do_sample=do_sample, n_buf=n_buf, layers=layers, layout=layout)
+                  do_sample=do_sample, n_buf=n_buf, layers=layers, head=head, layout=layout)
 
 
 def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
@@ -166,7 +168,8 @@ class Generator:
     It works on a snapshot of the model's weights taken here; make a new one after the weights
     change. With ``unstack_once`` it also lays the decoder layers out as per-layer weights once,
     instead of slicing them out of the stacked parameters inside every call, and holds that copy
-    (the decoder's size again) for as long as it lives. The default is to do so on a CPU, where XLA
+    (the decoder's size again; with w8a8 weights on a VNNI CPU, packed for cgjax's int8 matmul, with a
+    packed copy of ``lm_head``) for as long as it lives. The default is to do so on a CPU, where XLA
     copies the slices in every call anyway (a few percent of a call), and not on an accelerator,
     where memory is the scarcer resource.
 
@@ -187,7 +190,8 @@ class Generator:
             graphdef, defs = self._graphdef, []
 
             def unstack(s):  # traced once; the layers' graphdef is static, kept from the trace
-                layers_def, layers_state = nnx.split(_language_model(nnx.merge(graphdef, s)).unstacked_layers())
+                lm = _language_model(nnx.merge(graphdef, s))
+                layers_def, layers_state = nnx.split((lm.unstacked_layers(), lm.packed_head()))
                 defs.append(layers_def)
                 return layers_state
 

@@ -6,7 +6,10 @@ import subprocess
 
 PROBE = r"""
 import json, sys
+import os
 import cgjax, cgjax.config, converters
+from cgjax.kernels import int8_cpu
+assert os.path.isfile(int8_cpu.SOURCE), "the int8 kernel's source is not in the wheel"
 assert "configs" not in sys.modules, "importing cgjax imported configs"
 config = cgjax.config.load_config("stageA.py:preset=demo")
 import configs

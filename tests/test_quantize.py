@@ -11,7 +11,9 @@ import pytest
 import qwix
 from flax import nnx
 
+import cgjax
 from cgjax import quantize as Q
+from cgjax.kernels import int8_cpu
 from cgjax.quantize import QuantConfig
 from converters import hf_llava
 from converters.tiny_llava import make_llava_checkpoint
@@ -150,7 +152,7 @@ def test_fused_projections_equal_the_separate_ones(tiny, cfg):
     """Generation's fused layers (q/k/v and gate/up each one quantized matmul, their scales
     concatenated; with w8a8 one activation quantization) give the separate layers' numbers."""
     lm = hf_llava.load(tiny, quant=cfg).language_model
-    fused = lm.unstacked_layers(fused=True)
+    fused = lm.unstacked_layers(fused=True, packed=False)
     qkv = fused[0].self_attn.qkv_proj
     c = lm.config
     assert qkv.kernel.get_value().dtype == cfg.qtype
@@ -161,6 +163,31 @@ def test_fused_projections_equal_the_separate_ones(tiny, cfg):
     mask = jnp.asarray(np.r_[[[0, 0] + [1] * 8], [[1] * 10]], jnp.int32)
     run = jax.jit(lambda e, a, fuse: lm.prefill(e, a, lm.unstacked_layers(fuse), 12, last=10)[0], static_argnums=2)
     np.testing.assert_allclose(np.asarray(run(emb, mask, True)), np.asarray(run(emb, mask, False)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not int8_cpu.available(), reason="no AVX512-VNNI CPU or no C++ compiler here")
+def test_generation_on_packed_weights_is_generation_on_xla_int8(tiny, monkeypatch):
+    """On a VNNI CPU a w8a8 Generator lays its layers and lm_head out for cgjax's int8 matmul: the
+    same prefill logits and tokens as XLA's int8 matmul (the kernel unavailable)."""
+    model = hf_llava.load(tiny, quant=QuantConfig("int8", activations=True))
+    ids, pix = _inputs(model.config, batch=3)
+    mask = jnp.asarray(np.r_[[[0, 0] + [1] * 22], [[1] * 24], [[0] + [1] * 23]], jnp.int32)
+
+    def run():
+        gen = cgjax.Generator(model)
+        layers, head = nnx.merge(gen._layers_def, gen._layers_state)
+        kernels = [layers[0].self_attn.qkv_proj, layers[-1].mlp.down_proj, head]
+        lm = model.language_model
+        emb = model.merge_image_features(ids, model.get_image_features(pix))
+        logits = jax.jit(lambda e: lm.logits(lm.prefill(e, mask, layers, 32, last=24)[0], head))(emb)
+        return [k is not None and k.packed for k in kernels], np.asarray(logits), np.asarray(gen(ids, pix, mask, 8))
+
+    packed, logits, tokens = run()
+    monkeypatch.setattr(int8_cpu, "available", lambda: False)
+    xla_packed, xla_logits, xla_tokens = run()
+    assert packed == [True] * 3 and xla_packed == [False] * 3
+    np.testing.assert_allclose(logits, xla_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(tokens, xla_tokens)
 
 
 def test_int8_is_close_to_fp32_and_int4_further(tiny):

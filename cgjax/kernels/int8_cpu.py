@@ -11,6 +11,7 @@ is the one place cgjax writes its own int8 dot.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -60,9 +61,11 @@ def _build() -> str:
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel serves here: a CPU backend with AVX512-VNNI, a compiler that built it (or
-    a cached build), and ``CGJAX_INT8_KERNEL`` not ``0``. Registers the custom call on first use."""
-    if os.environ.get("CGJAX_INT8_KERNEL", "1") == "0" or jax.default_backend() != "cpu" or not _cpu_has_vnni():
+    """Whether the kernel serves here: one CPU device (the custom call has no sharding rule) with
+    AVX512-VNNI, a compiler that built it (or a cached build), and ``CGJAX_INT8_KERNEL`` not ``0``.
+    Registers the custom call on first use."""
+    if (os.environ.get("CGJAX_INT8_KERNEL", "1") == "0" or jax.default_backend() != "cpu" or jax.device_count() != 1
+            or not _cpu_has_vnni()):
         return False
     try:
         lib = _build()
@@ -71,8 +74,6 @@ def available() -> bool:
         print(f"cgjax: the int8 CPU kernel did not build ({detail.strip()[:300]}); using XLA's int8 matmul",
               file=sys.stderr)
         return False
-    import ctypes
-
     handler = ctypes.cdll.LoadLibrary(lib).CgjaxInt8Matmul
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     return True

@@ -185,11 +185,27 @@ class Kernel(nnx.Module):
             self.activations = quant.activations
         else:
             self.kernel = sharding.param(_normal(rngs, shape, param_dtype), axes)
+        self.packed = False
 
     def __call__(self, x):
+        if self.packed:
+            return quantize.packed_dot(x, (self.kernel_packed.get_value(), self.kernel_comp.get_value()),
+                                       self.kernel_scale.get_value(), self.n_in)
         if self.quantized:
             return quantize.dot(x, self.kernel.get_value(), self.kernel_scale.get_value(), self.n_in, self.activations)
         return jnp.tensordot(x, self.kernel.get_value().astype(x.dtype), self.n_in)
+
+    def pack(self) -> None:
+        """An int8 weight with int8 activations, on a CPU with AVX512-VNNI: hold it in the layout of
+        cgjax's own int8 matmul (:mod:`cgjax.kernels.int8_cpu`; :func:`quantize.pack`) instead of
+        ``kernel``. Generation's laid-out layers use it; elsewhere (or where it cannot serve) a no-op."""
+        if self.packed or not (self.quantized and self.activations):
+            return
+        packed = quantize.pack(self.kernel.get_value(), self.n_in)
+        if packed is not None:
+            self.kernel_packed, self.kernel_comp = packed
+            del self.kernel
+            self.packed = True
 
     @classmethod
     def concatenate(cls, parts: Sequence["Kernel"], axis: int = 0) -> "Kernel":
@@ -364,6 +380,12 @@ class LlamaDecoderLayer(nnx.Module):
         return h, store, rows
 
 
+def _pack_kernels(module: nnx.Module) -> None:
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, Kernel):
+            node.pack()
+
+
 def _stacked_layers(cfg: LlamaConfig, param_dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None) -> LlamaDecoderLayer:
     @nnx.split_rngs(splits=cfg.num_hidden_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -446,8 +468,11 @@ class LlamaForCausalLM(nnx.Module):
     def embed(self, input_ids) -> jax.Array:
         return self.embed_tokens(jnp.asarray(input_ids), self.dtype)
 
-    def logits(self, hidden) -> jax.Array:
-        """Final-normed hidden ``[..., D]`` -> fp32 logits ``[..., V]``."""
+    def logits(self, hidden, head: Kernel | None = None) -> jax.Array:
+        """Final-normed hidden ``[..., D]`` -> fp32 logits ``[..., V]``; ``head``: a laid-out copy of
+        ``lm_head`` to use instead (:meth:`packed_head`)."""
+        if head is not None:
+            return head(hidden).astype(F32)
         if self.config.tie_word_embeddings:
             w = self.embed_tokens.embedding.get_value().T
             return (hidden @ w.astype(hidden.dtype)).astype(F32)
@@ -554,18 +579,31 @@ class LlamaForCausalLM(nnx.Module):
             cache = KVCache(k=bufs[0], v=bufs[1], valid=valid, index=jnp.int32(T))
         return h, cache, attn
 
-    def unstacked_layers(self, fused: bool = True) -> list[LlamaDecoderLayer]:
+    def unstacked_layers(self, fused: bool = True, packed: bool = True) -> list[LlamaDecoderLayer]:
         """The decoder layers as separate modules (per-layer parameter slices, taken once): the
         decode loop runs them unrolled, so no step slices the stacked weights again. ``fused``: each
-        layer's q/k/v and gate/up projections joined into one matmul each (:meth:`LlamaAttention.fuse`)."""
+        layer's q/k/v and gate/up projections joined into one matmul each (:meth:`LlamaAttention.fuse`);
+        ``packed``: int8 weights with int8 activations laid out for cgjax's CPU int8 matmul where it
+        serves (:meth:`Kernel.pack`). For inference only: that matmul has no gradient."""
         graphdef, state = nnx.split(self.layers)
         layers = [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
                   for i in range(self.config.num_hidden_layers)]
-        if fused:
-            for layer in layers:
+        for layer in layers:
+            if fused:
                 layer.self_attn.fuse()
                 layer.mlp.fuse()
+            if packed:
+                _pack_kernels(layer)
         return layers
+
+    def packed_head(self) -> Kernel | None:
+        """A copy of ``lm_head`` laid out for cgjax's CPU int8 matmul (:meth:`Kernel.pack`), for a
+        decode loop's :meth:`logits`; None for a tied head or where that matmul does not serve."""
+        if self.config.tie_word_embeddings or not self.lm_head.quantized:
+            return None
+        head = nnx.merge(*nnx.split(self.lm_head))
+        head.pack()
+        return head if head.packed else None
 
     def prefill(self, inputs_embeds, attention_mask, layers: Sequence[LlamaDecoderLayer], max_len: int,
                 last: int = 1):
