@@ -155,8 +155,8 @@ class Packed(nnx.Variable):
 
 def pack(kernel: jax.Array, n_in: int) -> tuple[Packed, Packed] | None:
     """``(wp, comp)`` of an int8 ``kernel [*in, *out]`` for :func:`dot`'s ``packed`` (the VNNI kernel of
-    :mod:`cgjax.kernels.int8_cpu`), or None where that kernel does not serve (not a single CPU device
-    with VNNI, not int8, or a width it cannot tile)."""
+    :mod:`cgjax.kernels.int8_cpu`), or None where that kernel does not serve (not a CPU with VNNI,
+    not int8, or a width it cannot tile)."""
     k, n = math.prod(kernel.shape[:n_in]), math.prod(kernel.shape[n_in:])
     if kernel.dtype != jnp.int8 or not int8_cpu.packable(k, n) or not int8_cpu.available():
         return None

@@ -61,11 +61,11 @@ def _build() -> str:
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel serves here: one CPU device (the custom call has no sharding rule) with
-    AVX512-VNNI, a compiler that built it (or a cached build), and ``CGJAX_INT8_KERNEL`` not ``0``.
-    Registers the custom call on first use."""
-    if (os.environ.get("CGJAX_INT8_KERNEL", "1") == "0" or jax.default_backend() != "cpu" or jax.device_count() != 1
-            or not _cpu_has_vnni()):
+    """Whether the kernel serves here: a CPU backend with AVX512-VNNI, a compiler that built it (or
+    a cached build), and ``CGJAX_INT8_KERNEL`` not ``0``. Registers the custom call on first use.
+    The call has no sharding rule: on several CPU devices XLA gathers sharded operands first (the
+    same numbers, not partitioned)."""
+    if os.environ.get("CGJAX_INT8_KERNEL", "1") == "0" or jax.default_backend() != "cpu" or not _cpu_has_vnni():
         return False
     try:
         lib = _build()

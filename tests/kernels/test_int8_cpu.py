@@ -56,3 +56,21 @@ def test_packed_dot_gives_the_int8_matmul(monkeypatch, n_in, shape):
 def test_unavailable_leaves_the_weight_as_it_is(monkeypatch):
     monkeypatch.setattr(int8_cpu, "available", lambda: False)
     assert quantize.pack(jnp.zeros((8, 16), jnp.int8), 1) is None
+
+
+@needs_kernel
+def test_sharded_operands_give_the_same_product():
+    """The custom call has no sharding rule: on a mesh XLA gathers its operands (the tests run on 8
+    CPU devices) and the product is still exact."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 CPU devices (tests/conftest.py sets them)")
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+    rng = np.random.default_rng(2)
+    x = rng.integers(-128, 128, (16, 64), dtype=np.int8)
+    w = rng.integers(-128, 128, (64, 128), dtype=np.int8)
+    wp, comp = int8_cpu.pack(jnp.asarray(w))
+    args = (jax.device_put(x, NamedSharding(mesh, P("data", None))), jax.device_put(wp, NamedSharding(mesh, P("model"))),
+            jax.device_put(comp, NamedSharding(mesh, P("model"))))
+    np.testing.assert_array_equal(np.asarray(jax.jit(int8_cpu.matmul)(*args)), int8_cpu.reference(x, w))
