@@ -108,6 +108,25 @@ def test_w8a8_dot_of_many_rows_is_the_int8_product(monkeypatch):
         np.testing.assert_allclose(got["bf16"], got["int8"], rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("activations", [False, True], ids=["int8", "w8a8"])
+def test_a_product_of_no_rows_is_empty(activations):
+    """A layer trimmed to ``last=0`` multiplies no rows (a Stage A prefix pass): an empty result."""
+    q, s = Q.quantize_array(jnp.ones((8, 4, 2)), (1, 4, 2), jnp.int8)
+    y = jax.jit(lambda x: Q.dot(x, q, s, 1, activations))(jnp.zeros((3, 0, 8)))
+    assert y.shape == (3, 0, 4, 2)
+
+
+def test_w8a8_prefix_pass_of_a_train_step(tiny):
+    """Stage A runs the prompt prefix through the stack with ``last=0`` (keys and values only): with
+    int8 activations it gives the cache of the full pass."""
+    lm = hf_llava.load(tiny, quant=QuantConfig("int8", activations=True)).language_model
+    emb = jnp.asarray(np.random.default_rng(4).normal(size=(2, 10, lm.config.hidden_size)), jnp.float32)
+    prefix = jax.jit(lambda e: lm.hidden_states(e, prefill_len=12, last=0)[1])(emb)
+    full = jax.jit(lambda e: lm.hidden_states(e, prefill_len=12)[1])(emb)
+    np.testing.assert_allclose(np.asarray(prefix.k), np.asarray(full.k), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(prefix.v), np.asarray(full.v), rtol=1e-5, atol=1e-5)
+
+
 def test_int8_as_bf16_is_exact_for_every_int8_value():
     every = np.arange(-128, 128, dtype=np.int8).reshape(16, 16)
     got = np.asarray(Q.int8_as_bf16(jnp.asarray(every)))
