@@ -6,14 +6,17 @@ Each linear product of the ``--size`` LLaVA's language model (q/k/v and gate/up 
 generation runs them; lm_head), at the rows of a prefill (``batch x prompt``) and of a decode step
 (``batch``), with the same random weight on both sides:
 
-* cgjax w8a8: :func:`cgjax.quantize.dot` with int8 activations (a prefill's rows on a CPU run as
-  bf16 on the exact int8 values, a decode step's as an int8 matmul);
+* cgjax w8a8: :func:`cgjax.quantize.dot` with int8 activations, on XLA's matmuls (a prefill's rows on
+  a CPU run as bf16 on the exact int8 values, a decode step's as an int8 matmul): training's path;
+* cgjax vnni: :func:`cgjax.quantize.packed_dot`, the same product on cgjax's own int8 matmul
+  (:mod:`cgjax.kernels.int8_cpu`, weights packed once): generation's path on an AVX512-VNNI CPU
+  (skipped where that kernel does not serve);
 * cgjax fp32: ``x @ w`` in fp32 (the unquantized model's product);
 * torch int8: ``torch.ao.quantization.quantize_dynamic`` on an ``nn.Linear`` (fbgemm: weights packed
   once when quantized, activations quantized per call), the peer of ``bench.py generate``;
 * torch fp32: the ``nn.Linear`` itself.
 
-The four alternate over ``--repeats`` rounds: in each, every side waits ``--settle`` s, then makes five
+The sides alternate over ``--repeats`` rounds: in each, every side waits ``--settle`` s, then makes five
 calls back to back, the first of which wakes its threads and is not counted; the fastest call of each
 side is printed (ms): a product's speed inside a model, where products run back to back.
 The per-product figures say where ``generate``'s int8 time goes, independent of the model code.
@@ -32,7 +35,7 @@ from cgjax import commandline, quantize
 from converters.tiny_llava import SIZES
 
 PROG = "scripts/bench.py int8"
-SIDES = ("cgjax_w8a8", "cgjax_fp32", "torch_int8", "torch_fp32")
+SIDES = ("cgjax_vnni", "cgjax_w8a8", "cgjax_fp32", "torch_int8", "torch_fp32")
 
 
 def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
@@ -93,6 +96,9 @@ def run(args: flags.FlagValues) -> dict:
         q, s = quantize.quantize_array(jnp.asarray(w), quantize.scale_shape(w.shape, 1, quantize.QuantConfig("int8"),
                                                                                 name), jnp.int8)
         w8a8 = jax.jit(lambda x, q, s: quantize.dot(x, q, s, 1, True))
+        packed = quantize.pack(q, 1)
+        vnni = jax.jit(lambda x, p, s: quantize.packed_dot(x, p, s, 1))
+        packed = None if packed is None else [v.get_value() for v in packed]
         fp32 = jax.jit(jnp.dot)
         xj, wj = jnp.asarray(x), jnp.asarray(w)
         lin = torch.nn.Linear(k, n, bias=False)
@@ -100,29 +106,35 @@ def run(args: flags.FlagValues) -> dict:
             lin.weight.copy_(torch.from_numpy(w.T.copy()))
         tq = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
         xt = torch.from_numpy(x)
-        calls = {"cgjax_w8a8": (lambda: w8a8(xj, q, s), jax.block_until_ready),
+        calls = {"cgjax_vnni": (lambda: vnni(xj, packed, s), jax.block_until_ready),
+                 "cgjax_w8a8": (lambda: w8a8(xj, q, s), jax.block_until_ready),
                  "cgjax_fp32": (lambda: fp32(xj, wj), jax.block_until_ready),
                  "torch_int8": (lambda: tq(xt), lambda y: y),
                  "torch_fp32": (lambda: lin(xt), lambda y: y)}
-        times = {side: [] for side in SIDES}
+        if packed is None:
+            del calls["cgjax_vnni"]
+        times = {side: [] for side in calls}
         with torch.inference_mode():
             want = x @ w
             err = {"cgjax_w8a8": float(np.abs(np.asarray(w8a8(xj, q, s)) - want).max()),
                    "torch_int8": float(np.abs(tq(xt).numpy() - want).max())}
+            if packed is not None:
+                err["cgjax_vnni"] = float(np.abs(np.asarray(vnni(xj, packed, s)) - want).max())
             for _ in range(args.repeats):
-                for side in SIDES:
+                for side in calls:
                     times[side] += _timed(*calls[side], args.settle)
-        best = {side: min(v) * 1e3 for side, v in times.items()}
+        best = {side: min(times[side]) * 1e3 if times.get(side) else float("nan") for side in SIDES}
         results.append({"product": name, "rows": rows, "in": k, "out": n, "ms": best, "max_abs_err": err})
 
     print(f"int8 matmuls of the {args.size} LLaVA's language model, fastest of {args.repeats} interleaved calls "
           f"(ms; torch {torch.get_num_threads()} threads, jax on {jax.devices()[0].platform})")
     print(f"  {'product':14s} {'rows x in x out':>20s} " + " ".join(f"{s:>11s}" for s in SIDES)
-          + "  w8a8 vs torch int8")
+          + "  best cgjax int8 vs torch int8")
     for r in results:
         ms = r["ms"]
         print(f"  {r['product']:14s} {r['rows']:>6d} x {r['in']:>4d} x {r['out']:>5d} "
-              + " ".join(f"{ms[s]:11.3f}" for s in SIDES) + f"  {ms['torch_int8'] / ms['cgjax_w8a8']:.2f}x")
+              + " ".join(f"{ms[s]:11.3f}" for s in SIDES)
+              + f"  {ms['torch_int8'] / np.nanmin([ms['cgjax_vnni'], ms['cgjax_w8a8']]):.2f}x")
     total = {side: sum(r["ms"][side] for r in results if r["rows"] > args.batch) for side in SIDES}
     step = {side: sum(r["ms"][side] for r in results if r["rows"] == args.batch) for side in SIDES}
     print("  one decoder layer, prefill rows: " + ", ".join(f"{s} {total[s]:.2f}" for s in SIDES))
