@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cgjax import checkpoints, commandline, multihost, sharding
+from cgjax.kernels import int8_cpu
 from cgjax.models.llava import Llava, LlavaConfig
 from cgjax.plan import tiny_llava_hf_config
 from converters import hf_llava, openclip as oc
@@ -284,6 +285,9 @@ def check(*, no_torch: bool = False, show_mesh: str | None = None, workdir: str 
     except Exception as e:  # noqa: BLE001 - a broken backend is exactly what the doctor reports
         print(f"  FAIL  no JAX devices: {type(e).__name__}: {e}")
         return 1
+
+    reason = int8_cpu.unavailable_reason()
+    print(f"  int8 CPU kernel (w8a8 generation): {'serves' if reason is None else 'not used: ' + reason}")
 
     print("mesh")
     specs = [None] + ([show_mesh] if show_mesh else [])

@@ -11,6 +11,9 @@ def test_doctor_passes_on_this_install(capsys):
     for pkg in ("python", "jax", "flax", "optax", "orbax", "numpy", "torch", "transformers"):
         assert re.search(rf"^  {pkg}\s+\d", out, re.M), pkg
     assert "make_mesh(): data=" in out
+    from cgjax.kernels import int8_cpu
+    reason = int8_cpu.unavailable_reason()
+    assert f"int8 CPU kernel (w8a8 generation): {'serves' if reason is None else 'not used: ' + reason}" in out
     passed = re.findall(r"^  PASS  (\w+): .* max abs diff (\S+)", out, re.M)
     assert [n for n, _ in passed] == ["llava", "clip"], out
     assert all(float(d) <= doctor.ATOL for _, d in passed)

@@ -60,23 +60,34 @@ def _build() -> str:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernel serves here: a CPU backend with AVX512-VNNI, a compiler that built it (or
-    a cached build), and ``CGJAX_INT8_KERNEL`` not ``0``. Registers the custom call on first use.
-    The call has no sharding rule: on several CPU devices XLA gathers sharded operands first (the
-    same numbers, not partitioned)."""
-    if os.environ.get("CGJAX_INT8_KERNEL", "1") == "0" or jax.default_backend() != "cpu" or not _cpu_has_vnni():
-        return False
+def unavailable_reason() -> str | None:
+    """Why the kernel does not serve here (None when it does): ``CGJAX_INT8_KERNEL=0``, not a CPU
+    backend, no AVX512-VNNI, or a failed build. Builds the kernel if needed (once per process)."""
+    if os.environ.get("CGJAX_INT8_KERNEL", "1") == "0":
+        return "CGJAX_INT8_KERNEL=0"
+    if jax.default_backend() != "cpu":
+        return f"the {jax.default_backend()} backend has its own int8 matmuls"
+    if not _cpu_has_vnni():
+        return "this CPU has no AVX512-VNNI"
     try:
         lib = _build()
     except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        print(f"cgjax: the int8 CPU kernel did not build ({detail.strip()[:300]}); using XLA's int8 matmul",
-              file=sys.stderr)
-        return False
+        detail = (getattr(e, "stderr", "") or str(e)).strip()
+        return f"it did not build ({detail[:300]})"
     handler = ctypes.cdll.LoadLibrary(lib).CgjaxInt8Matmul
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
-    return True
+    return None
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel serves here (see :func:`unavailable_reason`); registers the custom call on
+    first use. The call has no sharding rule: on several CPU devices XLA gathers sharded operands
+    first (the same numbers, not partitioned). A failed build is said once, on stderr."""
+    reason = unavailable_reason()
+    if reason and reason.startswith("it did not build"):
+        print(f"cgjax: the int8 CPU kernel: {reason}; using XLA's int8 matmul", file=sys.stderr)
+    return reason is None
 
 
 def packable(k: int, n: int) -> bool:

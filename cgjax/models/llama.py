@@ -381,9 +381,9 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 def _pack_kernels(module: nnx.Module) -> None:
-    for _, node in nnx.iter_graph(module):
-        if isinstance(node, Kernel):
-            node.pack()
+    kernels = [node for _, node in nnx.iter_graph(module) if isinstance(node, Kernel)]  # before any changes
+    for kernel in kernels:
+        kernel.pack()
 
 
 def _stacked_layers(cfg: LlamaConfig, param_dtype, rngs: nnx.Rngs, quant: QuantConfig | None = None) -> LlamaDecoderLayer:
