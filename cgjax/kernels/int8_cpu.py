@@ -21,7 +21,6 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 TARGET = "cgjax_int8_matmul"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "int8_matmul.cc")
@@ -111,8 +110,3 @@ def matmul(x: jax.Array, wp: jax.Array, comp: jax.Array) -> jax.Array:
     m = x.shape[0]
     n = wp.shape[0] * 16
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.int32))(x, wp, comp)
-
-
-def reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """The exact product in numpy (int64 accumulation), for tests."""
-    return (np.asarray(x, np.int64) @ np.asarray(w, np.int64)).astype(np.int32)
