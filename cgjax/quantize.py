@@ -18,7 +18,8 @@ abs-max) so the matmul runs in int8 with int32 accumulation: PyTorch's ``quantiz
 scheme. On a CPU that is the fast path (XLA does not fuse a weight-only dequantization into the
 matmul); on TPU/GPU weight-only is the usual choice. Generation on a CPU with AVX512-VNNI goes
 further: its laid-out layers hold those weights packed (:func:`pack`) for cgjax's own int8 matmul
-(:mod:`cgjax.kernels.int8_cpu`, :func:`packed_dot`), 1.4-4x XLA:CPU's (``scripts/bench.py int8``).
+(:mod:`cgjax.kernels.int8_cpu`, :func:`packed_dot`), about twice as fast as XLA:CPU's per decoder
+layer (``scripts/bench.py int8``).
 """
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ class Packed(nnx.Variable):
 
 
 def pack(kernel: jax.Array, n_in: int) -> tuple[Packed, Packed] | None:
-    """``(wp, comp)`` of an int8 ``kernel [*in, *out]`` for :func:`dot`'s ``packed`` (the VNNI kernel of
+    """``(wp, comp)`` of an int8 ``kernel [*in, *out]`` for :func:`packed_dot` (the VNNI kernel of
     :mod:`cgjax.kernels.int8_cpu`), or None where that kernel does not serve (not a CPU with VNNI,
     not int8, or a width it cannot tile)."""
     k, n = math.prod(kernel.shape[:n_in]), math.prod(kernel.shape[n_in:])

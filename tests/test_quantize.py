@@ -184,7 +184,7 @@ def test_fused_projections_equal_the_separate_ones(tiny, cfg):
     np.testing.assert_allclose(np.asarray(run(emb, mask, True)), np.asarray(run(emb, mask, False)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not int8_cpu.available(), reason="no AVX512-VNNI CPU or no C++ compiler here")
+@pytest.mark.skipif(not int8_cpu.available(), reason=f"int8 CPU kernel not used: {int8_cpu.unavailable_reason()}")
 def test_generation_on_packed_weights_is_generation_on_xla_int8(tiny, monkeypatch):
     """On a VNNI CPU a w8a8 Generator lays its layers and lm_head out for cgjax's int8 matmul: the
     same prefill logits and tokens as XLA's int8 matmul (the kernel unavailable)."""

@@ -28,7 +28,8 @@ FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-m
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512_vnni")
 
 
-def _cpu_has_vnni() -> bool:
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has the instructions the kernel needs (``/proc/cpuinfo``)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -66,7 +67,7 @@ def unavailable_reason() -> str | None:
         return "CGJAX_INT8_KERNEL=0"
     if jax.default_backend() != "cpu":
         return f"the {jax.default_backend()} backend has its own int8 matmuls"
-    if not _cpu_has_vnni():
+    if not cpu_has_vnni():
         return "this CPU has no AVX512-VNNI"
     try:
         lib = _build()

@@ -1,5 +1,8 @@
 """cgjax's int8 CPU matmul (cgjax.kernels.int8_cpu): exact against numpy's integer product, and the
 model's packed weights give the numbers of XLA's int8 matmul."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -14,7 +17,18 @@ def integer_product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (np.asarray(x, np.int64) @ np.asarray(w, np.int64)).astype(np.int32)
 
 
-needs_kernel = pytest.mark.skipif(not int8_cpu.available(), reason="no AVX512-VNNI CPU or no C++ compiler here")
+needs_kernel = pytest.mark.skipif(not int8_cpu.available(), reason=f"int8 CPU kernel not used: {int8_cpu.unavailable_reason()}")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the kernel is for XLA:CPU")
+def test_the_kernel_builds_where_it_can_serve():
+    """A CPU with VNNI and a C++ compiler must get the kernel: a broken build fails here instead of
+    skipping every kernel test."""
+    if not int8_cpu.cpu_has_vnni() or shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("this machine has no AVX512-VNNI or no C++ compiler: XLA's int8 matmul serves")
+    if os.environ.get("CGJAX_INT8_KERNEL") == "0":
+        pytest.skip("CGJAX_INT8_KERNEL=0")
+    assert int8_cpu.unavailable_reason() is None
 
 
 @needs_kernel
